@@ -1,0 +1,126 @@
+"""Per-layer caches as small explicit objects, and the container that holds one per layer.
+
+Every cache kind owns its tensors and knows how to expose them for saving (`state`, `meta`) and how to be
+rebuilt from them (`from_state`). A saved session is the sum of `state` over the layers, plus the
+position; `CACHE_KINDS` is the explicit registry used to rebuild them (no lookups in module globals).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+
+
+class LayerCache(Protocol):
+    kind: ClassVar[str]
+
+    @property
+    def length(self) -> int: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def meta(self) -> dict[str, int | float | str]: ...
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LayerCache": ...
+
+
+CACHE_KINDS: dict[str, type] = {}
+
+
+def register_cache(cls: type) -> type:
+    """Class decorator: make a cache kind loadable by its `kind` name."""
+    if cls.kind in CACHE_KINDS and CACHE_KINDS[cls.kind] is not cls:
+        raise ValueError(f"cache kind {cls.kind!r} registered twice")
+    CACHE_KINDS[cls.kind] = cls
+    return cls
+
+
+@register_cache
+class KVCache:
+    """Dense key/value cache of one attention layer, grown in steps so appends are amortised O(1).
+
+    Layout [n_kv_heads, capacity, head_dim]; only the first `length` positions are valid.
+    """
+
+    kind: ClassVar[str] = "kv"
+    GROW = 1024
+
+    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        self.keys = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v of shape [n_kv_heads, T, head_dim]; return all keys and values so far."""
+        t = k.shape[1]
+        need = self._length + t
+        if need > self.keys.shape[1]:
+            capacity = ((need + self.GROW - 1) // self.GROW) * self.GROW
+            grown_k = k.new_empty(k.shape[0], capacity, k.shape[2])
+            grown_v = v.new_empty(v.shape[0], capacity, v.shape[2])
+            grown_k[:, : self._length] = self.keys[:, : self._length]
+            grown_v[:, : self._length] = self.values[:, : self._length]
+            self.keys, self.values = grown_k, grown_v
+        self.keys[:, self._length : need] = k
+        self.values[:, self._length : need] = v
+        self._length = need
+        return self.keys[:, :need], self.values[:, :need]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys[:, : self._length], "values": self.values[:, : self._length]}
+
+    def meta(self) -> dict:
+        return {"length": self._length}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "KVCache":
+        keys, values = tensors["keys"], tensors["values"]
+        if keys.shape != values.shape or keys.dim() != 3:
+            raise ValueError(f"kv cache tensors have shapes {tuple(keys.shape)} and {tuple(values.shape)}")
+        if int(meta["length"]) != keys.shape[1]:
+            raise ValueError(f"kv cache says length {meta['length']} but holds {keys.shape[1]} positions")
+        cache = cls(keys.shape[0], keys.shape[2], keys.dtype, keys.device)
+        cache.update_and_fetch(keys, values)
+        return cache
+
+
+@dataclass
+class ModelCache:
+    """One cache per layer plus the absolute position of the next token."""
+
+    layers: list
+    position: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Flatten to tensors named `layers.{i}.{name}` and JSON-able metadata."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {"position": self.position, "layers": []}
+        for i, layer in enumerate(self.layers):
+            for name, tensor in layer.state().items():
+                tensors[f"layers.{i}.{name}"] = tensor
+            meta["layers"].append({"kind": layer.kind, **layer.meta()})
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ModelCache":
+        layers = []
+        for i, layer_meta in enumerate(meta["layers"]):
+            kind = layer_meta["kind"]
+            if kind not in CACHE_KINDS:
+                raise ValueError(f"unknown cache kind {kind!r} for layer {i}")
+            prefix = f"layers.{i}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            layers.append(CACHE_KINDS[kind].from_state(own, layer_meta))
+        return cls(layers=layers, position=int(meta["position"]))
+
+    def to(self, device: torch.device | str) -> "ModelCache":
+        tensors, meta = self.state()
+        return ModelCache.from_state({k: v.to(device) for k, v in tensors.items()}, meta)
