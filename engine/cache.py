@@ -30,6 +30,18 @@ class LayerCache(Protocol):
 CACHE_KINDS: dict[str, type] = {}
 
 
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float) -> torch.Tensor:
+    """Causal softmax attention for q at positions pos0.. over keys 0..L-1 (key t visible iff t <= pos)."""
+    t, length = q.shape[1], k.shape[1]
+    mask = None
+    if t > 1:
+        query_pos = torch.arange(pos0, pos0 + t, device=q.device)[:, None]
+        mask = torch.arange(length, device=q.device)[None, :] <= query_pos
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
+    )
+
+
 def register_cache(cls: type) -> type:
     """Class decorator: make a cache kind loadable by its `kind` name."""
     if cls.kind in CACHE_KINDS and CACHE_KINDS[cls.kind] is not cls:
@@ -72,6 +84,11 @@ class KVCache:
         self.values[:, self._length : need] = v
         self._length = need
         return self.keys[:, :need], self.values[:, :need]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float) -> torch.Tensor:
+        """Append k, v [n_kv, T, D]; causal GQA attention of q [n_heads, T, D] over everything cached."""
+        keys, values = self.update_and_fetch(k, v)
+        return dense_attention(q, keys, values, pos0, scale)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys[:, : self._length], "values": self.values[:, : self._length]}

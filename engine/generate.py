@@ -1,0 +1,146 @@
+"""Generation as a plain loop: prefill in chunks (with progress), then decode one token at a time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.cache import ModelCache
+from engine.tokenizer import StreamDecoder, Tokenizer
+
+# progress(done_tokens, total_tokens, elapsed_seconds)
+Progress = Callable[[int, int, float], None]
+
+
+class Cancelled(Exception):
+    """Raised inside prefill when the caller's cancel check says stop; the cache holds what was read."""
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = None
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    stopped_by: str = ""  # "stop_token" | "max_tokens" | "cancelled"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "decode_seconds": round(self.decode_seconds, 4),
+            "time_to_first_token_seconds": round(self.first_token_seconds, 4),
+            "prefill_tokens_per_second": round(self.prompt_tokens / self.prefill_seconds, 2)
+            if self.prefill_seconds
+            else None,
+            "decode_tokens_per_second": round(self.generated_tokens / self.decode_seconds, 2)
+            if self.decode_seconds
+            else None,
+            "stopped_by": self.stopped_by,
+        }
+
+
+def prefill(
+    model,
+    ids: list[int] | torch.Tensor,
+    cache: ModelCache,
+    chunk_size: int = 512,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_chunk: Callable[[ModelCache], None] | None = None,
+) -> torch.Tensor:
+    """Feed ids through the model in chunks; return the logits of the last token.
+
+    Between chunks the cache is consistent, so a cancel (should_stop) leaves a usable, resumable cache and
+    `on_chunk` may checkpoint it.
+    """
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    total, start = ids.shape[0], time.perf_counter()
+    if total == 0:
+        raise ValueError("nothing to read: the prompt is empty")
+    logits = None
+    for begin in range(0, total, chunk_size):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"stopped after {begin} of {total} tokens")
+        logits = model(ids[begin : begin + chunk_size], cache)[-1]
+        if on_chunk is not None:
+            on_chunk(cache)
+        if progress is not None:
+            progress(min(begin + chunk_size, total), total, time.perf_counter() - start)
+    return logits
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the best token)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(
+    model,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    cache: ModelCache,
+    sampling: Sampling = Sampling(),
+    *,
+    chunk_size: int = 512,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    stats: Stats | None = None,
+) -> Iterator[str]:
+    """Stream the answer's text pieces. Prefill the prompt (appended to whatever the cache holds), then decode.
+
+    The stop token is fed back into the cache, so the cache ends where the transcript ends and the next
+    turn can continue from it.
+    """
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens = len(prompt_ids)
+    device = next(model.parameters()).device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt_ids, cache, chunk_size, progress, should_stop)
+    stats.prefill_seconds = time.perf_counter() - t0
+    decoder = StreamDecoder(tokenizer)
+    t1 = time.perf_counter()
+    stats.stopped_by = "max_tokens"
+    for step in range(sampling.max_tokens):
+        token = sample(logits.cpu(), sampling, generator)
+        if step == 0:
+            stats.first_token_seconds = time.perf_counter() - t0
+        logits = model(torch.tensor([token], device=device), cache)[-1]
+        stats.generated_tokens += 1
+        if token in tokenizer.stop_ids:
+            stats.stopped_by = "stop_token"
+            break
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+        if should_stop is not None and should_stop():
+            stats.stopped_by = "cancelled"
+            break
+    stats.decode_seconds = time.perf_counter() - t1

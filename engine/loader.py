@@ -1,0 +1,182 @@
+"""Load a model by name, GGUF file or Hugging Face folder, onto a device, optionally quantised."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine import registry
+from engine.tokenizer import Tokenizer
+
+
+class ModelLoadError(Exception):
+    """One line for the user: what is wrong with the model they asked for, and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    model_id: str  # a name or a path, as the user gave it
+    fingerprint: str  # identifies the exact weights + config; sessions refuse to resume on another
+    family: str  # "llama" | "minicpm_sala"
+    device: torch.device
+    dtype: torch.dtype
+    sparse: object | None = None  # SparseParams for a Llama model reading past its trained length
+
+    def new_cache(self):
+        if self.sparse is not None:
+            return self.model.new_cache(sparse=self.sparse)
+        return self.model.new_cache()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _file_fingerprint(path: Path, extra: bytes = b"") -> str:
+    """sha256 of size + first and last MiB + extra: cheap on 18 GB, and changes with any re-download."""
+    h = hashlib.sha256(extra)
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), 2)
+            h.update(f.read())
+    return h.hexdigest()[:32]
+
+
+def resolve_spec(spec: str | None) -> Path:
+    spec = spec or registry.DEFAULT_MODEL
+    if spec in registry.KNOWN_MODELS:
+        try:
+            return registry.resolve(spec)
+        except registry.ModelNotInstalled as e:
+            raise ModelLoadError(str(e)) from None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {spec!r} is neither a known model ({', '.join(registry.KNOWN_MODELS)}) nor an existing path"
+        )
+    return path
+
+
+def load_model(
+    spec: str | None = None,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    quant: str | None = None,
+    sparse: bool = False,
+) -> LoadedModel:
+    path = resolve_spec(spec)
+    dev = pick_device(device)
+    dtype = dtype or default_dtype(dev)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        loaded = _load_gguf(path, dev, dtype)
+    elif path.is_dir():
+        loaded = _load_hf_folder(path, dev, dtype)
+    else:
+        raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face checkpoint folder")
+    loaded.model_id = spec or registry.DEFAULT_MODEL
+    if quant:
+        from engine.quant import quantize_linears
+
+        quantize_linears(loaded.model, quant)
+        loaded.fingerprint += f"+{quant}"
+    if sparse:
+        if loaded.family != "llama":
+            raise ModelLoadError("--sparse applies to Llama-family models (MiniCPM-SALA is sparse already)")
+        from engine.sparse_cache import default_sparse_params_for
+
+        loaded.sparse = default_sparse_params_for(loaded.model.args.max_position_embeddings)
+        loaded.fingerprint += "+sparse"
+    return loaded
+
+
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from engine.gguf_file import GGUFError, GGUFFile
+    from engine.models.llama import LlamaArgs, LlamaForCausalLM
+
+    try:
+        gguf = GGUFFile.open(path)
+        config = gguf.llama_config() if gguf.architecture == "llama" else None
+        if config is None:
+            raise GGUFError(f"{path.name}: GGUF architecture {gguf.architecture!r} is not supported (only llama)")
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+        tensors = gguf.tensors(dtype=torch.float32)
+    except (GGUFError, ValueError) as e:
+        raise ModelLoadError(str(e)) from None
+    args = LlamaArgs.from_config(config)
+    model = _build(LlamaForCausalLM, args, tensors, device, dtype, str(path))
+    fingerprint = _file_fingerprint(path, json.dumps(config, sort_keys=True).encode())
+    return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype)
+
+
+def _build(cls, args, tensors: dict[str, torch.Tensor], device, dtype, source: str):
+    with torch.device("meta"):
+        model = cls(args)
+    expected = dict(model.state_dict())
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise ModelLoadError(f"{source}: checkpoint lacks tensor {missing[0]}" + (f" (+{len(missing)-1} more)" if len(missing) > 1 else ""))
+    for name, ref in expected.items():
+        if tuple(tensors[name].shape) != tuple(ref.shape):
+            raise ModelLoadError(
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}"
+            )
+    model.load_state_dict({k: tensors[k].to(dtype) for k in expected}, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval()
+
+
+def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from engine.hf import read_hf_folder
+
+    try:
+        checkpoint = read_hf_folder(path)
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(str(e)) from None
+    model_type = checkpoint.config.get("model_type")
+    extra_stops = checkpoint.config.get("eos_token_id") or []
+    extra_stops = tuple(extra_stops if isinstance(extra_stops, list) else [extra_stops])
+    tokenizer = Tokenizer.from_hf_folder(path, extra_stop_ids=extra_stops)
+    config_bytes = json.dumps(checkpoint.config, sort_keys=True).encode()
+    weight_files = sorted(checkpoint.weight_files)
+    fingerprint = hashlib.sha256(
+        b"".join(_file_fingerprint(f, config_bytes).encode() for f in weight_files)
+    ).hexdigest()[:32]
+    if model_type == "llama":
+        from engine.models.llama import LlamaArgs, LlamaForCausalLM
+
+        try:
+            args = LlamaArgs.from_config(checkpoint.config)
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"{path}/config.json: {e}") from None
+        tensors = checkpoint.load_tensors()
+        model = _build(LlamaForCausalLM, args, tensors, device, dtype, str(path))
+        return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype)
+    if model_type == "minicpm_sala":
+        from engine.models.sala import load_sala
+
+        try:
+            model = load_sala(checkpoint, device, dtype)
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{path}: {e}") from None
+        return LoadedModel(model, tokenizer, str(path), fingerprint, "minicpm_sala", device, dtype)
+    raise ModelLoadError(f"{path}/config.json: model_type {model_type!r} is not supported (llama, minicpm_sala)")

@@ -1,0 +1,181 @@
+"""Tokenizer and chat template, built with `tokenizers` from a GGUF vocabulary or an HF tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2.sandbox
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# llama.cpp's pre-tokenizer names → (split digits one by one first, split regex)
+_PRE_TOKENIZERS = {
+    "default": (False, GPT2_SPLIT),
+    "gpt2": (False, GPT2_SPLIT),
+    "smollm": (True, GPT2_SPLIT),
+    "starcoder": (True, GPT2_SPLIT),
+    "refact": (True, GPT2_SPLIT),
+    "codeshell": (True, GPT2_SPLIT),
+    "llama-bpe": (False, LLAMA3_SPLIT),
+    "llama3": (False, LLAMA3_SPLIT),
+}
+# Tokens that end a turn in the chat formats we know; added to the stop set when the vocabulary has them.
+TURN_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<end_of_turn>")
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: _HFTokenizer,
+        *,
+        bos_token: str | None,
+        eos_token: str | None,
+        add_bos: bool,
+        chat_template: str | None,
+        extra_stop_ids: tuple[int, ...] = (),
+    ):
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = backend.token_to_id(bos_token) if bos_token else None
+        self.add_bos = add_bos and self.bos_id is not None
+        self.chat_template = chat_template
+        stops = {backend.token_to_id(t) for t in TURN_END_TOKENS} | set(extra_stop_ids)
+        if eos_token:
+            stops.add(backend.token_to_id(eos_token))
+        self.stop_ids = frozenset(i for i in stops if i is not None)
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos and self.add_bos and not (ids and ids[0] == self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            # No template in the checkpoint: a plain transcript the model can continue.
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
+            return text + ("Assistant:" if add_generation_prompt else "")
+        if self._template is None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+            def raise_exception(message):
+                raise TokenizerError(f"chat template: {message}")
+
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=True)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise TokenizerError(
+                f"GGUF tokenizer model {kind!r} is not supported yet (byte-level BPE 'gpt2' is)"
+            )
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in _PRE_TOKENIZERS:
+            raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(_PRE_TOKENIZERS)})")
+        split_digits, split_regex = _PRE_TOKENIZERS[pre]
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        backend = _HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+        steps += [
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+        backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+        backend.decoder = decoders.ByteLevel()
+        types = meta.get("tokenizer.ggml.token_type", [])
+        specials = [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i, t in enumerate(types)
+            if t in (_GGUF_CONTROL, _GGUF_USER_DEFINED)
+        ]
+        backend.add_special_tokens(specials)
+
+        def token(key):
+            i = meta.get(key)
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        return cls(
+            backend,
+            bos_token=token("tokenizer.ggml.bos_token_id"),
+            eos_token=token("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=meta.get("tokenizer.chat_template"),
+        )
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | Path, extra_stop_ids: tuple[int, ...] = ()) -> "Tokenizer":
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{folder} has no tokenizer.json: pass the folder of the downloaded checkpoint")
+        backend = _HFTokenizer.from_file(str(path))
+        config = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+        def token(key):
+            value = config.get(key)
+            return value.get("content") if isinstance(value, dict) else value
+
+        template = config.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        # tokenizer.json's post-processor may add BOS itself; we add it explicitly instead, once.
+        backend.no_truncation()
+        return cls(
+            backend,
+            bos_token=token("bos_token"),
+            eos_token=token("eos_token"),
+            add_bos=bool(config.get("add_bos_token", False)),
+            chat_template=template if isinstance(template, str) else None,
+            extra_stop_ids=extra_stop_ids,
+        )
+
+
+class StreamDecoder:
+    """Turns generated ids into text pieces, holding back bytes of a character not yet complete."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.emitted) :]
+        self.emitted = text
+        return piece
