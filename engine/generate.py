@@ -136,6 +136,7 @@ def generate(
         stats.generated_tokens += 1
         if token in tokenizer.stop_ids:
             stats.stopped_by = "stop_token"
+            stats.extra["stop_id"] = token
             break
         piece = decoder.push(token)
         if piece:

@@ -1,0 +1,3 @@
+from salachat.cli import main
+
+main()

@@ -1,0 +1,187 @@
+"""The `salachat` command line. Thin: parse, call the library, print (answers on stdout, the rest on stderr)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from salachat import errors
+from salachat.console import err, out, reading_progress
+from salachat.errors import UserError
+
+app = typer.Typer(
+    name="salachat",
+    help="Ask questions about very long documents (books, PDFs, code repositories), locally.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List the known models and install them.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+ModelOpt = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="A known model name, a GGUF file or a Hugging Face folder.")
+]
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="Quantise weights on load: int8 or nf4.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+SparseOpt = Annotated[
+    bool, typer.Option("--sparse", help="Llama models: read past the trained length with sparse block attention.")
+]
+
+
+@app.callback()
+def main_options(
+    data_dir: Annotated[
+        Optional[Path], typer.Option("--data-dir", help="Where salachat keeps models, sessions and caches.")
+    ] = None,
+) -> None:
+    from salachat.paths import set_data_dir
+
+    set_data_dir(data_dir)
+
+
+def _load(model: str | None, device: str, quant: str | None, sparse: bool):
+    from engine.loader import ModelLoadError, load_model
+
+    if quant not in (None, "int8", "nf4"):
+        raise UserError(f"--quant {quant}: choose int8 or nf4", errors.USAGE)
+    with err.status(f"loading {model or 'the default model'} …"):
+        try:
+            return load_model(model, device=device, quant=quant, sparse=sparse)
+        except ModelLoadError as e:
+            raise UserError(str(e), errors.NO_MODEL) from None
+
+
+def _read_with_progress(conversation, quiet: bool) -> None:
+    total = len(conversation.pending_ids)
+    if not total:
+        return
+    if quiet:
+        conversation.read()
+        return
+    with reading_progress() as bar:
+        task = bar.add_task("read", total=total, rate="")
+
+        def progress(done, all_tokens, elapsed):
+            rate = f"{done / elapsed:,.0f} tok/s" if elapsed > 0 else ""
+            bar.update(task, completed=done, total=all_tokens, rate=rate)
+
+        conversation.read(progress)
+
+
+@app.command()
+def ask(
+    paths: Annotated[list[Path], typer.Argument(help="Documents: PDF, EPUB, text, HTML, Markdown or a folder.")],
+    question: Annotated[str, typer.Argument(help="The question to ask about them.")],
+    model: ModelOpt = None,
+    quant: QuantOpt = None,
+    device: DeviceOpt = "auto",
+    sparse: SparseOpt = False,
+    session: Annotated[Optional[str], typer.Option("--session", "-s", help="Save as (or continue) this session.")] = None,
+    password: Annotated[Optional[str], typer.Option("--password", help="Password of an encrypted PDF.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+) -> None:
+    """Read the documents, then stream the answer to QUESTION."""
+    from engine.generate import Sampling, Stats
+    from salachat.conversation import Conversation, ContextTooLong
+    from salachat.documents import load_documents
+
+    documents = load_documents(paths, password=password)
+    loaded = _load(model, device, quant, sparse)
+    conversation = Conversation(loaded)
+    try:
+        conversation.set_documents(documents.prompt_text)
+    except ContextTooLong as e:
+        raise UserError(str(e), errors.BAD_INPUT) from None
+    t0 = time.perf_counter()
+    _read_with_progress(conversation, quiet=as_json)
+    read_seconds = time.perf_counter() - t0
+    stats = Stats()
+    sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    pieces = []
+    try:
+        for piece in conversation.ask(question, sampling, stats=stats):
+            pieces.append(piece)
+            if not as_json:
+                out.print(piece, end="")
+    except ContextTooLong as e:
+        raise UserError(str(e), errors.BAD_INPUT) from None
+    answer = "".join(pieces)
+    if as_json:
+        print(json.dumps({
+            "answer": answer,
+            "session": session,
+            "model": loaded.model_id,
+            "documents": documents.summary(),
+            "document_tokens": conversation.turns and conversation.cache.position - stats.prompt_tokens - stats.generated_tokens,
+            "read_seconds": round(read_seconds, 4),
+            **stats.to_dict(),
+        }, ensure_ascii=False))
+    else:
+        out.print()
+        from salachat.documents import cited_passages
+
+        for anchor, source in cited_passages(documents, answer):
+            err.print(f"[dim]cited {anchor}: {source}[/]")
+
+
+@models_app.callback()
+def models_default(ctx: typer.Context) -> None:
+    """Bare `salachat models` lists them."""
+    if ctx.invoked_subcommand is None:
+        models_list()
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known models, where each is on disk, and how to get it."""
+    from engine import registry
+
+    for name, known in registry.KNOWN_MODELS.items():
+        path = registry.locate(name)
+        default = " (default)" if name == registry.DEFAULT_MODEL else ""
+        where = f"installed: {path}" if path else f"not installed: {known.how_to_get}"
+        out.print(f"[bold]{name}[/]{default}  {known.description}\n    {where}")
+
+
+@models_app.command("pull")
+def models_pull(name: Annotated[str, typer.Argument(help="Model name, e.g. smollm2.")] = "smollm2") -> None:
+    """Download a known model's weights into the models folder."""
+    from engine import registry
+
+    try:
+        registry.pull(name, log=lambda message: err.print(message))
+    except registry.ModelNotInstalled as e:
+        raise UserError(str(e), errors.NO_MODEL) from None
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, markup=True)
+        sys.exit(e.code)
+    except KeyboardInterrupt:
+        err.print("stopped.")
+        sys.exit(errors.INTERRUPTED)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors and aborts
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            err.print("stopped.")
+            sys.exit(errors.INTERRUPTED)
+        raise

@@ -1,0 +1,161 @@
+"""A conversation with documents: what the CLI, the TUI and the session store all drive.
+
+The engine's cache can only grow (a Lightning state cannot be rewound), so the conversation feeds the model
+exactly the text that the chat template adds at each step: `fed_text` is everything the cache has seen,
+and each new turn feeds `template(messages)[len(fed_text):]`.
+Reading a document is the first part of that: system prompt + the document, up to where the question goes.
+Reading can stop between chunks and continue later (`pending_ids`), which is what crash-safe sessions use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from engine.generate import Progress, Sampling, Stats, generate, prefill
+from engine.loader import LoadedModel
+
+SYSTEM_PROMPT = (
+    "You are salachat, an assistant that answers questions about the documents the user provides. "
+    "Answer from the documents, briefly and exactly; say so when the documents do not contain the answer."
+)
+_QUESTION_SLOT = "\u0000QUESTION\u0000"
+
+
+class ContextTooLong(Exception):
+    pass
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str
+    stats: dict = field(default_factory=dict)
+
+
+class Conversation:
+    def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, chunk_size: int = 512):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.cache = loaded.new_cache()
+        self.chunk_size = chunk_size
+        self.system_prompt = system_prompt or SYSTEM_PROMPT
+        self.documents_text = ""  # rendered documents, placed before the first question
+        self.turns: list[Turn] = []
+        self.fed_text = ""
+        self.pending_ids: list[int] = []  # tokens of the reading that are not yet in the cache
+
+    @property
+    def tokens_in_context(self) -> int:
+        return self.cache.position
+
+    @property
+    def max_context(self) -> int | None:
+        """Trained length of a dense model without --sparse; None where the model reads any length."""
+        if self.loaded.family == "llama" and self.loaded.sparse is None:
+            return self.loaded.model.args.max_position_embeddings
+        return None
+
+    def _messages(self, next_question: str | None) -> list[dict]:
+        messages = [{"role": "system", "content": self.system_prompt}]
+        questions = [t.question for t in self.turns] + ([next_question] if next_question is not None else [])
+        for i, question in enumerate(questions):
+            content = question
+            if i == 0 and self.documents_text:
+                content = f"<documents>\n{self.documents_text}\n</documents>\n\n{question}"
+            messages.append({"role": "user", "content": content})
+            if i < len(self.turns):
+                messages.append({"role": "assistant", "content": self.turns[i].answer})
+        return messages
+
+    def _delta(self, full: str) -> str:
+        if full.startswith(self.fed_text):
+            return full[len(self.fed_text) :]
+        # The template rewrote earlier text (some strip answers): feed from where the two diverge.
+        common = 0
+        for a, b in zip(full, self.fed_text):
+            if a != b:
+                break
+            common += 1
+        return full[common:]
+
+    def _check_room(self, new_tokens: int) -> None:
+        limit = self.max_context
+        if limit is not None and self.cache.position + new_tokens > limit:
+            raise ContextTooLong(
+                f"{self.cache.position + new_tokens} tokens do not fit the model's {limit}-token context: "
+                "add --sparse to read past it, or use a MiniCPM-SALA model"
+            )
+
+    def set_documents(self, documents_text: str) -> int:
+        """Queue the documents for reading; returns the number of tokens to read."""
+        if self.turns or self.fed_text:
+            raise RuntimeError("documents are read before the first question")
+        self.documents_text = documents_text
+        full = self.tokenizer.apply_chat_template(self._messages(_QUESTION_SLOT), add_generation_prompt=True)
+        reading_text = full[: full.index(_QUESTION_SLOT)]
+        self.pending_ids = self.tokenizer.encode(reading_text, add_bos=True)
+        self._check_room(len(self.pending_ids))
+        self._reading_text = reading_text
+        return len(self.pending_ids)
+
+    def read(
+        self,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_chunk: Callable[["Conversation"], None] | None = None,
+    ) -> None:
+        """Feed the queued reading into the cache, chunk by chunk; resumable after Cancelled."""
+        total = len(self.pending_ids) + self.cache.position
+
+        def advance(_cache):
+            del self.pending_ids[: self.chunk_size]
+            if not self.pending_ids:
+                self.fed_text = self._reading_text
+            if on_chunk is not None:
+                on_chunk(self)
+
+        def report(done, _total, elapsed):
+            if progress is not None:
+                progress(total - len(self.pending_ids), total, elapsed)
+
+        if self.pending_ids:
+            prefill(
+                self.loaded.model, list(self.pending_ids), self.cache, self.chunk_size, report, should_stop, advance
+            )
+
+    def ask(
+        self,
+        question: str,
+        sampling: Sampling = Sampling(),
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        stats: Stats | None = None,
+    ) -> Iterator[str]:
+        """Stream the answer to `question`. Reads any unread part of the documents first."""
+        if self.pending_ids:
+            self.read(progress, should_stop)
+        full = self.tokenizer.apply_chat_template(self._messages(question), add_generation_prompt=True)
+        delta = self._delta(full)
+        prompt_ids = self.tokenizer.encode(delta, add_bos=not self.fed_text)
+        self._check_room(len(prompt_ids) + sampling.max_tokens)
+        stats = stats if stats is not None else Stats()
+        pieces: list[str] = []
+        turn = Turn(question, "")
+        self.turns.append(turn)  # the question is in the cache from here on, whatever happens next
+        self.fed_text = full[: len(full) - len(delta)] + delta
+        try:
+            for piece in generate(
+                self.loaded.model, self.tokenizer, prompt_ids, self.cache, sampling,
+                chunk_size=self.chunk_size, should_stop=should_stop, stats=stats,
+            ):
+                pieces.append(piece)
+                turn.answer = "".join(pieces)
+                yield piece
+        finally:
+            turn.answer = "".join(pieces)
+            turn.stats = stats.to_dict()
+            self.fed_text += turn.answer
+            if stats.stopped_by == "stop_token":
+                # The stop token is in the cache too; its text closes the assistant turn.
+                self.fed_text += self.tokenizer.decode([stats.extra["stop_id"]], skip_special=False)
