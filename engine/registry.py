@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -54,13 +53,7 @@ def _models_dir() -> Path:
 def candidate_paths(model: KnownModel) -> list[Path]:
     if model.filename is None:
         return []
-    paths = [_models_dir() / model.name / model.filename]
-    if model.pip_package:
-        # The package installed with --no-deps: read its file, never import it (its imports need `llm`).
-        spec = importlib.util.find_spec(model.pip_package.replace("-", "_"))
-        if spec is not None and spec.submodule_search_locations:
-            paths += [Path(p) / model.filename for p in spec.submodule_search_locations]
-    return paths
+    return [_models_dir() / model.name / model.filename]
 
 
 def locate(name: str) -> Path | None:

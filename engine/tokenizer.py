@@ -104,7 +104,7 @@ class Tokenizer:
             raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(_PRE_TOKENIZERS)})")
         split_digits, split_regex = _PRE_TOKENIZERS[pre]
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         backend = _HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
         steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
         steps += [
