@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's first command: set everything up, then ask the bundled sample a question.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/salachat ask assets/sample.pdf "Who kept the Varna Point light the longest, and for how many years?"
