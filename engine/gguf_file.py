@@ -1,20 +1,23 @@
 """Read a GGUF file: metadata, dequantised tensors, and the HF-style names our models expect.
 
-`gguf` (the reference Python reader from llama.cpp) parses the file and dequantises every type it knows
-(Q4_0, Q4_1, Q8_0, K-quants, F16, BF16, F32 …). Two things are ours: the one table mapping GGUF tensor
-names to Hugging Face names, and undoing llama.cpp's q/k row permutation so that one RoPE convention
-(NeoX "rotate_half", as in HF) serves both GGUF and safetensors checkpoints.
+`gguf` (llama.cpp's Python package) dequantises every type it knows (Q4_0, Q4_1, Q8_0, K-quants, F16,
+BF16, F32 …). The header we parse ourselves: gguf's GGUFReader builds a numpy view per array item and takes
+seconds on a 49K-token vocabulary, which every `salachat ask` would pay. Also ours: the one table mapping
+GGUF tensor names to Hugging Face names, and undoing llama.cpp's q/k row permutation so that one RoPE
+convention (NeoX "rotate_half", as in HF) serves both GGUF and safetensors checkpoints.
 """
 
 from __future__ import annotations
 
+import mmap
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 GGUF_TO_HF = {
@@ -54,34 +57,101 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _field_value(field):
-    kind = field.types[0]
-    if kind == GGUFValueType.ARRAY:
-        inner = field.types[-1]
-        if inner == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if kind == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    return field.parts[field.data[0]].tolist()[0]
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str):
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        text = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return text
+
+    def value(self, kind: int):
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.take("<I"), self.take("<Q")
+            if item == _STRING:
+                return [self.string() for _ in range(count)]
+            if item == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(count)]
+            dtype = np.dtype(_SCALARS[item])
+            values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
+            self.pos += dtype.itemsize * count
+            return values
+        if kind not in _SCALARS:
+            raise GGUFError(f"unknown GGUF value type {kind}")
+        return self.take(_SCALARS[kind])
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: slowest dimension first
+    qtype: GGMLQuantizationType
+    offset: int  # absolute, in the file
 
 
 @dataclass
 class GGUFFile:
     path: Path
     metadata: dict
+    tensor_infos: list[TensorInfo] = field(default_factory=list)
 
     @classmethod
     def open(cls, path: str | Path) -> "GGUFFile":
         path = Path(path)
         try:
-            reader = GGUFReader(path)
-        except Exception as e:  # gguf raises bare ValueErrors/struct errors on junk
+            with open(path, "rb") as f:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            cur = _Cursor(buf)
+            if bytes(buf[:4]) != b"GGUF":
+                raise GGUFError("no GGUF magic number")
+            cur.pos = 4
+            version = cur.take("<I")
+            if version not in (2, 3):
+                raise GGUFError(f"GGUF version {version} is not supported (2 and 3 are)")
+            n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+            metadata = {}
+            for _ in range(n_kv):
+                key = cur.string()
+                metadata[key] = cur.value(cur.take("<I"))
+            raw = []
+            for _ in range(n_tensors):
+                name = cur.string()
+                dims = [cur.take("<Q") for _ in range(cur.take("<I"))]
+                raw.append((name, tuple(reversed(dims)), GGMLQuantizationType(cur.take("<I")), cur.take("<Q")))
+            align = int(metadata.get("general.alignment", 32))
+            data_start = (cur.pos + align - 1) // align * align
+        except GGUFError as e:
             raise GGUFError(f"{path} is not a readable GGUF file ({e})") from None
-        metadata = {name: _field_value(field) for name, field in reader.fields.items()}
-        self = cls(path, metadata)
-        self._reader = reader
+        except (struct.error, ValueError, IndexError, OSError) as e:
+            raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt: {e})") from None
+        infos = [TensorInfo(n, shape, q, data_start + off) for n, shape, q, off in raw]
+        self = cls(path, metadata, infos)
+        self._buf = buf
         return self
+
+    def _array(self, info: TensorInfo) -> np.ndarray:
+        block, type_size = GGML_QUANT_SIZES[info.qtype]
+        rows, cols = int(np.prod(info.shape[:-1])), info.shape[-1]
+        row_bytes = cols // block * type_size
+        if info.offset + rows * row_bytes > len(self._buf):
+            raise GGUFError(f"{self.path.name}: tensor {info.name} runs past the end of the file (truncated?)")
+        data = np.frombuffer(self._buf, np.uint8, rows * row_bytes, info.offset).reshape(rows, row_bytes)
+        if info.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            data = data.view(np.float32 if info.qtype == GGMLQuantizationType.F32 else np.float16)
+        return dequantize(data, info.qtype)
 
     @property
     def architecture(self) -> str:
@@ -96,11 +166,10 @@ class GGUFFile:
         n_heads = self.metadata["llama.attention.head_count"]
         n_kv = self.metadata.get("llama.attention.head_count_kv", n_heads)
         out: dict[str, torch.Tensor] = {}
-        for t in self._reader.tensors:
-            array = dequantize(t.data, t.tensor_type)
-            shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists the fastest dimension first
-            tensor = torch.from_numpy(np.array(array, dtype=np.float32, copy=True)).reshape(shape)
-            name = hf_name(t.name)
+        for info in self.tensor_infos:
+            array = self._array(info)
+            tensor = torch.from_numpy(np.array(array, dtype=np.float32, copy=True)).reshape(info.shape)
+            name = hf_name(info.name)
             if name.endswith("q_proj.weight"):
                 tensor = unpermute_rope_rows(tensor, n_heads)
             elif name.endswith("k_proj.weight"):
@@ -113,7 +182,7 @@ class GGUFFile:
         m = self.metadata
         hidden = m["llama.embedding_length"]
         heads = m["llama.attention.head_count"]
-        has_output = any(t.name == "output.weight" for t in self._reader.tensors)
+        has_output = any(t.name == "output.weight" for t in self.tensor_infos)
         vocab = m.get("llama.vocab_size") or len(m["tokenizer.ggml.tokens"])
         return {
             "model_type": "llama",
