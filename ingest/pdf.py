@@ -1,0 +1,126 @@
+"""PDF pages to text with pypdf: one Segment per page, anchored "p.N" by physical page number."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from pypdf import PdfReader
+from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
+
+from .document import Document, Segment
+from .errors import IngestError
+
+Progress = Callable[[str, int, int], None]
+
+
+def read_pdf(data: bytes, path: str, content_hash: str, password: str | None = None,
+             progress: Progress | None = None) -> Document:
+    reader = _open(data, path, password)
+    try:
+        page_count = len(reader.pages)
+    except (PyPdfError, KeyError, ValueError, TypeError, AttributeError) as error:
+        raise _damaged(path, error) from None
+    if page_count == 0:
+        raise IngestError(path, "has no pages", hint="check that the PDF opens in a viewer")
+    segments: list[Segment] = []
+    empty_pages: list[int] = []
+    for number in range(1, page_count + 1):
+        text = _page_text(reader, number, path)
+        if not text.strip():
+            empty_pages.append(number)
+        segments.append(Segment(anchor=f"p.{number}", text=text, page=number))
+        if progress:
+            progress(path, number, page_count)
+    title, meta = _metadata(reader, path)
+    meta.update(pages=page_count, encrypted=reader.is_encrypted, pages_without_text_list=empty_pages[:50])
+    return Document(source=path, kind="pdf", title=title, segments=segments, content_hash=content_hash,
+                    meta=meta, pages_without_text=len(empty_pages))
+
+
+def _open(data: bytes, path: str, password: str | None) -> PdfReader:
+    if not data.lstrip()[:5].startswith(b"%PDF"):
+        raise IngestError(path, "is not a PDF (it does not start with %PDF)",
+                          hint="check the file, or rename it to its real type")
+    try:
+        with _quiet_pypdf():
+            reader = PdfReader(io.BytesIO(data), strict=False)
+            if reader.is_encrypted:
+                _decrypt(reader, path, password)
+    except IngestError:
+        raise
+    except DependencyError:
+        raise IngestError(path, "is AES-encrypted and pypdf needs the 'cryptography' package to open it",
+                          hint="run `pip install cryptography` and try again") from None
+    except (PyPdfError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise _damaged(path, error) from None
+    return reader
+
+
+def _decrypt(reader: PdfReader, path: str, password: str | None) -> None:
+    # Many PDFs are "encrypted" with an empty user password only to restrict printing or copying.
+    for attempt in ([password] if password else []) + [""]:
+        if reader.decrypt(attempt):
+            return
+    if password:
+        raise IngestError(path, "the password given does not open this PDF",
+                          hint="check the password passed with --password")
+    raise IngestError(path, "is password-protected", hint="pass its password with --password")
+
+
+def _page_text(reader: PdfReader, number: int, path: str) -> str:
+    try:
+        with _quiet_pypdf():
+            text = reader.pages[number - 1].extract_text() or ""
+    except FileNotDecryptedError:
+        raise IngestError(path, "is password-protected", hint="pass its password with --password") from None
+    except DependencyError:
+        raise IngestError(path, "needs the 'cryptography' package to decrypt",
+                          hint="run `pip install cryptography` and try again") from None
+    except Exception as error:  # noqa: BLE001 - pypdf raises many kinds on damaged content streams
+        raise IngestError(path, f"this page could not be read ({type(error).__name__}: {error})",
+                          page=number, hint="the PDF may be damaged: repair it (e.g. `qpdf in.pdf out.pdf`) "
+                          "or print it to a new PDF, then try again") from None
+    # NUL and other C0 controls come from broken font maps; they only confuse the model.
+    return text.translate(_CONTROL_TO_NOTHING)
+
+
+_CONTROL_TO_NOTHING = {code: None for code in range(32) if code not in (9, 10, 12, 13)}
+
+
+def _metadata(reader: PdfReader, path: str) -> tuple[str, dict]:
+    meta: dict = {}
+    try:
+        info = reader.metadata or {}
+        for key in ("title", "author", "subject"):
+            value = getattr(info, key, None)
+            if value and str(value).strip():
+                meta[key] = " ".join(str(value).split())
+    except Exception:  # noqa: BLE001 - metadata is a nicety; a damaged Info dict must not lose the text
+        meta["metadata_unreadable"] = True
+
+    return meta.get("title") or Path(path).stem, meta
+
+
+def _damaged(path: str, error: Exception) -> IngestError:
+    return IngestError(path, f"is damaged or not a valid PDF ({type(error).__name__}: {error})",
+                       hint="repair it (e.g. `qpdf in.pdf out.pdf`) or export it again, then try again")
+
+
+class _quiet_pypdf:
+    """pypdf logs and warns about every recoverable defect; the user sees our summary instead."""
+
+    def __enter__(self) -> None:
+        self._logger = logging.getLogger("pypdf")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._warnings.__exit__(*exc_info)
+        self._logger.setLevel(self._level)
