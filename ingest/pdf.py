@@ -7,6 +7,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from pypdf import PdfReader
 from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
@@ -46,7 +47,7 @@ def _open(data: bytes, path: str, password: str | None) -> PdfReader:
         raise IngestError(path, "is not a PDF (it does not start with %PDF)",
                           hint="check the file, or rename it to its real type")
     try:
-        with _quiet_pypdf():
+        with _PypdfComplaints():
             reader = PdfReader(io.BytesIO(data), strict=False)
             if reader.is_encrypted:
                 _decrypt(reader, path, password)
@@ -73,7 +74,7 @@ def _decrypt(reader: PdfReader, path: str, password: str | None) -> None:
 
 def _page_text(reader: PdfReader, number: int, path: str) -> str:
     try:
-        with _quiet_pypdf():
+        with _PypdfComplaints() as pypdf_said:
             text = reader.pages[number - 1].extract_text() or ""
     except FileNotDecryptedError:
         raise IngestError(path, "is password-protected", hint="pass its password with --password") from None
@@ -82,13 +83,20 @@ def _page_text(reader: PdfReader, number: int, path: str) -> str:
                           hint="run `pip install cryptography` and try again") from None
     except Exception as error:  # noqa: BLE001 - pypdf raises many kinds on damaged content streams
         raise IngestError(path, f"this page could not be read ({type(error).__name__}: {error})",
-                          page=number, hint="the PDF may be damaged: repair it (e.g. `qpdf in.pdf out.pdf`) "
-                          "or print it to a new PDF, then try again") from None
+                          page=number, hint=_REPAIR_HINT) from None
+    if not text.strip() and pypdf_said.complaints:
+        raise IngestError(path, f"this page could not be read ({pypdf_said.complaints[0]})", page=number,
+                          hint=_REPAIR_HINT)
     # NUL and other C0 controls come from broken font maps; they only confuse the model.
-    return text.translate(_CONTROL_TO_NOTHING)
+    return text.translate(_PLAIN_TEXT)
 
 
-_CONTROL_TO_NOTHING = {code: None for code in range(32) if code not in (9, 10, 12, 13)}
+_REPAIR_HINT = ("the PDF may be damaged: repair it (e.g. `qpdf in.pdf out.pdf`) or print it to a new PDF, "
+                "then try again")
+_PLAIN_TEXT: dict[int, str | None] = {code: None for code in range(32) if code not in (9, 10, 12, 13)}
+# Typeset ligatures: "ﬁles" must read (and be found) as "files".
+_PLAIN_TEXT.update({ord("ﬀ"): "ff", ord("ﬁ"): "fi", ord("ﬂ"): "fl", ord("ﬃ"): "ffi", ord("ﬄ"): "ffl",
+                    ord("ﬅ"): "st", ord("ﬆ"): "st"})
 
 
 def _metadata(reader: PdfReader, path: str) -> tuple[str, dict]:
@@ -102,7 +110,8 @@ def _metadata(reader: PdfReader, path: str) -> tuple[str, dict]:
     except Exception:  # noqa: BLE001 - metadata is a nicety; a damaged Info dict must not lose the text
         meta["metadata_unreadable"] = True
 
-    return meta.get("title") or Path(path).stem, meta
+    name = path[:-3] if path.lower().endswith(".gz") else path
+    return meta.get("title") or Path(name).stem, meta
 
 
 def _damaged(path: str, error: Exception) -> IngestError:
@@ -110,17 +119,37 @@ def _damaged(path: str, error: Exception) -> IngestError:
                        hint="repair it (e.g. `qpdf in.pdf out.pdf`) or export it again, then try again")
 
 
-class _quiet_pypdf:
-    """pypdf logs and warns about every recoverable defect; the user sees our summary instead."""
+class _PypdfComplaints:
+    """pypdf logs and warns about every recoverable defect instead of raising; collect those complaints
+    so that a page that comes out empty *because* it is damaged is reported, not counted as textless."""
 
-    def __enter__(self) -> None:
+    def __init__(self) -> None:
+        self.complaints: list[str] = []
+
+    def __enter__(self) -> Self:
         self._logger = logging.getLogger("pypdf")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
+        self._saved = (self._logger.level, self._logger.propagate)
+        self._handler = _Collect(self.complaints)
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.WARNING)
+        self._logger.propagate = False
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.complaints.extend(str(warning.message) for warning in self._caught or [])
         self._warnings.__exit__(*exc_info)
-        self._logger.setLevel(self._level)
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
+
+
+class _Collect(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
