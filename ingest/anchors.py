@@ -96,7 +96,7 @@ def parse_anchor(text: str) -> Anchor | None:
     if found:
         return found
     # Extensionless files (LICENSE:12, Makefile:3) are only recognised when the whole string is one anchor.
-    plain = re.fullmatch(rf"(?P<path>[^\s:\[\]]+):{_RANGE}", text)
+    plain = re.fullmatch(rf"(?P<path>[^\s:,\[\]]+)(?::|,?\s+(?:lines?|l\.)\s*){_RANGE}", text, re.IGNORECASE)
     if plain and not plain.group("path").isdigit():
         return Anchor("line", path=plain.group("path"), number=int(plain.group(2)), end=_int(plain.group(3)))
     bare = _BARE_LINE.match(text)

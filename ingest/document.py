@@ -75,8 +75,8 @@ class Document:
 class Passage:
     """What find_passage returns: the cited text and where it came from."""
 
-    document: Document
-    segment: Segment
+    document: Document = field(repr=False)
+    segment: Segment = field(repr=False)
     anchor: str  # canonical form of the anchor that was asked for, e.g. "src/net/retry.py:40"
     text: str
     line_start: int | None = None

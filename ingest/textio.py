@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import unicodedata
 
 import charset_normalizer
 
@@ -58,14 +59,21 @@ def _decode_legacy(data: bytes, path: str, first_bad: int) -> tuple[str, str]:
     sentence Big5), so trust it only when it is sure of a language, and otherwise prefer Windows-1252
     when that reads as plausible Latin text."""
     best = charset_normalizer.from_bytes(data).best()
-    if best is not None and best.language != "Unknown" and best.chaos < 0.1:
-        return str(best), best.encoding
     western = _plausible_cp1252(data)
+    if best is not None and best.language != "Unknown" and best.chaos < 0.1 and not (
+            western is not None and _mostly_latin(str(best))):
+        return str(best), best.encoding  # a confident non-Latin script: Cyrillic, Greek, CJK ...
     if western is not None:
         return western, "cp1252"
     if best is not None and best.chaos <= 0.2:
         return str(best), best.encoding
     raise _invalid(path, data, first_bad, "utf-8")
+
+
+def _mostly_latin(text: str) -> bool:
+    letters = [char for char in text if char.isalpha() and ord(char) >= 0x80]
+    latin = sum(1 for char in letters if unicodedata.name(char, "").startswith("LATIN"))
+    return latin * 2 >= len(letters)
 
 
 def _plausible_cp1252(data: bytes) -> str | None:
