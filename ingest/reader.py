@@ -42,6 +42,19 @@ def read_paths(paths: list[str | Path], password: str | None = None, progress: P
 
 def read_path(path: str | Path, password: str | None = None, progress: Progress | None = None,
               cache_dir: Path | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> Document:
+    try:
+        return _read_path(path, password, progress, cache_dir, max_file_bytes)
+    except (IngestError, KeyboardInterrupt):
+        raise
+    except RecursionError:
+        raise IngestError(str(path), "is nested too deeply to read", hint="pass a simpler file") from None
+    except Exception as error:
+        raise IngestError(str(path), f"could not be read ({type(error).__name__}: {error})",
+                          hint="if the file opens elsewhere, please report this as a salachat bug") from error
+
+
+def _read_path(path: str | Path, password: str | None, progress: Progress | None, cache_dir: Path | None,
+               max_file_bytes: int) -> Document:
     source = str(path)
     location = Path(path).expanduser()
     try:
