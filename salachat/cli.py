@@ -134,6 +134,53 @@ def ask(
             err.print(f"[dim]cited {anchor}: {source}[/]")
 
 
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Documents or folders to read.")],
+    model: ModelOpt = None,
+    password: Annotated[Optional[str], typer.Option("--password", help="Password of an encrypted PDF.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Show what would be read (files, pages, tokens, what is skipped and why, memory, time) without answering."""
+    import ingest as ingest_lib
+
+    from engine.loader import ModelLoadError, load_tokenizer
+    from salachat.documents import load_documents
+
+    documents = load_documents(paths, password=password)
+    try:
+        tokenizer, bytes_per_token = load_tokenizer(model)
+        encode = tokenizer.encode
+    except ModelLoadError as e:  # still useful without the model: estimate the tokens
+        err.print(f"[yellow]note:[/] {e}; token counts are estimates")
+        encode, bytes_per_token = None, ingest_lib.summary.DEFAULT_BYTES_PER_TOKEN
+    import torch
+
+    # Reading speed measured by bench/ask_cpu.py (CPU, default model) and bench/e2e.py (GPU); a rough guide.
+    speed = 2000.0 if torch.cuda.is_available() else 300.0
+    summary = ingest_lib.summarize(documents.docs, encode, bytes_per_token=bytes_per_token, tokens_per_second=speed)
+    if as_json:
+        print(json.dumps(summary.to_dict(), ensure_ascii=False, indent=2))
+        return
+    for doc in summary.documents:
+        parts = [f"{doc.pages} pages" if doc.pages is not None else None,
+                 f"{doc.files} files" if doc.files is not None else None,
+                 f"{doc.chapters} chapters" if doc.chapters is not None else None,
+                 f"{doc.tokens:,} tokens"]
+        out.print(f"[bold]{doc.source}[/] ({doc.kind}) {doc.title!r}: " + ", ".join(p for p in parts if p))
+        for item in doc.skipped[:20]:
+            out.print(f"    skipped {item['path']}: {item['reason']}")
+        if len(doc.skipped) > 20:
+            out.print(f"    … and {len(doc.skipped) - 20} more skipped (see --json)")
+    for note in summary.notes:
+        out.print(f"[yellow]note:[/] {note}")
+    kind = "counted" if summary.tokens_exact else "estimated"
+    out.print(
+        f"total {summary.tokens:,} tokens ({kind}); context memory ≈ {summary.estimated_memory_bytes / 2**20:,.0f} MiB; "
+        f"reading ≈ {summary.estimated_seconds:,.0f} s at {summary.tokens_per_second:,.0f} tokens/s"
+    )
+
+
 @models_app.callback()
 def models_default(ctx: typer.Context) -> None:
     """Bare `salachat models` lists them."""

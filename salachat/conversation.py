@@ -35,11 +35,17 @@ class Turn:
 
 class Conversation:
     def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, chunk_size: int = 512):
+        if system_prompt is None:
+            system_prompt = SYSTEM_PROMPT
+            if loaded.asks_for_citations:
+                from ingest import CITE_INSTRUCTION
+
+                system_prompt += " " + CITE_INSTRUCTION
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.cache = loaded.new_cache()
         self.chunk_size = chunk_size
-        self.system_prompt = system_prompt or SYSTEM_PROMPT
+        self.system_prompt = system_prompt
         self.documents_text = ""  # rendered documents, placed before the first question
         self.turns: list[Turn] = []
         self.fed_text = ""

@@ -40,7 +40,7 @@ def load_documents(paths: list[Path], password: str | None = None, progress=None
     if not text.strip():
         names = ", ".join(str(p) for p in paths)
         raise UserError(f"{names}: no text to read (a scanned PDF needs OCR first)", errors.BAD_INPUT)
-    return Documents(docs, f"{ingest.CITE_INSTRUCTION}\n\n{text}")
+    return Documents(docs, text)
 
 
 def cited_passages(documents: Documents, answer: str) -> list[tuple[str, str]]:

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/salachat ask assets/sample.pdf "Who kept the Varna Point light the longest, and for how many years?"
+.venv/bin/salachat ask assets/sample.pdf "Who kept the light for thirty-one years?"

@@ -63,3 +63,15 @@ def test_ask_streams_the_answer_to_stdout(salachat_cli, smollm2_path):
                           "--max-tokens", "30")
     assert result.returncode == 0, result.stderr
     assert "1871" in result.stdout
+
+
+def test_ingest_shows_what_would_be_read_without_the_model(salachat_cli, smollm2_path):
+    result = salachat_cli("ingest", SAMPLE, "engine", "--model", smollm2_path, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    kinds = [d["kind"] for d in data["documents"]]
+    assert kinds == ["pdf", "repo"]
+    assert data["documents"][0]["pages"] == 5
+    assert data["tokens_exact"] and data["tokens"] == sum(d["tokens"] for d in data["documents"])
+    text = salachat_cli("ingest", SAMPLE, "--model", smollm2_path)
+    assert "5 pages" in text.stdout and "tokens" in text.stdout
