@@ -78,15 +78,18 @@ def test_summary_reports_pages_tokens_skips_and_estimates(tmp_path):
     assert data["tokens"] == first["tokens"] + second["tokens"] and data["tokens_exact"] is False
     assert data["estimated_memory_bytes"] == data["tokens"] * 1000
     assert data["estimated_seconds"] == data["tokens"] / 100.0
-    assert data["notes"] == [f"{pdf}: 1 of 2 pages have no text layer (scanned images?); they are not read "
-                             "(no OCR)"]
+    note = f"{pdf}: 1 of 2 pages have no text layer (scanned images?); they are not read (no OCR)"
+    assert data["notes"] == [note]
 
 
 def test_exact_counts_use_the_given_tokenizer_on_the_rendered_prompt(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("one two three four\n")
     docs = read_paths([path])
-    words = lambda text: text.split()  # noqa: E731 - a stand-in tokenizer: one token per word
+
+    def words(text: str) -> list[str]:  # a stand-in tokenizer: one token per word
+        return text.split()
+
     assert count_tokens(docs, words) == len(render_prompt(docs).split())
     summary = summarize(docs, tokenizer_encode=words)
     assert summary.tokens_exact and summary.tokens == count_tokens(docs, words)

@@ -81,7 +81,7 @@ def test_walker_never_reads_outside_its_folder(files, links):
         for link, target in links:
             (root / link).parent.mkdir(parents=True, exist_ok=True)
             if not (root / link).exists() and not (root / link).is_symlink():
-                (root / link).symlink_to(target)
+                (root / link).symlink_to(targets[target])
         walked, _ = walk_repo(root)
         root_real = os.path.realpath(root)
         for file in walked:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import itertools
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_long_headingless_text_gets_a_marker_at_least_every_sixty_lines():
     starts = [segment.line_start for segment in doc.segments]
     assert starts[0] == 1 and starts == sorted(starts)
     # A section can run over only to reach the next paragraph break.
-    assert all(later - earlier <= 60 + 12 for earlier, later in zip(starts, starts[1:], strict=False))
+    assert all(later - earlier <= 60 + 12 for earlier, later in itertools.pairwise(starts))
     assert f"[GPL-3:{starts[1]}]\n" in render_prompt([doc])
 
 
