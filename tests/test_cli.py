@@ -27,12 +27,20 @@ def test_missing_model_gives_the_install_command(salachat_cli):
     assert "Traceback" not in result.stderr
 
 
+def _file(name: str, content: bytes):
+    def make(folder):
+        (folder / name).write_bytes(content)
+        return folder / name
+
+    return make
+
+
 @pytest.mark.parametrize(
     "make_input, expected",
     [
         (lambda d: d / "nope.pdf", "nope.pdf"),
-        (lambda d: (d / "x.xyz").write_bytes(b"\x00\x01") or d / "x.xyz", "x.xyz"),
-        (lambda d: (d / "empty.pdf").write_bytes(b"") or d / "empty.pdf", "empty.pdf"),
+        (_file("x.xyz", b"\x00\x01"), "x.xyz"),
+        (_file("empty.pdf", b""), "empty.pdf"),
     ],
     ids=["missing-file", "unsupported-type", "empty-pdf"],
 )
