@@ -18,6 +18,9 @@ CITE_INSTRUCTION = (
     "(the number before '|'), [notes.md:40] for the text section marked so; cite several as [p.3; p.9]."
 )
 
+# Shown in the prompt for a PDF page without text, so the model does not invent its content.
+NO_TEXT_LAYER = "(no text layer on this page)"
+
 
 @dataclass(frozen=True)
 class Anchor:
@@ -55,7 +58,8 @@ def render_segment(doc: Document, segment: Segment, qualify: bool = False) -> st
         lines = segment.text.split("\n")
         numbered = "\n".join(f"{start + offset}| {line}".rstrip() for offset, line in enumerate(lines))
         return f"### {segment.path}\n{numbered}"
-    return f"[{marker(doc, segment, qualify)}]\n{segment.text}"
+    text = segment.text if segment.text.strip() or segment.page is None else NO_TEXT_LAYER
+    return f"[{marker(doc, segment, qualify)}]\n{text}"
 
 
 def marker(doc: Document, segment: Segment, qualify: bool = False) -> str:

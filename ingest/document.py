@@ -81,3 +81,10 @@ class Passage:
     text: str
     line_start: int | None = None
     line_end: int | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the passage is, for the user: "book.pdf p.12", "tool src/net/retry.py:40-46"."""
+        if self.line_start is not None and self.segment.path:
+            return f"{self.document.source}: {self.segment.path}:{self.line_start}-{self.line_end}"
+        return f"{self.document.source}: {self.anchor}"

@@ -36,6 +36,9 @@ def read_pdf(data: bytes, path: str, content_hash: str, password: str | None = N
         segments.append(Segment(anchor=f"p.{number}", text=text, page=number))
         if progress:
             progress(path, number, page_count)
+    if len(empty_pages) == page_count:
+        raise IngestError(path, f"has no text layer on any of its {page_count} pages (a scanned document?)",
+                          hint="run OCR on it first (e.g. `ocrmypdf in.pdf out.pdf`) and pass the result")
     title, meta = _metadata(reader, path)
     meta.update(pages=page_count, encrypted=reader.is_encrypted, pages_without_text_list=empty_pages[:50])
     return Document(source=path, kind="pdf", title=title, segments=segments, content_hash=content_hash,

@@ -1,6 +1,7 @@
 """Plain text, Markdown, reStructuredText and HTML: sections anchored by "name:line" so the model can
 cite a place and find_passage can show it. Headings start sections; long stretches are cut at blank
-lines so that anchors stay close together."""
+lines so that anchors stay close together. For HTML the line numbers are those of the extracted text
+(what the model sees), not of the markup."""
 
 from __future__ import annotations
 

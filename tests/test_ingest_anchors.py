@@ -35,6 +35,7 @@ def test_file_line_forms_find_the_line_with_context(written):
     assert passage.anchor == "src/net/retry.py:40"
     assert passage.text.split("\n") == [f"line {n} of retry" for n in range(38, 43)]
     assert (passage.line_start, passage.line_end) == (38, 42)
+    assert passage.source == "/home/u/tool: src/net/retry.py:38-42"
 
 
 def test_line_ranges_and_edges_are_clipped_to_the_file():
@@ -50,6 +51,7 @@ def test_two_documents_qualify_page_anchors_by_file_name():
     prompt = render_prompt(docs)
     assert "[book.pdf p.12]\ntext of page 12" in prompt and "[other.pdf p.12]\nother page 12" in prompt
     assert find_passage(docs, "other.pdf p.12").text == "other page 12"
+    assert find_passage(docs, "other.pdf p.12").source == "/x/other.pdf: other.pdf p.12"
     assert find_passage(docs, "[book.pdf, page 12]").text == "text of page 12"
 
 

@@ -67,6 +67,16 @@ def test_pages_without_text_are_counted_not_dropped(tmp_path):
     assert doc.pages_without_text == 2
     assert doc.meta["pages_without_text_list"] == [2, 4]
     assert [segment.page for segment in doc.segments] == [1, 2, 3, 4]
+    assert "[p.2]\n(no text layer on this page)\n\n[p.3]\nBack text" in render_prompt([doc])
+
+
+def test_pdf_with_no_text_on_any_page_asks_for_ocr(tmp_path):
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(make_pdf([None, None, None]))
+    with pytest.raises(IngestError) as caught:
+        read_paths([path])
+    assert str(caught.value) == (f"{path}: has no text layer on any of its 3 pages (a scanned document?); run "
+                                 "OCR on it first (e.g. `ocrmypdf in.pdf out.pdf`) and pass the result")
 
 
 def test_progress_reports_every_page(tmp_path):

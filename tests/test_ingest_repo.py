@@ -142,3 +142,11 @@ def test_progress_counts_files(tmp_path):
     calls = []
     read_paths([root], progress=lambda label, done, total: calls.append((label, done, total)))
     assert calls == [(str(root), n, 4) for n in range(1, 5)]
+
+
+def test_git_info_exclude_is_honoured_and_a_git_file_is_not_read(tmp_path):
+    root = _tree(tmp_path / "repo", {"main.py": "x = 1\n", "scratch.txt": "mine\n",
+                                     ".git/info/exclude": "scratch.txt\n"})
+    worktree = _tree(tmp_path / "worktree", {"main.py": "x = 1\n", ".git": "gitdir: /elsewhere/.git\n"})
+    assert [segment.path for segment in read_paths([root])[0].segments] == ["main.py"]
+    assert [segment.path for segment in read_paths([worktree])[0].segments] == ["main.py"]
