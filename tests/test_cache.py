@@ -1,0 +1,59 @@
+"""Dense KV cache and causal attention with an offset: against a naive formula, on CPU and (gpu) CUDA."""
+
+import pytest
+import torch
+
+from engine.cache import KVCache, ModelCache, dense_attention
+
+
+def naive_attention(q, k, v, pos0, scale):
+    group = q.shape[0] // k.shape[0]
+    out = torch.empty_like(q, dtype=torch.float32)
+    for h in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            keys, values = k[h // group, : pos0 + i + 1].float(), v[h // group, : pos0 + i + 1].float()
+            weights = torch.softmax(keys @ q[h, i].float() * scale, dim=0)
+            out[h, i] = weights @ values
+    return out
+
+
+@pytest.mark.parametrize("pos0, t", [(0, 1), (0, 9), (5, 1), (7, 6), (63, 17)])
+def test_dense_attention_matches_naive_loop(pos0, t):
+    torch.manual_seed(pos0 + t)
+    q, k, v = torch.randn(6, t, 16), torch.randn(2, pos0 + t, 16), torch.randn(2, pos0 + t, 16)
+    assert torch.allclose(dense_attention(q, k, v, pos0, 0.25), naive_attention(q, k, v, pos0, 0.25), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos0, t", [(0, 1), (0, 300), (1000, 1), (4097, 257), (70000, 2048)])
+def test_dense_attention_cuda_flash_path_matches_reference(pos0, t):
+    torch.manual_seed(0)
+    q = torch.randn(32, t, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, pos0 + t, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    fast = dense_attention(q, k, v, pos0, 128**-0.5).float()
+    query_pos = torch.arange(pos0, pos0 + t, device="cuda")[:, None]
+    mask = torch.arange(pos0 + t, device="cuda")[None, :] <= query_pos
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(16, 0), v.float().repeat_interleave(16, 0), attn_mask=mask,
+        scale=128**-0.5)
+    assert (fast - ref).abs().max().item() < 2e-2
+
+
+def test_kv_cache_grows_and_round_trips_through_state():
+    cache = KVCache(2, 4, torch.float32, "cpu")
+    chunks = [torch.randn(2, n, 4) for n in (3, 1, 2000, 5)]
+    for chunk in chunks:
+        keys, values = cache.update_and_fetch(chunk, chunk * 2)
+    expected = torch.cat(chunks, dim=1)
+    assert torch.equal(keys, expected) and torch.equal(values, expected * 2)
+    model_cache = ModelCache(layers=[cache], position=cache.length)
+    tensors, meta = model_cache.state()
+    restored = ModelCache.from_state({k: v.clone() for k, v in tensors.items()}, meta)
+    assert restored.position == cache.length
+    assert torch.equal(restored.layers[0].keys[:, : cache.length], expected)
+
+
+def test_unknown_cache_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown cache kind"):
+        ModelCache.from_state({}, {"position": 0, "layers": [{"kind": "martian"}]})
