@@ -1,40 +1,58 @@
-"""Parsed documents cached as JSON under cache_dir, keyed by the sha256 of the input bytes, so reading
-an unchanged file again costs one hash. The reader version is part of the key: a changed reader never
-serves stale text."""
+"""Parsed documents cached as JSON under cache_dir, so reading an unchanged input again is free.
+
+A file's key is the sha256 of its bytes (one hash instead of a parse). A repository's key is a
+fingerprint of its walk: every file's path, size and modification time plus what was skipped and why,
+the way git decides a file is unchanged without reading it; editing, adding, removing or newly ignoring
+a file changes it. The reader version is part of every key: a changed reader never serves stale text."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
-from .document import Document
+from .document import Document, Skipped
 
 READER_VERSION = 1
 
 
-def _entry(cache_dir: Path, content_hash: str, kind: str) -> Path:
-    return cache_dir / "ingest" / f"{content_hash}-{kind}-v{READER_VERSION}.json"
+def file_key(content_hash: str, kind: str) -> str:
+    return f"{content_hash}-{kind}"
 
 
-def load(cache_dir: Path | None, content_hash: str, kind: str, source: str) -> Document | None:
+def repo_key(root: Path, files: list[tuple[str, os.stat_result]], skipped: list[Skipped],
+             max_file_bytes: int) -> str:
+    digest = hashlib.sha256(f"{os.path.realpath(root)}\0{max_file_bytes}\n".encode())
+    for relative, info in files:
+        digest.update(f"{relative}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    for item in skipped:
+        digest.update(f"skip\0{item.path}\0{item.reason}\n".encode())
+    return f"repo-{digest.hexdigest()}"
+
+
+def _entry(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "ingest" / f"{key}-v{READER_VERSION}.json"
+
+
+def load(cache_dir: Path | None, key: str, source: str) -> Document | None:
     if cache_dir is None:
         return None
     try:
-        data = json.loads(_entry(cache_dir, content_hash, kind).read_text(encoding="utf-8"))
+        data = json.loads(_entry(cache_dir, key).read_text(encoding="utf-8"))
         doc = Document.from_dict(data)
     except (OSError, ValueError, TypeError, KeyError):
-        return None  # missing or damaged entry: read the file again
+        return None  # missing or damaged entry: read the input again
     doc.source = source  # the same bytes may live at another path now
     doc.meta["cached"] = True
     return doc
 
 
-def store(cache_dir: Path | None, doc: Document) -> None:
+def store(cache_dir: Path | None, key: str, doc: Document) -> None:
     if cache_dir is None:
         return
-    path = _entry(cache_dir, doc.content_hash, doc.kind)
+    path = _entry(cache_dir, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a reader never sees half an entry.

@@ -16,7 +16,7 @@ from .epub import read_epub
 from .errors import IngestError
 from .pdf import read_pdf
 from .prose import read_code_file, read_prose
-from .repo import MAX_FILE_BYTES, read_repo
+from .repo import MAX_FILE_BYTES, read_repo, walk_repo
 from .textio import looks_binary
 
 Progress = Callable[[str, int, int], None]
@@ -66,7 +66,7 @@ def _read_path(path: str | Path, password: str | None, progress: Progress | None
     except OSError as error:
         raise IngestError(source, f"cannot be opened ({error.strerror})", hint="check the path") from None
     if stat.S_ISDIR(info.st_mode):
-        return _read_folder(location, source, progress, max_file_bytes)
+        return _read_folder(location, source, progress, cache_dir, max_file_bytes)
     if not stat.S_ISREG(info.st_mode):
         raise IngestError(source, "is not a regular file or folder", hint="pass a document file or a folder")
     if info.st_size > MAX_INPUT_BYTES:
@@ -79,14 +79,14 @@ def _read_path(path: str | Path, password: str | None, progress: Progress | None
         raise IngestError(source, "is empty (0 bytes)", hint="check that the file was saved or copied fully")
     kind = detect_kind(name, data, source)
     content_hash = hashlib.sha256(data).hexdigest()
-    cached = cache.load(cache_dir, content_hash, kind, source)
+    cached = cache.load(cache_dir, cache.file_key(content_hash, kind), source)
     if cached is not None:
         if progress:
             progress(source, 1, 1)
         return cached
     doc = _parse(kind, data, source, content_hash, password, progress)
     if not (kind == "pdf" and doc.meta.get("encrypted") and password):
-        cache.store(cache_dir, doc)  # never write the text of a password-protected PDF to disk
+        cache.store(cache_dir, cache.file_key(content_hash, kind), doc)  # never a protected PDF's text
     return doc
 
 
@@ -121,12 +121,27 @@ def _parse(kind: str, data: bytes, source: str, content_hash: str, password: str
     return doc
 
 
-def _read_folder(location: Path, source: str, progress: Progress | None,
+def _read_folder(location: Path, source: str, progress: Progress | None, cache_dir: Path | None,
                  max_file_bytes: int) -> Document:
     if not os.access(location, os.R_OK | os.X_OK):
         raise IngestError(source, "permission denied", hint="check the folder's permissions")
-    # Repositories are not cached: hashing every file costs about as much as reading it.
-    return read_repo(location, source, progress, max_file_bytes)
+    walked = walk_repo(location, max_file_bytes)
+    key = None
+    if cache_dir is not None:
+        try:
+            key = cache.repo_key(location, [(file.relative, file.absolute.stat()) for file in walked[0]],
+                                 walked[1], max_file_bytes)
+        except OSError:
+            key = None  # a file vanished during the walk: read afresh
+    cached = cache.load(cache_dir, key, source) if key else None
+    if cached is not None:
+        if progress:
+            progress(source, 1, 1)
+        return cached
+    doc = read_repo(location, source, progress, max_file_bytes, walked=walked)
+    if key:
+        cache.store(cache_dir, key, doc)
+    return doc
 
 
 def _read_bytes(location: Path, source: str) -> bytes:

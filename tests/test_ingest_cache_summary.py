@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import ingest.reader
+import ingest.repo
 from ingest import count_tokens, estimate_tokens, read_paths, render_prompt, summarize
 from ingest.synthetic_pdf import make_pdf
 
@@ -99,3 +100,28 @@ def test_token_estimate_counts_wide_characters_one_each():
     assert estimate_tokens("") == 0
     assert estimate_tokens("abcd" * 10) == 10
     assert estimate_tokens("日本語") == 3
+
+
+def test_unchanged_repository_is_served_from_the_cache_until_a_file_changes(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    root = tmp_path / "repo"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("x = 1\n")
+    (root / "README.md").write_text("# Repo\n")
+    first = read_paths([root], cache_dir=cache_dir)[0]
+    real_read_bytes = ingest.repo.Path.read_bytes
+    reads = []
+
+    def counting_read_bytes(self):
+        reads.append(self.name)
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(ingest.repo.Path, "read_bytes", counting_read_bytes)
+    again = read_paths([root], cache_dir=cache_dir)[0]
+    assert reads == [] and again.meta["cached"] and again.segments == first.segments
+    (root / "pkg" / "a.py").write_text("x = 22\n")  # size changes, so the fingerprint does
+    changed = read_paths([root], cache_dir=cache_dir)[0]
+    assert "a.py" in reads and changed.content_hash != first.content_hash
+    (root / ".gitignore").write_text("pkg/\n")
+    ignored = read_paths([root], cache_dir=cache_dir)[0]
+    assert [segment.path for segment in ignored.segments] == ["README.md", ".gitignore"]
