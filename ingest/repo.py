@@ -171,10 +171,9 @@ def _reading_rank(relative: str) -> int:
     return 2
 
 
-def read_repo(root: Path, source: str, progress: Progress | None = None, max_file_bytes: int = MAX_FILE_BYTES,
-              walked: tuple[list[RepoFile], list[Skipped]] | None = None) -> Document:
-    files, skipped = walked if walked is not None else walk_repo(root, max_file_bytes)
-    skipped = list(skipped)
+def read_repo(root: Path, source: str, progress: Progress | None = None,
+              max_file_bytes: int = MAX_FILE_BYTES) -> Document:
+    files, skipped = walk_repo(root, max_file_bytes)
     segments: list[Segment] = []
     digests: list[str] = []
     for done, file in enumerate(files, start=1):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
 import ingest.reader
-import ingest.repo
 from ingest import count_tokens, estimate_tokens, read_paths, render_prompt, summarize
 from ingest.synthetic_pdf import make_pdf
 
@@ -102,26 +102,25 @@ def test_token_estimate_counts_wide_characters_one_each():
     assert estimate_tokens("日本語") == 3
 
 
-def test_unchanged_repository_is_served_from_the_cache_until_a_file_changes(tmp_path, monkeypatch):
+
+def test_cache_evicts_least_recently_used_entries_past_its_cap(tmp_path):
+    from ingest import cache
+
     cache_dir = tmp_path / "cache"
-    root = tmp_path / "repo"
-    (root / "pkg").mkdir(parents=True)
-    (root / "pkg" / "a.py").write_text("x = 1\n")
-    (root / "README.md").write_text("# Repo\n")
-    first = read_paths([root], cache_dir=cache_dir)[0]
-    real_read_bytes = ingest.repo.Path.read_bytes
-    reads = []
-
-    def counting_read_bytes(self):
-        reads.append(self.name)
-        return real_read_bytes(self)
-
-    monkeypatch.setattr(ingest.repo.Path, "read_bytes", counting_read_bytes)
-    again = read_paths([root], cache_dir=cache_dir)[0]
-    assert reads == [] and again.meta["cached"] and again.segments == first.segments
-    (root / "pkg" / "a.py").write_text("x = 22\n")  # size changes, so the fingerprint does
-    changed = read_paths([root], cache_dir=cache_dir)[0]
-    assert "a.py" in reads and changed.content_hash != first.content_hash
-    (root / ".gitignore").write_text("pkg/\n")
-    ignored = read_paths([root], cache_dir=cache_dir)[0]
-    assert [segment.path for segment in ignored.segments] == ["README.md", ".gitignore"]
+    docs = []
+    for name in ("a", "b", "c"):
+        path = tmp_path / f"{name}.txt"
+        path.write_text(name * 1000)
+        docs.append(read_paths([path])[0])
+    for age, doc in enumerate(docs):
+        cache.store(cache_dir, cache.file_key(doc.content_hash, doc.kind), doc, max_bytes=10**9)
+        entry = next(p for p in (cache_dir / "ingest").glob("*.json") if p.name.startswith(doc.content_hash))
+        os.utime(entry, (1000 + age, 1000 + age))
+    one_entry = max(p.stat().st_size for p in (cache_dir / "ingest").glob("*.json"))
+    cache.load(cache_dir, cache.file_key(docs[0].content_hash, "text"), "a.txt")  # "a" is used again
+    fourth = tmp_path / "d.txt"
+    fourth.write_text("d" * 1000)
+    doc = read_paths([fourth])[0]
+    cache.store(cache_dir, cache.file_key(doc.content_hash, doc.kind), doc, max_bytes=2 * one_entry + 10)
+    kept = {p.name[:64] for p in (cache_dir / "ingest").glob("*.json")}
+    assert kept == {docs[0].content_hash, doc.content_hash}
