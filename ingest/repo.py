@@ -124,10 +124,27 @@ def _ignored(path: str, is_dir: bool, ignores: list[_Ignore]) -> bool:
         if ignore.base and not path.startswith(ignore.base + "/"):
             continue
         inner = path[len(ignore.base) + 1:] if ignore.base else path
-        result = ignore.spec.check_file(inner + "/" if is_dir else inner)
-        if result.include is not None:
-            decision = result.include
+        verdict = _folder_verdict(ignore.spec, inner + "/") if is_dir else ignore.spec.check_file(inner).include
+        if verdict is not None:
+            decision = verdict
     return bool(decision)
+
+
+def _folder_verdict(spec: pathspec.GitIgnoreSpec, folder: str) -> bool | None:
+    """Last matching pattern wins, as git decides for a folder. pathspec matches "sub/**" against
+    "sub/" itself, but in git that pattern means what is *inside* sub, so sub must still be entered
+    (a later "!*.md" can re-include files there)."""
+    verdict = None
+    for pattern in spec.patterns:
+        if pattern.include is None or pattern.regex is None:
+            continue
+        match = pattern.regex.match(folder)
+        if match is None:
+            continue
+        if match.end() == len(folder) and str(pattern.pattern).rstrip().endswith("/**"):
+            continue
+        verdict = pattern.include
+    return verdict
 
 
 def _symlink_problem(link: Path, root_real: Path) -> str | None:

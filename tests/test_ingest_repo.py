@@ -150,3 +150,11 @@ def test_git_info_exclude_is_honoured_and_a_git_file_is_not_read(tmp_path):
     worktree = _tree(tmp_path / "worktree", {"main.py": "x = 1\n", ".git": "gitdir: /elsewhere/.git\n"})
     assert [segment.path for segment in read_paths([root])[0].segments] == ["main.py"]
     assert [segment.path for segment in read_paths([worktree])[0].segments] == ["main.py"]
+
+
+def test_double_star_pattern_ignores_the_inside_of_a_folder_not_the_folder(tmp_path):
+    # Found by the git-agreement property: git re-includes sub/e.md here, so sub/ must be entered.
+    root = _tree(tmp_path / "repo", {".gitignore": "sub/**\n!*.md\n", "sub/e.md": "kept\n",
+                                     "sub/code.py": "x\n", "sub/deeper/f.md": "gone\n"})
+    files, _ = walk_repo(root)
+    assert {file.relative for file in files} == {".gitignore", "sub/e.md"}
