@@ -5,10 +5,12 @@
     find_passage(docs, "p.12").text
 """
 
-from .anchors import CITE_INSTRUCTION, extract_citations, find_passage, parse_anchor, render_prompt
+from .anchors import extract_citations, parse_anchor
 from .document import Document, Passage, Segment, Skipped
 from .errors import IngestError
+from .passages import find_passage
 from .reader import SUPPORTED, read_path, read_paths
+from .render import CITE_INSTRUCTION, render_prompt
 from .summary import IngestSummary, count_tokens, estimate_tokens, summarize
 
 __all__ = [

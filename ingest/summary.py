@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .anchors import render_prompt
 from .document import Document
+from .render import render_prompt
 
 Encode = Callable[[str], list[int]]
 # Defaults are placeholders for the CLI to replace with the loaded model's figures:

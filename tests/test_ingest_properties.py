@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest import Document, Segment, extract_citations, find_passage, read_paths, render_prompt
-from ingest.anchors import marker
+from ingest.render import marker
 from ingest.repo import walk_repo
 
 FILE_NAMES = ["a", "b.txt", "c.py", "d.log", "keep.log", "e.md"]
