@@ -1,0 +1,72 @@
+"""Attention kernels: every op is a PyTorch reference (the definition) plus, where written, a Triton kernel.
+
+The functions here dispatch: Triton on CUDA when a kernel exists, the reference elsewhere; `impl="ref"` or
+`impl="triton"` forces one (tests use both). Layout is one sequence, heads-first (see each reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.dense import dense_attention_impl
+from kernels.lightning.reference import lightning_attention_ref
+from kernels.sparse.params import SparseParams
+from kernels.sparse.reference import block_sparse_attention_ref, compress_keys_ref, select_blocks_ref
+
+__all__ = [
+    "SparseParams", "block_sparse_attention", "compress_keys", "dense_attention", "lightning_attention",
+    "select_blocks",
+]
+
+_TRITON: dict[str, object] = {}  # op name → Triton implementation, registered by kernels/*/triton_*.py
+
+
+def _pick(op: str, tensor: torch.Tensor, impl: str | None):
+    if impl == "ref":
+        return None
+    fast = _TRITON.get(op)
+    if impl == "triton":
+        if fast is None:
+            raise NotImplementedError(f"no Triton kernel for {op}")
+        return fast
+    return fast if (fast is not None and tensor.is_cuda) else None
+
+
+def lightning_attention(q, k, v, log_decay, scale: float, state=None, impl: str | None = None):
+    fast = _pick("lightning", q, impl)
+    if fast is not None:
+        return fast(q, k, v, log_decay, scale, state)
+    return lightning_attention_ref(q, k, v, log_decay, scale, state)
+
+
+def compress_keys(k, kernel: int, stride: int, impl: str | None = None):
+    return compress_keys_ref(k, kernel, stride)
+
+
+def select_blocks(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, impl: str | None = None):
+    fast = _pick("select_blocks", q, impl)
+    if fast is not None:
+        return fast(q, k1, k2, q_pos0, params, scale)
+    return select_blocks_ref(q, k1, k2, q_pos0, params, scale)
+
+
+def block_sparse_attention(q, k, v, idx, q_pos0: int, block_size: int, scale: float, impl: str | None = None):
+    fast = _pick("block_sparse_attention", q, impl)
+    if fast is not None:
+        return fast(q, k, v, idx, q_pos0, block_size, scale)
+    return block_sparse_attention_ref(q, k, v, idx, q_pos0, block_size, scale)
+
+
+def dense_attention(q, k, v, q_pos0: int, scale: float, impl: str | None = None):
+    return dense_attention_impl(q, k, v, q_pos0, scale)
+
+
+def _register_triton() -> None:
+    """The Triton kernels register themselves in _TRITON; without Triton (or its module) the references serve."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("kernels.triton_ops") is not None:
+        import kernels.triton_ops  # noqa: F401
+
+
+_register_triton()

@@ -1,0 +1,257 @@
+"""MiniCPM-SALA: a hybrid of Lightning (linear) attention layers and InfLLM-V2 sparse attention layers.
+
+`mixer_types` in config.json names each layer's kind: "minicpm4" = sparse softmax attention (GQA, no RoPE:
+HyPE leaves position to the linear layers), "lightning-attn" = Lightning attention (RoPE, q/k norm, a fixed
+per-head decay, output norm and gate). MiniCPM's muP: embeddings x scale_emb, each residual branch x
+scale_depth / sqrt(layers), hidden / (hidden_size / dim_model_base) before the LM head.
+docs/architecture.md has every formula.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.cache import ModelCache
+from engine.lightning_state import LightningState
+from engine.models.llama import MLP, RMSNorm, apply_rope, rope_cos_sin
+from engine.sparse_cache import SparseKVCache
+from kernels import SparseParams
+
+SPARSE_KINDS = {"minicpm4", "attention", "sparse"}
+LIGHTNING_KINDS = {"lightning-attn", "lightning", "lightning_attn"}
+
+
+@dataclass(frozen=True)
+class SalaArgs:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    mixer_types: tuple[str, ...]
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    lightning_nh: int = 0  # 0: num_attention_heads
+    lightning_nkv: int = 0  # 0: lightning_nh
+    lightning_head_dim: int = 0  # 0: head_dim
+    lightning_scale: str = "1/sqrt(d)"
+    lightning_use_rope: bool = True
+    attn_use_rope: bool = False
+    qk_norm: bool = True
+    use_output_norm: bool = True
+    use_output_gate: bool = True
+    attn_use_output_gate: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 524288
+    scale_emb: float = 1.0
+    scale_depth: float = 1.0
+    dim_model_base: int = 0  # 0: no logit scaling
+    tie_word_embeddings: bool = False
+    sparse: SparseParams = field(default_factory=SparseParams)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "SalaArgs":
+        if config.get("model_type") != "minicpm_sala":
+            raise ValueError(f"config model_type is {config.get('model_type')!r}, expected 'minicpm_sala'")
+        if config.get("rope_scaling"):
+            raise ValueError("rope_scaling in config.json is not supported for MiniCPM-SALA")
+        values = {f.name: config[f.name] for f in fields(cls) if f.name in config and f.name != "sparse"}
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                   and f.name not in values]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        kinds = tuple(values["mixer_types"])
+        unknown = sorted({k for k in kinds} - SPARSE_KINDS - LIGHTNING_KINDS)
+        if unknown:
+            raise ValueError(f"config.json mixer_types has unknown kinds {unknown}")
+        if len(kinds) != values["num_hidden_layers"]:
+            raise ValueError(f"config.json lists {len(kinds)} mixer_types for {values['num_hidden_layers']} layers")
+        values["mixer_types"] = kinds
+        head_dim = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
+        values["head_dim"] = head_dim
+        values["lightning_nh"] = values.get("lightning_nh") or values["num_attention_heads"]
+        values["lightning_nkv"] = values.get("lightning_nkv") or values["lightning_nh"]
+        values["lightning_head_dim"] = values.get("lightning_head_dim") or head_dim
+        values["sparse"] = SparseParams.from_sparse_config(config.get("sparse_config") or {})
+        return cls(**values)
+
+    @property
+    def residual_scale(self) -> float:
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.mixer_types[layer] in SPARSE_KINDS
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi's geometric slopes; for a head count that is not a power of two, the standard interleave."""
+    def power_of_two(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(heads).is_integer():
+        return power_of_two(heads)
+    closest = 2 ** math.floor(math.log2(heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: heads - closest]
+
+
+def lightning_scale(rule: str, head_dim: int) -> float:
+    return {"1/sqrt(d)": head_dim**-0.5, "1/d": 1.0 / head_dim}.get(rule, 1.0)
+
+
+class LightningAttention(nn.Module):
+    def __init__(self, args: SalaArgs):
+        super().__init__()
+        self.args = args
+        h, hkv, d = args.lightning_nh, args.lightning_nkv, args.lightning_head_dim
+        self.heads, self.kv_heads, self.head_dim = h, hkv, d
+        self.q_proj = nn.Linear(args.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, hkv * d, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, hkv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(d, args.rms_norm_eps)
+        if args.use_output_norm:
+            self.o_norm = RMSNorm(h * d, args.rms_norm_eps)
+        if args.use_output_gate:
+            self.z_proj = nn.Linear(args.hidden_size, h * d, bias=False)
+        # A fixed decay per head, the same in every layer: not a weight, so never in the checkpoint (and kept
+        # out of the module's buffers, which loading through the meta device would leave empty).
+        self.slopes = alibi_slopes(h)
+        self._log_decay: dict[torch.device, torch.Tensor] = {}
+        self.scale = lightning_scale(args.lightning_scale, d)
+
+    def log_decay(self, device: torch.device) -> torch.Tensor:
+        if device not in self._log_decay:
+            self._log_decay[device] = -torch.tensor(self.slopes, dtype=torch.float32, device=device)
+        return self._log_decay[device]
+
+    def forward(self, x, cos, sin, state: LightningState) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        if self.args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if self.args.lightning_use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = state.step(q, k, v, self.log_decay(x.device), self.scale)  # fp32 [H, T, D]
+        out = out.to(x.dtype).transpose(0, 1).reshape(t, -1)
+        if self.args.use_output_norm:
+            out = self.o_norm(out)
+        if self.args.use_output_gate:
+            out = out * torch.sigmoid(self.z_proj(x))
+        return self.o_proj(out)
+
+
+class SparseAttention(nn.Module):
+    """GQA softmax attention whose cache (SparseKVCache) switches to InfLLM-V2 past dense_len."""
+
+    def __init__(self, args: SalaArgs):
+        super().__init__()
+        self.args = args
+        self.heads, self.kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = args.hidden_size // args.num_attention_heads
+        d = self.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, self.heads * d, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.heads * d, args.hidden_size, bias=False)
+        if args.attn_use_output_gate:
+            self.o_gate = nn.Linear(args.hidden_size, self.heads * d, bias=False)
+
+    def forward(self, x, cos, sin, cache: SparseKVCache, pos0: int) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(t, self.heads, d).transpose(0, 1)
+        k = self.k_proj(x).view(t, self.kv_heads, d).transpose(0, 1)
+        v = self.v_proj(x).view(t, self.kv_heads, d).transpose(0, 1)
+        if self.args.attn_use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = cache.attend(q, k, v, pos0, d**-0.5).transpose(0, 1).reshape(t, -1)
+        if self.args.attn_use_output_gate:
+            out = out * torch.sigmoid(self.o_gate(x))
+        return self.o_proj(out)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: SalaArgs, index: int):
+        super().__init__()
+        self.sparse = args.is_sparse(index)
+        self.residual_scale = args.residual_scale
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = SparseAttention(args) if self.sparse else LightningAttention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, h, rope, cache, pos0: int):
+        x = self.input_layernorm(h)
+        if self.sparse:
+            mixed = self.self_attn(x, *rope["sparse"], cache, pos0)
+        else:
+            mixed = self.self_attn(x, *rope["lightning"], cache)
+        h = h + mixed * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+
+
+class SalaModel(nn.Module):
+    def __init__(self, args: SalaArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class SalaForCausalLM(nn.Module):
+    def __init__(self, args: SalaArgs):
+        super().__init__()
+        self.args = args
+        self.model = SalaModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self) -> ModelCache:
+        a = self.args
+        p = self.model.embed_tokens.weight
+        layers = []
+        for i in range(a.num_hidden_layers):
+            if a.is_sparse(i):
+                layers.append(SparseKVCache(a.num_key_value_heads, a.hidden_size // a.num_attention_heads,
+                                            a.sparse, p.dtype, p.device))
+            else:
+                layers.append(LightningState(a.lightning_nh, a.lightning_head_dim, p.device))
+        return ModelCache(layers=layers)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        a = self.args
+        pos0 = cache.position
+        positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
+        rope = {
+            "lightning": rope_cos_sin(positions, a.lightning_head_dim, a.rope_theta),
+            "sparse": rope_cos_sin(positions, a.hidden_size // a.num_attention_heads, a.rope_theta),
+        }
+        h = self.model.embed_tokens(ids) * a.scale_emb
+        for layer, layer_cache in zip(self.model.layers, cache.layers):
+            h = layer(h, rope, layer_cache, pos0)
+        cache.position = pos0 + ids.shape[0]
+        h = self.model.norm(h)
+        if a.dim_model_base:
+            h = h / (a.hidden_size / a.dim_model_base)
+        return self.lm_head(h).float()
+
+
+def load_sala(checkpoint, device: torch.device, dtype: torch.dtype) -> SalaForCausalLM:
+    """Build the model from an HFCheckpoint. The checkpoint's names are the module names (one table: identity)."""
+    from engine.loader import _build
+
+    args = SalaArgs.from_config(checkpoint.config)
+    return _build(SalaForCausalLM, args, checkpoint.load_tensors(), device, dtype, str(checkpoint.folder))
