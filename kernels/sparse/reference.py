@@ -93,6 +93,8 @@ def block_sparse_attention_ref(q, k, v, idx, q_pos0: int, block_size: int, scale
     heads, t, d = q.shape
     kv_heads, length, _ = k.shape
     group = heads // kv_heads
+    used = int((idx >= 0).sum(-1).max()) if idx.numel() else 0  # selections are packed: ids first, then -1
+    idx = idx[..., : max(used, 1)]
     slots = idx.shape[-1] * block_size
     out = torch.empty_like(q)
     offsets = torch.arange(block_size, device=q.device)
