@@ -98,8 +98,9 @@ def block_sparse_attention_ref(q, k, v, idx, q_pos0: int, block_size: int, scale
     slots = idx.shape[-1] * block_size
     out = torch.empty_like(q)
     offsets = torch.arange(block_size, device=q.device)
-    # bound the gathered keys to ~64 MB per tile
-    tile = max(1, (64 << 20) // max(1, kv_heads * slots * d * 4))
+    # bound the gathered keys per tile: 64 MB on the CPU, 1 GB on a GPU (fewer, larger launches)
+    budget = (1 << 30) if q.is_cuda else (64 << 20)
+    tile = max(1, budget // max(1, kv_heads * slots * d * 4))
     for begin in range(0, t, tile):
         sel = idx[:, begin : begin + tile].long()  # [Hkv, n, K]
         n = sel.shape[1]
