@@ -44,16 +44,28 @@ DENSE_9B = {  # MiniCPM4-8B-shaped full-attention Transformer: same width, depth
 }
 
 
+def shrink(config: dict) -> dict:
+    """A CPU-sized version of a config, for a smoke test of this script (--smoke)."""
+    small = {**config, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "head_dim": 32,
+             "vocab_size": 512, "lightning_nh": 4, "lightning_nkv": 4, "lightning_head_dim": 32}
+    if "sparse_config" in config:
+        small["sparse_config"] = {**config["sparse_config"], "dense_len": 256, "window_size": 128, "topk": 4}
+    return small
+
+
+SMOKE = False
+
+
 def build(name: str, device: str):
     torch.manual_seed(0)
     if name == "dense":
         from engine.models.llama import LlamaArgs, LlamaForCausalLM
 
-        args, cls = LlamaArgs.from_config(DENSE_9B), LlamaForCausalLM
+        args, cls = LlamaArgs.from_config(shrink(DENSE_9B) if SMOKE else DENSE_9B), LlamaForCausalLM
     else:
         from engine.models.sala import SalaArgs, SalaForCausalLM
 
-        config = copy.deepcopy(SALA_9B)
+        config = copy.deepcopy(shrink(SALA_9B) if SMOKE else SALA_9B)
         if name == "sala-dense":
             config["sparse_config"]["dense_len"] = 1 << 40  # every query takes the dense path
         args, cls = SalaArgs.from_config(config), SalaForCausalLM
@@ -70,17 +82,22 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth(device: str) -> float:
     """Bytes/s of a device-to-device copy, counting bytes read and written."""
-    src = torch.empty(1 << 31, dtype=torch.uint8, device=device)
+    src = torch.empty(1 << (31 if device == "cuda" else 27), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    torch.cuda.synchronize()
+    sync(device)
     t = time.perf_counter()
     for _ in range(10):
         dst.copy_(src)
-    torch.cuda.synchronize()
+    sync(device)
     bw = 2 * src.numel() * 10 / (time.perf_counter() - t)
     del src, dst
     return bw
@@ -95,9 +112,11 @@ def cache_read_bytes_per_token(cache) -> int:
 def run_one(model, context: int, chunk: int, decode_tokens: int, time_cap: float, device: str) -> dict:
     from engine.generate import Cancelled, prefill
 
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     cache = model.new_cache()
-    ids = torch.randint(100, 70000, (context,), device=device)
+    vocab = model.model.embed_tokens.num_embeddings
+    ids = torch.randint(vocab // 100, vocab - 1, (context,), device=device)
     start = time.perf_counter()
 
     def too_slow() -> bool:
@@ -105,29 +124,30 @@ def run_one(model, context: int, chunk: int, decode_tokens: int, time_cap: float
 
     try:
         logits = prefill(model, ids, cache, chunk_size=chunk, should_stop=too_slow)
-        torch.cuda.synchronize()
+        sync(device)
     except Cancelled:
         return {"status": f"over time cap ({time_cap:.0f} s) after {cache.position} tokens",
                 "prefill_tokens_done": cache.position, "seconds_so_far": time.perf_counter() - start}
     except torch.OutOfMemoryError:
+        del cache
         return {"status": "out of memory in prefill"}
     prefill_s = time.perf_counter() - start
     token = logits.argmax().view(1)
     try:
         for _ in range(3):  # warm-up steps
             token = model(token, cache)[-1].argmax().view(1)
-        torch.cuda.synchronize()
+        sync(device)
         t = time.perf_counter()
         for _ in range(decode_tokens):
             token = model(token, cache)[-1].argmax().view(1)
-        torch.cuda.synchronize()
+        sync(device)
         decode_ms = (time.perf_counter() - t) / decode_tokens * 1000
     except torch.OutOfMemoryError:
         return {"status": "out of memory in decode", "prefill_seconds": prefill_s}
     result = {
         "status": "ok", "prefill_seconds": prefill_s, "prefill_tokens_per_second": context / prefill_s,
         "decode_ms_per_token": decode_ms, "prefill_plus_decode_seconds": prefill_s + decode_ms * decode_tokens / 1000,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "state_bytes": cache_read_bytes_per_token(cache),
     }
     del cache
@@ -144,9 +164,13 @@ def main() -> None:
     parser.add_argument("--quant", default=None, help="also measure the sala model quantised (nf4|int8)")
     parser.add_argument("--quant-context", type=int, default=32768)
     parser.add_argument("--out", default="bench/results/e2e.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script runs")
     args = parser.parse_args()
-    device = "cuda"
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "chunk": args.chunk,
+    global SMOKE
+    SMOKE = args.smoke
+    device = "cpu" if args.smoke else "cuda"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke test)"
+    report = {"device": name, "torch": torch.__version__, "chunk": args.chunk,
               "decode_tokens": args.decode_tokens, "time_cap_seconds": args.time_cap, "runs": {}}
     report["copy_bandwidth_bytes_per_second"] = bw = copy_bandwidth(device)
     print(f"{report['device']}: device-to-device copy {bw / 1e12:.2f} TB/s")
@@ -172,7 +196,8 @@ def main() -> None:
             print(name, context, json.dumps(r), flush=True)
             out.write_text(json.dumps(report, indent=2))
             gc.collect()
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         if args.quant and name == "sala":
             from engine.quant import quantize_linears
 
@@ -184,7 +209,8 @@ def main() -> None:
             print(f"sala-{args.quant}", args.quant_context, json.dumps(r), flush=True)
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         out.write_text(json.dumps(report, indent=2))
     print_table(report)
 
@@ -194,8 +220,9 @@ def print_table(report: dict) -> None:
     for name, run in report["runs"].items():
         for context, r in run["contexts"].items():
             if r["status"] == "ok":
+                peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
                 print(f"{name:<12} {int(context):>9} {r['prefill_seconds']:>10.1f} {r['prefill_tokens_per_second']:>9.0f} "
-                      f"{r['decode_ms_per_token']:>10.2f} {r.get('decode_ratio_to_bound', 0):>8.2f} {r['peak_memory_gib']:>9.1f}  ok")
+                      f"{r['decode_ms_per_token']:>10.2f} {r.get('decode_ratio_to_bound', 0):>8.2f} {peak:>9}  ok")
             else:
                 print(f"{name:<12} {int(context):>9} {'-':>10} {'-':>9} {'-':>10} {'-':>8} {'-':>9}  {r['status']}")
 
