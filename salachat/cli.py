@@ -122,7 +122,7 @@ def ask(
             "session": session,
             "model": loaded.model_id,
             "documents": documents.summary(),
-            "document_tokens": conversation.turns and conversation.cache.position - stats.prompt_tokens - stats.generated_tokens,
+            "document_tokens": conversation.document_tokens,
             "read_seconds": round(read_seconds, 4),
             **stats.to_dict(),
         }, ensure_ascii=False))

@@ -50,6 +50,7 @@ class Conversation:
         self.turns: list[Turn] = []
         self.fed_text = ""
         self.pending_ids: list[int] = []  # tokens of the reading that are not yet in the cache
+        self.document_tokens = 0  # system prompt + documents, as read
 
     @property
     def tokens_in_context(self) -> int:
@@ -101,6 +102,7 @@ class Conversation:
         full = self.tokenizer.apply_chat_template(self._messages(_QUESTION_SLOT), add_generation_prompt=True)
         reading_text = full[: full.index(_QUESTION_SLOT)]
         self.pending_ids = self.tokenizer.encode(reading_text, add_bos=True)
+        self.document_tokens = len(self.pending_ids)
         self._check_room(len(self.pending_ids))
         self._reading_text = reading_text
         return len(self.pending_ids)
