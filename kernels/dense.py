@@ -37,6 +37,9 @@ def _flash_prefix_and_chunk(q, k, v, pos0: int, scale: float) -> torch.Tensor:
     kv_heads = k.shape[0]
     group = heads // kv_heads
     grouped_q = q.reshape(kv_heads, group * t, d)
+    if t == 1:  # decode: every cached key is visible, one call with the group's heads as rows
+        out, _ = _flash(grouped_q, k, v, False, scale)
+        return out.reshape(heads, t, d)
     if pos0 == 0:
         o2, _ = _flash(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), True, scale)
         return o2
