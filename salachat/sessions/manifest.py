@@ -1,0 +1,84 @@
+"""The manifest: one JSON file per session, the commit point of every save.
+
+It names every file of the session with its sha256, so a save is visible only once its manifest is renamed
+into place, and a load can prove that each byte it uses is the byte that was saved. The manifest carries
+its own checksum too: a flipped byte anywhere is caught, never turned into a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from salachat.sessions.atomic import sha256_file, write_atomic
+
+FORMAT = "salachat-session"
+VERSION = 1
+MANIFEST = "manifest.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class SessionError(Exception):
+    """One line for the user: what is wrong with the session, and what to do next."""
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise SessionError(f"session name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _checksum(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def write_manifest(folder: Path, body: dict) -> None:
+    body = {k: v for k, v in body.items() if k != "checksum"}
+    text = json.dumps({**body, "checksum": _checksum(body)}, ensure_ascii=False, indent=1)
+    write_atomic(folder / MANIFEST, [text.encode()])
+
+
+def read_manifest(folder: Path) -> dict:
+    """The verified manifest of the session in `folder` (its own checksum and format, not yet its files)."""
+    name = folder.name
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise SessionError(f"no session named {name!r}: `salachat sessions list` shows the saved ones")
+    if not path.is_file():
+        raise SessionError(f"{folder} is not a salachat session (no {MANIFEST}): remove it with "
+                           f"`salachat sessions rm {name}`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise SessionError(f"session {name!r} is damaged (unreadable manifest): remove it with "
+                           f"`salachat sessions rm {name}` and read the documents again") from None
+    if manifest.get("format") != FORMAT:
+        raise SessionError(f"{folder} is not a salachat session")
+    if manifest.get("version") != VERSION:
+        raise SessionError(f"session {name!r} was saved in format version {manifest.get('version')}, this "
+                           f"salachat reads version {VERSION}: use the salachat that saved it or read again")
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    if manifest.get("checksum") != _checksum(body):
+        raise SessionError(f"session {name!r} is damaged (manifest checksum mismatch): remove it with "
+                           f"`salachat sessions rm {name}` and read the documents again")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest names is present, of the right size and sha256."""
+    for filename, info in manifest["files"].items():
+        path = folder / filename
+        problem = None
+        if not path.is_file():
+            problem = f"{filename} is missing"
+        elif path.stat().st_size != info["bytes"]:
+            problem = f"{filename} has {path.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
+        elif sha256_file(path)[0] != info["sha256"]:
+            problem = f"{filename} fails its checksum"
+        if problem:
+            raise SessionError(f"session {folder.name!r} is damaged ({problem}): remove it with "
+                               f"`salachat sessions rm {folder.name}` and read the documents again")
