@@ -89,31 +89,30 @@ def select_blocks_ref(q, k1, k2, q_pos0: int, params: SparseParams, scale: float
 
 
 def block_sparse_attention_ref(q, k, v, idx, q_pos0: int, block_size: int, scale: float) -> torch.Tensor:
-    """Exact softmax attention of each query over the tokens t <= p of its group's selected blocks."""
+    """Exact softmax attention of each query over the tokens t <= p of its group's selected blocks.
+
+    Written as masked dense attention over a tile of queries (the mask built from the selection): the cost of
+    dense attention, but plain matrix products, which on a CPU beat gathering each query's blocks.
+    """
     heads, t, d = q.shape
     kv_heads, length, _ = k.shape
     group = heads // kv_heads
-    used = int((idx >= 0).sum(-1).max()) if idx.numel() else 0  # selections are packed: ids first, then -1
-    idx = idx[..., : max(used, 1)]
-    slots = idx.shape[-1] * block_size
+    n_blocks = -(-length // block_size)
     out = torch.empty_like(q)
-    offsets = torch.arange(block_size, device=q.device)
-    # bound the gathered keys per tile: 64 MB on the CPU, 1 GB on a GPU (fewer, larger launches)
-    budget = (1 << 30) if q.is_cuda else (64 << 20)
-    tile = max(1, budget // max(1, kv_heads * slots * d * 4))
+    kf, vf = k.float(), v.float()
+    budget = (1 << 30) if q.is_cuda else (128 << 20)  # bytes of scores per tile
+    tile = max(1, budget // max(1, heads * length * 4))
     for begin in range(0, t, tile):
         sel = idx[:, begin : begin + tile].long()  # [Hkv, n, K]
         n = sel.shape[1]
         pos = torch.arange(q_pos0 + begin, q_pos0 + begin + n, device=q.device)
-        tokens = (sel.clamp(min=0)[..., None] * block_size + offsets).reshape(kv_heads, n, slots)
-        valid = (sel[..., None] >= 0).expand(-1, -1, -1, block_size).reshape(kv_heads, n, slots)
-        valid &= tokens <= pos[None, :, None]
-        flat = tokens.clamp(max=length - 1).reshape(kv_heads, n * slots, 1).expand(-1, -1, d)
-        ks = torch.gather(k, 1, flat).reshape(kv_heads, n, slots, d).float()
-        vs = torch.gather(v, 1, flat).reshape(kv_heads, n, slots, d).float()
+        chosen = torch.zeros(kv_heads, n, n_blocks + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(2, torch.where(sel >= 0, sel, n_blocks), True)  # -1 lands in a spare column
+        mask = chosen[..., :n_blocks].repeat_interleave(block_size, dim=2)[..., :length]
+        mask &= torch.arange(length, device=q.device)[None, None, :] <= pos[None, :, None]
         qt = q[:, begin : begin + n].float().reshape(kv_heads, group, n, d)
-        scores = torch.einsum("hgtd,htkd->hgtk", qt, ks) * scale
-        weights = torch.softmax(scores.masked_fill(~valid[:, None], NEG_INF), dim=-1)
-        o = torch.einsum("hgtk,htkd->hgtd", weights, vs)
+        scores = torch.einsum("hgtd,hld->hgtl", qt, kf) * scale
+        weights = torch.softmax(scores.masked_fill(~mask[:, None], NEG_INF), dim=-1)
+        o = torch.einsum("hgtl,hld->hgtd", weights, vf)
         out[:, begin : begin + n] = o.reshape(heads, n, d).to(q.dtype)
     return out
