@@ -3,8 +3,15 @@
 from salachat.sessions.checkpoint import Checkpointer
 from salachat.sessions.manifest import SessionError, check_name, read_manifest
 from salachat.sessions.store import (
-    SessionWriter, list_sessions, load_conversation, remove_session, session_folder,
+    SessionSaveError,
+    SessionWriter,
+    list_sessions,
+    load_conversation,
+    remove_session,
+    session_folder,
 )
 
-__all__ = ["Checkpointer", "SessionError", "SessionWriter", "check_name", "list_sessions", "load_conversation",
-           "read_manifest", "remove_session", "session_folder"]
+__all__ = [
+    "Checkpointer", "SessionError", "SessionSaveError", "SessionWriter", "check_name", "list_sessions",
+    "load_conversation", "read_manifest", "remove_session", "session_folder",
+]

@@ -49,13 +49,14 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise SessionError(f"{folder} is not a salachat session (no {MANIFEST}): remove it with "
                            f"`salachat sessions rm {name}`")
+    damaged = SessionError(f"session {name!r} is damaged (unreadable manifest): remove it with "
+                           f"`salachat sessions rm {name}` and read the documents again")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict):
-            raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError):
-        raise SessionError(f"session {name!r} is damaged (unreadable manifest): remove it with "
-                           f"`salachat sessions rm {name}` and read the documents again") from None
+        raise damaged from None
+    if not isinstance(manifest, dict):
+        raise damaged
     if manifest.get("format") != FORMAT:
         raise SessionError(f"{folder} is not a salachat session")
     if manifest.get("version") != VERSION:

@@ -22,7 +22,14 @@ import torch
 from engine.cache import CACHE_KINDS, ModelCache
 from salachat.sessions.atomic import TMP_SUFFIX, write_atomic
 from salachat.sessions.manifest import (
-    FORMAT, MANIFEST, VERSION, SessionError, check_name, read_manifest, verify_files, write_manifest,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    SessionError,
+    check_name,
+    read_manifest,
+    verify_files,
+    write_manifest,
 )
 from salachat.sessions.safetensors_io import load_tensors_mmap, save_tensors
 from salachat.sessions.tensor_log import append_axes, assemble, plan_save
@@ -38,6 +45,10 @@ def _ids_hash(ids: list[int]) -> str:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class SessionSaveError(SessionError):
+    """A save failed (full disk, permissions); the session still holds its previous save."""
 
 
 class SessionWriter:
@@ -57,6 +68,15 @@ class SessionWriter:
 
     def save(self, conversation) -> dict:
         """Write what changed since the last save; the manifest rename makes it the session's state."""
+        try:
+            return self._save(conversation)
+        except OSError as e:
+            self._remove_unreferenced()
+            kept = f"its last save ({self.manifest['tokens']:,} tokens) is kept" if self.manifest else "nothing was kept"
+            raise SessionSaveError(f"could not save session {self.folder.name!r} ({e.strerror or e}); {kept}: "
+                                   f"free space in {self.folder.parent} and run the command again") from None
+
+    def _save(self, conversation) -> dict:
         t0 = time.perf_counter()
         loaded = conversation.loaded
         previous = self.manifest or {}
