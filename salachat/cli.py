@@ -97,13 +97,20 @@ def ask(
 
     documents = load_documents(paths, password=password)
     loaded = _load(model, device, quant, sparse)
-    conversation = Conversation(loaded)
-    try:
-        conversation.set_documents(documents.prompt_text)
-    except ContextTooLong as e:
-        raise UserError(str(e), errors.BAD_INPUT) from None
+    writer = None
+    if session:  # saved as it reads (checkpoints), and after the answer; an existing session continues
+        conversation, writer = cli_sessions.conversation_for_ask(session, documents, loaded)
+    else:
+        conversation = Conversation(loaded)
+        try:
+            conversation.set_documents(documents.prompt_text)
+        except ContextTooLong as e:
+            raise UserError(str(e), errors.BAD_INPUT) from None
     t0 = time.perf_counter()
-    _read_with_progress(conversation, quiet=as_json)
+    if writer is not None:
+        cli_sessions.read_with_checkpoints(conversation, writer, quiet=as_json)
+    else:
+        _read_with_progress(conversation, quiet=as_json)
     read_seconds = time.perf_counter() - t0
     stats = Stats()
     sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
@@ -116,6 +123,8 @@ def ask(
     except ContextTooLong as e:
         raise UserError(str(e), errors.BAD_INPUT) from None
     answer = "".join(pieces)
+    if writer is not None:
+        cli_sessions.save(writer, conversation)
     if as_json:
         print(json.dumps({
             "answer": answer,
@@ -209,6 +218,11 @@ def models_pull(name: Annotated[str, typer.Argument(help="Model name, e.g. smoll
         registry.pull(name, log=lambda message: err.print(message))
     except registry.ModelNotInstalled as e:
         raise UserError(str(e), errors.NO_MODEL) from None
+
+
+from salachat import cli_sessions  # registers `sessions` and `resume` on the app above
+
+cli_sessions.register(app)
 
 
 def main() -> None:
