@@ -64,6 +64,12 @@ def read_with_checkpoints(conversation, writer, quiet: bool) -> None:
         writer.save(conversation)
     except SessionError as e:
         raise _user_error(e) from None
+    except KeyboardInterrupt:
+        # The cache may be mid-chunk: keep the last checkpoint rather than save it. (Raised as a UserError
+        # because Typer turns a bare KeyboardInterrupt into a silent return in non-standalone mode.)
+        kept = writer.manifest["tokens"] if writer.manifest else 0
+        raise UserError(f"stopped; session {writer.folder.name!r} keeps {kept:,} tokens read: "
+                        f"`salachat resume {writer.folder.name}` continues the reading", errors.INTERRUPTED) from None
 
 
 def conversation_for_ask(name: str, documents, loaded):
