@@ -1,0 +1,191 @@
+"""Session save/load speed, checkpoint overhead, and resume time against re-reading, for N tokens.
+
+Default: the default model on the CPU in fp32. With `--device cuda --config sala9b` a random-weight 9B
+MiniCPM-SALA (bench/e2e.py's SALA_9B, bf16) is built on the GPU, so the lead can measure a GPU-sized state.
+Tokens are random ids (speed does not depend on the text). Measured, in one run:
+  read        reading N tokens in 512-token chunks, no checkpoints (the re-read a session saves)
+  read+ckpt   the same with the measured checkpoint policy (salachat.sessions.Checkpointer): overhead, N/save
+  save        a full save of the state to a fresh session folder (fsync'd), GB/s
+  save+512    an incremental save after 512 more tokens (only the KV tail is written)
+  load        load_conversation with checksums verified (what `salachat resume` does), and without
+  resume      load vs read: how much sooner a resumed session can answer
+
+    .venv/bin/python bench/sessions_bench.py --tokens 4096
+    python bench/sessions_bench.py --device cuda --config sala9b --tokens 131072 --out bench/results/sessions_sala9b_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from engine.loader import LoadedModel, load_model
+from salachat.conversation import Conversation
+from salachat.sessions import Checkpointer, SessionWriter, load_conversation
+
+
+def build_loaded(config: str, device: str, model: str | None) -> LoadedModel:
+    if config == "default":
+        return load_model(model, device=device, dtype=torch.float32 if device == "cpu" else None)
+    from e2e import SALA_9B, shrink
+
+    from engine.models.sala import SalaArgs, SalaForCausalLM
+
+    cfg = copy.deepcopy(shrink(SALA_9B) if config == "sala9b-smoke" else SALA_9B)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        net = SalaForCausalLM(SalaArgs.from_config(cfg)).to(dtype)
+    with torch.no_grad():  # small random weights keep activations finite through 32 layers
+        for p in net.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    return LoadedModel(net.eval(), None, f"random-{config}", f"random-{config}-seed0", "minicpm_sala",
+                       torch.device(device), dtype)
+
+
+def queued(loaded: LoadedModel, tokens: int, seed: int = 0) -> Conversation:
+    """A conversation with N random token ids queued for reading (no tokenizer needed)."""
+    conversation = Conversation(loaded, system_prompt="", chunk_size=512)
+    vocab = loaded.model.model.embed_tokens.num_embeddings
+    generator = torch.Generator().manual_seed(seed)
+    conversation.pending_ids = torch.randint(10, vocab - 1, (tokens,), generator=generator).tolist()
+    conversation.document_tokens = tokens
+    conversation._reading_text = ""
+    return conversation
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    sync(device)
+    t = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t
+
+
+def state_bytes(conversation) -> int:
+    tensors, _ = conversation.cache.state()
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", default="default", choices=["default", "sala9b", "sala9b-smoke"])
+    parser.add_argument("--model", default=None, help="with --config default: the model (default smollm2)")
+    parser.add_argument("--dir", default=None, help="where to write the session (default: a temp folder)")
+    parser.add_argument("--skip-checkpointed", action="store_true", help="do not time a second, checkpointed read")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = args.device
+    loaded = build_loaded(args.config, device, args.model)
+    work = Path(tempfile.mkdtemp(prefix="sessions-bench-", dir=args.dir))
+    try:
+        results = run(loaded, args, device, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"sessions_{args.config}_{device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def run(loaded, args, device: str, work: Path) -> dict:
+    n = args.tokens
+    conversation = queued(loaded, n)
+    _, read_s = timed(conversation.read, device)
+    size = state_bytes(conversation)
+
+    checkpointed = None
+    if not args.skip_checkpointed:
+        again = queued(loaded, n)
+        writer = SessionWriter(work / "ckpt", documents=[])
+        checkpointer = Checkpointer(writer.save)
+        _, ckpt_read_s = timed(lambda: again.read(on_chunk=checkpointer), device)
+        checkpointed = {"seconds": ckpt_read_s, "saves": checkpointer.saves, "save_seconds": checkpointer.save_seconds,
+                        "overhead_fraction": checkpointer.save_seconds / max(ckpt_read_s - checkpointer.save_seconds, 1e-9),
+                        "tokens_between_saves": checkpointer.intervals}
+        del again
+
+    writer = SessionWriter(work / "full", documents=[])
+    _, save_s = timed(lambda: writer.save(conversation), device)
+    disk = sum(f["bytes"] for f in writer.manifest["files"].values())
+    more = queued(loaded, 512, seed=1).pending_ids
+    conversation.pending_ids = more
+    conversation.read()
+    _, incr_s = timed(lambda: writer.save(conversation), device)
+    incr_bytes = writer.last_save_bytes
+    loaded_back, load_s = timed(lambda: load_conversation(work / "full", loaded), device)
+    del loaded_back
+    _, load_noverify_s = timed(lambda: load_conversation(work / "full", loaded, verify=False), device)
+    probe = torch.tensor([11, 12, 13], device=device)
+    resumed, _ = load_conversation(work / "full", loaded)
+    exact = torch.equal(loaded.model(probe, resumed.cache), loaded.model(probe, conversation.cache))
+
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
+        "model": loaded.model_id, "config": args.config, "device": device, "dtype": str(loaded.dtype),
+        "tokens": n, "state_bytes": size, "disk_bytes": disk,
+        "read_seconds": read_s, "read_tokens_per_second": n / read_s,
+        "checkpointed_read": checkpointed,
+        "save_seconds": save_s, "save_GBps": disk / save_s / 1e9,
+        "incremental_save_512_seconds": incr_s, "incremental_save_512_bytes": incr_bytes,
+        "load_verified_seconds": load_s, "load_verified_GBps": disk / load_s / 1e9,
+        "load_unverified_seconds": load_noverify_s, "load_unverified_GBps": disk / load_noverify_s / 1e9,
+        "resume_speedup_vs_reread": read_s / load_s,
+        "resumed_logits_bit_exact": exact,
+    }
+    print_table(results)
+    return results
+
+
+def print_table(r: dict) -> None:
+    rows = [
+        ("tokens", f"{r['tokens']:,}"),
+        ("state on disk", f"{r['disk_bytes'] / 2**20:,.1f} MiB"),
+        ("read (no checkpoints)", f"{r['read_seconds']:.2f} s  ({r['read_tokens_per_second']:,.0f} tok/s)"),
+    ]
+    if r["checkpointed_read"]:
+        c = r["checkpointed_read"]
+        gaps = c["tokens_between_saves"][1:] or c["tokens_between_saves"]  # the first save comes after one chunk
+        every = f"{min(gaps):,}-{max(gaps):,}" if gaps else "-"
+        rows.append(("read + checkpoints", (f"{c['seconds']:.2f} s  ({c['saves']} saves, "
+                     f"{100 * c['overhead_fraction']:.1f}% overhead, every {every} tokens)")))
+    rows += [
+        ("full save", f"{r['save_seconds']:.3f} s  ({r['save_GBps']:.2f} GB/s)"),
+        ("save after 512 more", (f"{r['incremental_save_512_seconds']:.3f} s  "
+                                 f"({r['incremental_save_512_bytes'] / 2**20:.1f} MiB written)")),
+        ("load, checksums", f"{r['load_verified_seconds']:.3f} s  ({r['load_verified_GBps']:.2f} GB/s)"),
+        ("load, no checksums", f"{r['load_unverified_seconds']:.3f} s  ({r['load_unverified_GBps']:.2f} GB/s)"),
+        ("resume vs re-read", f"{r['resume_speedup_vs_reread']:,.0f}x sooner"),
+        ("resumed logits bit-exact", str(r["resumed_logits_bit_exact"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"{r['model']} on {r['device']} ({r['dtype']})")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
