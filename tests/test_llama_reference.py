@@ -122,3 +122,28 @@ def test_gguf_types_dequantise_and_unpermute_to_the_reference_network(tmp_path, 
         expected = reference(ids[None]).logits[0]
     ours = loaded.model(ids, loaded.new_cache())
     assert (ours - expected).abs().max().item() < 1e-4
+
+
+def test_hf_folder_llama_equals_transformers(tmp_path):
+    """A Llama checkpoint saved by transformers (config.json + safetensors) loads and computes the same."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from sala_tiny import _write_tokenizer
+
+    from engine.loader import load_model
+
+    config = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    _write_tokenizer(tmp_path, 320)
+    loaded = load_model(str(tmp_path), device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 320, (90,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    assert (loaded.model(ids, loaded.new_cache()) - expected).abs().max().item() < 1e-4
+    assert loaded.family == "llama" and loaded.tokenizer.chat_template
