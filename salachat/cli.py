@@ -139,8 +139,10 @@ def ask(
         out.print()
         from salachat.documents import cited_passages
 
-        for anchor, source in cited_passages(documents, answer):
-            err.print(f"[dim]cited {anchor}: {source}[/]")
+        for passage in cited_passages(documents, answer):
+            excerpt = " ".join(passage.text.split())
+            excerpt = excerpt[:240] + ("…" if len(excerpt) > 240 else "")
+            err.print(f"[dim]── {passage.source}[/]\n[dim]{excerpt}[/]", markup=True)
 
 
 @app.command()

@@ -43,13 +43,13 @@ def load_documents(paths: list[Path], password: str | None = None, progress=None
     return Documents(docs, text)
 
 
-def cited_passages(documents: Documents, answer: str) -> list[tuple[str, str]]:
-    """(anchor, where it is) for each anchor the answer cites that exists in the documents."""
+def cited_passages(documents: Documents, answer: str) -> list:
+    """The passages (ingest.Passage: .anchor, .source, .text) that the answer cites and the documents hold."""
     import ingest
 
     found = []
     for anchor in ingest.extract_citations(answer):
         passage = ingest.find_passage(documents.docs, anchor)
         if passage is not None:
-            found.append((anchor, getattr(passage, "source", "") or ""))
+            found.append(passage)
     return found
