@@ -44,10 +44,13 @@ def _overlap_windows(n_blocks: int, n1: int, p: SparseParams, device) -> tuple[t
     return ids.clamp(max=max(n1 - 1, 0)), valid
 
 
-def select_blocks_ref(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, tile: int = 256) -> torch.Tensor:
+def select_blocks_ref(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, tile: int | None = None) -> torch.Tensor:
     heads, t, d = q.shape
     kv_heads, n1 = k1.shape[0], k1.shape[1]
     n2 = k2.shape[1]
+    if tile is None:  # bound the [H, tile, n1] score block: 2 GB on a GPU, 256 MB on the CPU
+        budget = (2 << 30) if q.is_cuda else (256 << 20)
+        tile = max(16, budget // max(1, 2 * heads * (n1 + n2) * 4))
     group = heads // kv_heads
     p = params
     out = torch.full((kv_heads, t, p.selected), -1, dtype=torch.int32, device=q.device)
@@ -88,31 +91,35 @@ def select_blocks_ref(q, k1, k2, q_pos0: int, params: SparseParams, scale: float
     return out
 
 
-def block_sparse_attention_ref(q, k, v, idx, q_pos0: int, block_size: int, scale: float) -> torch.Tensor:
+def block_sparse_attention_ref(q, k, v, idx, q_pos0: int, block_size: int, scale: float,
+                               tile: int = 128) -> torch.Tensor:
     """Exact softmax attention of each query over the tokens t <= p of its group's selected blocks.
 
-    Written as masked dense attention over a tile of queries (the mask built from the selection): the cost of
-    dense attention, but plain matrix products, which on a CPU beat gathering each query's blocks.
+    Queries close together select nearly the same blocks, so a tile of queries gathers the union of its
+    selections once and masks, per query, what that query did not select: the cost grows with the selected
+    blocks, not with the context length.
     """
     heads, t, d = q.shape
     kv_heads, length, _ = k.shape
     group = heads // kv_heads
-    n_blocks = -(-length // block_size)
     out = torch.empty_like(q)
-    kf, vf = k.float(), v.float()
-    budget = (1 << 30) if q.is_cuda else (128 << 20)  # bytes of scores per tile
-    tile = max(1, budget // max(1, heads * length * 4))
+    offsets = torch.arange(block_size, device=q.device)
+    compute = torch.float32 if not q.is_cuda else q.dtype  # tensor cores on a GPU, exact fp32 on the CPU
     for begin in range(0, t, tile):
-        sel = idx[:, begin : begin + tile].long()  # [Hkv, n, K]
-        n = sel.shape[1]
+        n = min(tile, t - begin)
         pos = torch.arange(q_pos0 + begin, q_pos0 + begin + n, device=q.device)
-        chosen = torch.zeros(kv_heads, n, n_blocks + 1, dtype=torch.bool, device=q.device)
-        chosen.scatter_(2, torch.where(sel >= 0, sel, n_blocks), True)  # -1 lands in a spare column
-        mask = chosen[..., :n_blocks].repeat_interleave(block_size, dim=2)[..., :length]
-        mask &= torch.arange(length, device=q.device)[None, None, :] <= pos[None, :, None]
-        qt = q[:, begin : begin + n].float().reshape(kv_heads, group, n, d)
-        scores = torch.einsum("hgtd,hld->hgtl", qt, kf) * scale
-        weights = torch.softmax(scores.masked_fill(~mask[:, None], NEG_INF), dim=-1)
-        o = torch.einsum("hgtl,hld->hgtd", weights, vf)
-        out[:, begin : begin + n] = o.reshape(heads, n, d).to(q.dtype)
+        for g in range(kv_heads):
+            sel = idx[g, begin : begin + n].long()  # [n, K]
+            union = torch.unique(sel[sel >= 0])  # sorted block ids
+            member = (sel[:, :, None] == union[None, None, :]).any(1)  # [n, U]
+            tokens = (union[:, None] * block_size + offsets).reshape(-1)  # [U*B]
+            mask = member.repeat_interleave(block_size, dim=1) & (tokens[None, :] <= pos[:, None])
+            mask &= tokens[None, :] < length
+            tokens = tokens.clamp(max=length - 1)
+            keys, values = k[g, tokens].to(compute), v[g, tokens].to(compute)
+            qg = q[g * group : (g + 1) * group, begin : begin + n].to(compute)  # [G, n, D]
+            scores = torch.einsum("gnd,ld->gnl", qg, keys).float() * scale
+            weights = torch.softmax(scores.masked_fill(~mask[None], NEG_INF), dim=-1)
+            o = torch.einsum("gnl,ld->gnd", weights.to(compute), values)
+            out[g * group : (g + 1) * group, begin : begin + n] = o.to(q.dtype)
     return out
