@@ -76,11 +76,12 @@ def conversation_for_ask(name: str, documents, loaded):
     """`ask --session NAME`: continue NAME if it read these documents with this model, else start it."""
     from salachat.conversation import ContextTooLong, Conversation
     from salachat.sessions import SessionError, SessionWriter, load_conversation
+    from salachat.sessions.store import abandoned_before_first_save
 
     folder = _folder(name)
     summary = documents.summary()
     try:
-        if folder.exists():
+        if folder.exists() and not abandoned_before_first_save(folder):
             manifest = _manifest(name)
             if [d["content_hash"] for d in manifest["documents"]] != [d["content_hash"] for d in summary]:
                 raise UserError(f"session {name!r} holds other documents: continue it with `salachat resume {name}`, "

@@ -199,7 +199,9 @@ def test_folder_that_is_not_a_session_is_named_as_such(salachat_cli):
     assert "is not a salachat session" in result.stderr and "Traceback" not in result.stderr
     listing = salachat_cli("sessions")
     assert listing.returncode == 0 and "holiday-photos" in listing.stdout and "unusable" in listing.stdout
-    assert (junk / "beach.jpg").exists()  # listing and failed loads never delete what is not ours
+    removed = salachat_cli("sessions", "rm", "holiday-photos")
+    assert removed.returncode == errors.NO_SESSION and "did not write" in removed.stderr
+    assert (junk / "beach.jpg").exists()  # listing, loading and rm never delete what is not ours
 
 
 def test_unknown_and_badly_named_sessions_are_one_line(salachat_cli):
@@ -218,3 +220,16 @@ def test_session_api_refuses_a_foreign_model(tiny, tmp_path):
     other = load_model(str(write_tiny_checkpoint(tmp_path / "other", seed=7)), device="cpu", dtype=torch.float32)
     with pytest.raises(SessionError, match="other weights"):
         load_conversation(tmp_path / "s", other)
+
+
+def test_first_save_killed_before_its_manifest_can_start_over(tiny, tmp_path):
+    from salachat.sessions.store import abandoned_before_first_save
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "kv-000000.safetensors.tmp").write_bytes(b"half a file")
+    assert abandoned_before_first_save(folder)
+    _save_session(tiny, folder)  # SessionWriter cleans the leftover, the save commits
+    assert not (folder / "kv-000000.safetensors.tmp").exists() and read_manifest(folder)["tokens"] > 0
+    (folder / "notes.txt").write_text("mine")
+    assert not abandoned_before_first_save(folder)

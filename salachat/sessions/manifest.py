@@ -18,6 +18,7 @@ FORMAT = "salachat-session"
 VERSION = 1
 MANIFEST = "manifest.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+OWN_FILE = re.compile(r"^(manifest\.json|text-[0-9a-f]{16}\.json|(kv|state)-[0-9]{6}\.safetensors)(\.tmp)?$")
 
 
 class SessionError(Exception):
@@ -28,6 +29,11 @@ def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name):
         raise SessionError(f"session name {name!r}: use up to 64 letters, digits, '.', '_' or '-'")
     return name
+
+
+def only_our_files(folder: Path) -> bool:
+    """Whether everything in `folder` is a file a session save writes (so deleting it loses nothing else)."""
+    return all(p.is_file() and OWN_FILE.match(p.name) for p in folder.iterdir())
 
 
 def _checksum(body: dict) -> str:
@@ -47,8 +53,8 @@ def read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
         raise SessionError(f"no session named {name!r}: `salachat sessions list` shows the saved ones")
     if not path.is_file():
-        raise SessionError(f"{folder} is not a salachat session (no {MANIFEST}): remove it with "
-                           f"`salachat sessions rm {name}`")
+        raise SessionError(f"{folder} is not a salachat session (no {MANIFEST}): move that folder away, or "
+                           "pick another session name")
     damaged = SessionError(f"session {name!r} is damaged (unreadable manifest): remove it with "
                            f"`salachat sessions rm {name}` and read the documents again")
     try:

@@ -27,6 +27,7 @@ from salachat.sessions.manifest import (
     VERSION,
     SessionError,
     check_name,
+    only_our_files,
     read_manifest,
     verify_files,
     write_manifest,
@@ -143,6 +144,11 @@ class SessionWriter:
                 path.unlink(missing_ok=True)
 
 
+def abandoned_before_first_save(folder: Path) -> bool:
+    """A folder whose first save was interrupted: only our files, no manifest. Safe to start over in."""
+    return folder.is_dir() and not (folder / MANIFEST).exists() and only_our_files(folder)
+
+
 def check_model(manifest: dict, loaded, name: str) -> None:
     saved = manifest["model"]
     if saved["fingerprint"] != loaded.fingerprint:
@@ -223,9 +229,8 @@ def list_sessions(root: Path) -> list[tuple[str, dict | None, str | None]]:
 def remove_session(folder: Path) -> None:
     if not folder.is_dir():
         raise SessionError(f"no session named {folder.name!r}: `salachat sessions list` shows the saved ones")
-    for path in folder.iterdir():
-        if path.is_dir():
-            raise SessionError(f"{folder} holds folders, so it is not a session salachat wrote: remove it by hand")
+    if not only_our_files(folder):
+        raise SessionError(f"{folder} holds files salachat did not write: remove it by hand if you mean to")
     for path in folder.iterdir():
         path.unlink()
     os.rmdir(folder)
