@@ -101,7 +101,7 @@ def test_kill_9_during_saves_leaves_the_last_good_state(tiny, tiny_folder, tmp_p
         last_reported = max([int(line.split()[1]) for line in out.splitlines() if line.startswith("saved")] + [32])
         SessionWriter(folder)  # opening for writing removes what the killed save left behind
         manifest = read_manifest(folder)
-        assert {p.name for p in folder.iterdir()} == set(manifest["files"]) | {"manifest.json"}
+        assert {p.name for p in folder.iterdir()} == set(manifest["files"]) | {"manifest.json", "lock"}
         conversation, manifest = load_conversation(folder, tiny)
         assert manifest["tokens"] >= last_reported  # a save may commit before its "saved" line got out
         assert torch.equal(_finished_logits(conversation), expected)
@@ -233,3 +233,13 @@ def test_first_save_killed_before_its_manifest_can_start_over(tiny, tmp_path):
     assert not (folder / "kv-000000.safetensors.tmp").exists() and read_manifest(folder)["tokens"] > 0
     (folder / "notes.txt").write_text("mine")
     assert not abandoned_before_first_save(folder)
+
+
+def test_a_session_open_for_writing_is_refused_to_a_second_writer(tiny, tmp_path):
+    _save_session(tiny, tmp_path / "s")  # this process now holds the session's lock
+    second = ("import sys, pathlib\nfrom salachat.sessions import SessionWriter, SessionError\n"
+              "try:\n    SessionWriter(pathlib.Path(sys.argv[1]))\nexcept SessionError as e:\n    print(e)")
+    other = subprocess.run([sys.executable, "-c", second, str(tmp_path / "s")], check=False,
+                           capture_output=True, text=True, cwd=HERE.parent)
+    assert "is open in another salachat" in other.stdout, other.stderr
+    SessionWriter(tmp_path / "s")  # the same process may open it again

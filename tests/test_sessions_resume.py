@@ -106,7 +106,7 @@ def test_later_saves_write_only_the_new_kv_tail(tiny_sala, tmp_path):
     # Lightning states are rewritten whole: exactly one state file is referenced, older ones are gone.
     assert len([n for n in manifest["files"] if n.startswith("state-")]) == 1
     on_disk = {p.name for p in (tmp_path / "s").iterdir()}
-    assert on_disk == set(manifest["files"]) | {"manifest.json"}
+    assert on_disk == set(manifest["files"]) | {"manifest.json", "lock"}
 
 
 def test_kv_tensors_load_memory_mapped(tiny_sala, tmp_path):

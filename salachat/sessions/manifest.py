@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from salachat.sessions.atomic import sha256_file, write_atomic
@@ -18,7 +20,7 @@ FORMAT = "salachat-session"
 VERSION = 1
 MANIFEST = "manifest.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-OWN_FILE = re.compile(r"^(manifest\.json|text-[0-9a-f]{16}\.json|(kv|state)-[0-9]{6}\.safetensors)(\.tmp)?$")
+OWN_FILE = re.compile(r"^(lock|manifest\.json|text-[0-9a-f]{16}\.json|(kv|state)-[0-9]{6}\.safetensors)(\.tmp)?$")
 
 
 class SessionError(Exception):
@@ -75,17 +77,24 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def _problem(folder: Path, filename: str, info: dict) -> str | None:
+    path = folder / filename
+    if not path.is_file():
+        return f"{filename} is missing"
+    if path.stat().st_size != info["bytes"]:
+        return f"{filename} has {path.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
+    if sha256_file(path)[0] != info["sha256"]:
+        return f"{filename} fails its checksum"
+    return None
+
+
 def verify_files(folder: Path, manifest: dict) -> None:
-    """Every file the manifest names is present, of the right size and sha256."""
-    for filename, info in manifest["files"].items():
-        path = folder / filename
-        problem = None
-        if not path.is_file():
-            problem = f"{filename} is missing"
-        elif path.stat().st_size != info["bytes"]:
-            problem = f"{filename} has {path.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
-        elif sha256_file(path)[0] != info["sha256"]:
-            problem = f"{filename} fails its checksum"
-        if problem:
-            raise SessionError(f"session {folder.name!r} is damaged ({problem}): remove it with "
-                               f"`salachat sessions rm {folder.name}` and read the documents again")
+    """Every file the manifest names is present, of the right size and sha256. Files are hashed in parallel
+    (hashlib releases the GIL): checksums, not the disk, are what bounds a load."""
+    files = sorted(manifest["files"].items())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(lambda item: _problem(folder, *item), files))
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise SessionError(f"session {folder.name!r} is damaged ({problem}): remove it with "
+                           f"`salachat sessions rm {folder.name}` and read the documents again")

@@ -11,6 +11,7 @@ for writing and after each save.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ from salachat.sessions.manifest import (
 from salachat.sessions.safetensors_io import load_tensors_mmap, save_tensors
 from salachat.sessions.tensor_log import append_axes, assemble, plan_save
 
+LOCK = "lock"
+
 
 def session_folder(root: Path, name: str) -> Path:
     return root / check_name(name)
@@ -46,6 +49,26 @@ def _ids_hash(ids: list[int]) -> str:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+_HELD_LOCKS: dict[str, object] = {}
+
+
+def _lock(folder: Path):
+    """An exclusive lock, per process: two salachats saving one session would overwrite each other's segment
+    files. Writers of one process share it (they save in turn); the OS drops it when the process ends,
+    however it ends."""
+    key = str(folder.resolve())
+    if key in _HELD_LOCKS:
+        return _HELD_LOCKS[key]
+    handle = open(folder / LOCK, "a+")  # noqa: SIM115 (held open for the life of the process)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SessionError(f"session {folder.name!r} is open in another salachat: close that one first") from None
+    _HELD_LOCKS[key] = handle
+    return handle
 
 
 class SessionSaveError(SessionError):
@@ -65,6 +88,7 @@ class SessionWriter:
             self.manifest = read_manifest(folder)
             self.documents = self.manifest["documents"] if documents is None else documents
         folder.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(folder)
         self._remove_unreferenced()
 
     def save(self, conversation) -> dict:
@@ -138,7 +162,7 @@ class SessionWriter:
         return name, {"sha256": sha, "bytes": size}
 
     def _remove_unreferenced(self) -> None:
-        keep = {MANIFEST} | set((self.manifest or {}).get("files", {}))
+        keep = {MANIFEST, LOCK} | set((self.manifest or {}).get("files", {}))
         for path in self.folder.iterdir():
             if path.name not in keep and (path.suffix in (".safetensors", ".json") or path.name.endswith(TMP_SUFFIX)):
                 path.unlink(missing_ok=True)
