@@ -21,9 +21,8 @@ IdArg = Annotated[str, typer.Argument(help="The session's name, as given to --se
 
 
 def _user_error(e) -> UserError:
-    from salachat.sessions import SessionSaveError
-
-    return UserError(str(e), errors.FAILED if isinstance(e, SessionSaveError) else errors.NO_SESSION)
+    saving = type(e).__name__ == "SessionSaveError"  # by name: importing it would import torch
+    return UserError(str(e), errors.FAILED if saving else errors.NO_SESSION)
 
 
 def _folder(name: str) -> Path:
@@ -75,8 +74,7 @@ def read_with_checkpoints(conversation, writer, quiet: bool) -> None:
 def conversation_for_ask(name: str, documents, loaded):
     """`ask --session NAME`: continue NAME if it read these documents with this model, else start it."""
     from salachat.conversation import ContextTooLong, Conversation
-    from salachat.sessions import SessionError, SessionWriter, load_conversation
-    from salachat.sessions.store import abandoned_before_first_save
+    from salachat.sessions import SessionError, SessionWriter, abandoned_before_first_save, load_conversation
 
     folder = _folder(name)
     summary = documents.summary()

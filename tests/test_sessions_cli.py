@@ -94,7 +94,7 @@ def test_reading_stopped_by_ctrl_c_continues_from_its_checkpoint(salachat_cli, t
     assert exported["reading_complete"] and exported["turns"][0]["answer"] == b["answer"]
 
 
-def test_ask_session_with_other_documents_is_refused(salachat_cli, tiny_folder, tmp_path):
+def test_ask_session_continues_same_documents_refuses_others(salachat_cli, tiny_folder, tmp_path):
     one, two = tmp_path / "one.txt", tmp_path / "two.txt"
     one.write_text(STORY)
     two.write_text(STORY.replace("1871", "1902"))
@@ -104,13 +104,12 @@ def test_ask_session_with_other_documents_is_refused(salachat_cli, tiny_folder, 
     same = salachat_cli("ask", one, "And when?", "-s", "s", "--model", tiny_folder, "--max-tokens", "2")
     assert same.returncode == 0
     assert "2 questions" in salachat_cli("sessions", "list").stdout
+    if importlib.util.find_spec("salachat.tui") is None:  # without a question, resume opens the chat window
+        chat = salachat_cli("resume", "s")
+        assert chat.returncode == errors.USAGE and "chat window" in chat.stderr
+        assert len(chat.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("salachat.tui") is not None, reason="the chat window exists")
-def test_resume_without_question_says_the_chat_window_is_missing(salachat_cli, tiny_folder, tmp_path):
-    story = tmp_path / "one.txt"
-    story.write_text(STORY)
-    assert salachat_cli("ask", story, "Who?", "-s", "t", "--model", tiny_folder, "--max-tokens", "2").returncode == 0
-    result = salachat_cli("resume", "t")
-    assert result.returncode == errors.USAGE and "chat window" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_sessions_on_an_empty_home_say_how_to_make_one(salachat_cli):
+    result = salachat_cli("sessions")
+    assert result.returncode == 0 and "--session NAME" in result.stderr

@@ -223,7 +223,7 @@ def test_session_api_refuses_a_foreign_model(tiny, tmp_path):
 
 
 def test_first_save_killed_before_its_manifest_can_start_over(tiny, tmp_path):
-    from salachat.sessions.store import abandoned_before_first_save
+    from salachat.sessions import abandoned_before_first_save
 
     folder = tmp_path / "s"
     folder.mkdir()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,13 +21,12 @@ import torch
 
 from engine.cache import CACHE_KINDS, ModelCache
 from salachat.sessions.atomic import TMP_SUFFIX, write_atomic
+from salachat.sessions.catalog import session_folder  # noqa: F401  (re-exported)
 from salachat.sessions.manifest import (
     FORMAT,
     MANIFEST,
     VERSION,
     SessionError,
-    check_name,
-    only_our_files,
     read_manifest,
     verify_files,
     write_manifest,
@@ -37,10 +35,6 @@ from salachat.sessions.safetensors_io import load_tensors_mmap, save_tensors
 from salachat.sessions.tensor_log import append_axes, assemble, plan_save
 
 LOCK = "lock"
-
-
-def session_folder(root: Path, name: str) -> Path:
-    return root / check_name(name)
 
 
 def _ids_hash(ids: list[int]) -> str:
@@ -168,11 +162,6 @@ class SessionWriter:
                 path.unlink(missing_ok=True)
 
 
-def abandoned_before_first_save(folder: Path) -> bool:
-    """A folder whose first save was interrupted: only our files, no manifest. Safe to start over in."""
-    return folder.is_dir() and not (folder / MANIFEST).exists() and only_our_files(folder)
-
-
 def check_model(manifest: dict, loaded, name: str) -> None:
     saved = manifest["model"]
     if saved["fingerprint"] != loaded.fingerprint:
@@ -236,25 +225,3 @@ def load_conversation(folder: Path, loaded, verify: bool = True):
             raise SessionError(f"session {folder.name!r}: the unread part of the documents does not match "
                                "(another tokenizer?): read the documents again")
     return conversation, manifest
-
-
-def list_sessions(root: Path) -> list[tuple[str, dict | None, str | None]]:
-    """(name, manifest or None, error or None) for every folder under root, newest first."""
-    found = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        try:
-            found.append((folder.name, read_manifest(folder), None))
-        except SessionError as e:
-            found.append((folder.name, None, str(e)))
-    found.sort(key=lambda item: (item[1] or {}).get("updated", ""), reverse=True)
-    return found
-
-
-def remove_session(folder: Path) -> None:
-    if not folder.is_dir():
-        raise SessionError(f"no session named {folder.name!r}: `salachat sessions list` shows the saved ones")
-    if not only_our_files(folder):
-        raise SessionError(f"{folder} holds files salachat did not write: remove it by hand if you mean to")
-    for path in folder.iterdir():
-        path.unlink()
-    os.rmdir(folder)

@@ -1,0 +1,39 @@
+"""The sessions folder as a catalogue: names, listing, removal. No torch here, so `salachat sessions` is quick."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from salachat.sessions.manifest import MANIFEST, SessionError, check_name, only_our_files, read_manifest
+
+
+def session_folder(root: Path, name: str) -> Path:
+    return root / check_name(name)
+
+
+def abandoned_before_first_save(folder: Path) -> bool:
+    """A folder whose first save was interrupted: only our files, no manifest. Safe to start over in."""
+    return folder.is_dir() and not (folder / MANIFEST).exists() and only_our_files(folder)
+
+
+def list_sessions(root: Path) -> list[tuple[str, dict | None, str | None]]:
+    """(name, manifest or None, error or None) for every folder under root, newest first."""
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        try:
+            found.append((folder.name, read_manifest(folder), None))
+        except SessionError as e:
+            found.append((folder.name, None, str(e)))
+    found.sort(key=lambda item: (item[1] or {}).get("updated", ""), reverse=True)
+    return found
+
+
+def remove_session(folder: Path) -> None:
+    if not folder.is_dir():
+        raise SessionError(f"no session named {folder.name!r}: `salachat sessions list` shows the saved ones")
+    if not only_our_files(folder):
+        raise SessionError(f"{folder} holds files salachat did not write: remove it by hand if you mean to")
+    for path in folder.iterdir():
+        path.unlink()
+    os.rmdir(folder)
