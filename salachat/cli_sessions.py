@@ -17,7 +17,7 @@ from salachat.console import err, out, reading_progress
 from salachat.errors import UserError
 
 sessions_app = typer.Typer(help="List, show, remove and export saved sessions.", invoke_without_command=True)
-IdArg = Annotated[str, typer.Argument(help="The session's name, as given to --session.")]
+IdArg = Annotated[str, typer.Argument(metavar="ID", help="The session's name, as given to --session.")]
 
 
 def _user_error(e) -> UserError:
@@ -124,7 +124,9 @@ def _load_for(manifest: dict, model: str | None, device: str):
 
 def resume(
     session_id: IdArg,
-    question: Annotated[str | None, typer.Argument(help="Ask this; without it, open the chat window.")] = None,
+    question: Annotated[
+        str | None, typer.Argument(metavar="QUESTION", help="Ask this; without it, open the chat window.")
+    ] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="The model, if it moved since.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")] = 512,
