@@ -229,7 +229,12 @@ cli_sessions.register(app)
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Typer turns Ctrl-C into a bare return of 130 when not in standalone mode
+        if isinstance(code, int) and code != 0:
+            if code == errors.INTERRUPTED:
+                err.print("stopped.")
+            sys.exit(code)
     except UserError as e:
         err.print(f"[red]error:[/] {e}", highlight=False, markup=True)
         sys.exit(e.code)
