@@ -50,11 +50,13 @@ def select_blocks(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, im
     return select_blocks_ref(q, k1, k2, q_pos0, params, scale)
 
 
-def block_sparse_attention(q, k, v, idx, q_pos0: int, block_size: int, scale: float, impl: str | None = None):
+def block_sparse_attention(q, k, v, idx, q_pos0: int, block_size: int, scale: float, impl: str | None = None,
+                           block_pos: torch.Tensor | None = None):
+    """block_pos: see block_sparse_attention_ref (KV in a compact buffer of fetched blocks)."""
     fast = _pick("block_sparse_attention", q, impl)
     if fast is not None:
-        return fast(q, k, v, idx, q_pos0, block_size, scale)
-    return block_sparse_attention_ref(q, k, v, idx, q_pos0, block_size, scale)
+        return fast(q, k, v, idx, q_pos0, block_size, scale, block_pos=block_pos)
+    return block_sparse_attention_ref(q, k, v, idx, q_pos0, block_size, scale, block_pos=block_pos)
 
 
 def dense_attention(q, k, v, q_pos0: int, scale: float, impl: str | None = None):

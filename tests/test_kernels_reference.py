@@ -132,3 +132,21 @@ def test_block_sparse_attention_matches_naive_and_dense_when_everything_is_selec
 
     assert torch.allclose(block_sparse_attention_ref(q, k, v, every, 80, 16, 0.4),
                           dense_attention(q, k, v, 80, 0.4), atol=1e-5)
+
+
+def test_block_sparse_attention_over_a_compact_buffer_equals_the_full_cache():
+    """KV fetched into a compact buffer (block_pos names each block's origin) gives the same output."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(4, 20, 8), torch.randn(2, 100, 8), torch.randn(2, 100, 8)
+    idx = torch.full((2, 20, 3), -1, dtype=torch.int32)
+    idx[0, :, 0], idx[0, :, 1], idx[0, 10:, 2], idx[1, :, 0], idx[1, :, 1] = 0, 5, 6, 2, 6
+    full = block_sparse_attention_ref(q, k, v, idx, 80, 16, 0.4)
+    origin = torch.tensor([6, 0, 2, 5])  # any order: the compact buffer is what was fetched
+    ck = torch.cat([torch.nn.functional.pad(k[:, b * 16 : b * 16 + 16], (0, 0, 0, 16 - k[:, b * 16 : b * 16 + 16].shape[1]))
+                    for b in origin.tolist()], dim=1)
+    cv = torch.cat([torch.nn.functional.pad(v[:, b * 16 : b * 16 + 16], (0, 0, 0, 16 - v[:, b * 16 : b * 16 + 16].shape[1]))
+                    for b in origin.tolist()], dim=1)
+    where = {b: c for c, b in enumerate(origin.tolist())}
+    cidx = idx.clone().apply_(lambda b: where[b] if b >= 0 else -1)
+    compact = block_sparse_attention_ref(q, ck, cv, cidx, 80, 16, 0.4, block_pos=origin)
+    assert torch.allclose(compact, full, atol=1e-6)

@@ -92,8 +92,12 @@ def select_blocks_ref(q, k1, k2, q_pos0: int, params: SparseParams, scale: float
 
 
 def block_sparse_attention_ref(q, k, v, idx, q_pos0: int, block_size: int, scale: float,
-                               tile: int = 128) -> torch.Tensor:
+                               tile: int = 128, block_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention of each query over the tokens t <= p of its group's selected blocks.
+
+    `block_pos` (int [n]) is for KV kept in a compact buffer (blocks fetched from CPU memory): k, v then hold
+    n blocks, idx names compact blocks, and compact block c holds the tokens of block block_pos[c] (which
+    is what the causal test compares). Without it, block c is block c.
 
     Queries close together select nearly the same blocks, so a tile of queries gathers the union of its
     selections once and masks, per query, what that query did not select: the cost grows with the selected
@@ -112,8 +116,10 @@ def block_sparse_attention_ref(q, k, v, idx, q_pos0: int, block_size: int, scale
             sel = idx[g, begin : begin + n].long()  # [n, K]
             union = torch.unique(sel[sel >= 0])  # sorted block ids
             member = (sel[:, :, None] == union[None, None, :]).any(1)  # [n, U]
-            tokens = (union[:, None] * block_size + offsets).reshape(-1)  # [U*B]
-            mask = member.repeat_interleave(block_size, dim=1) & (tokens[None, :] <= pos[:, None])
+            tokens = (union[:, None] * block_size + offsets).reshape(-1)  # [U*B] rows of k, v
+            origin = union if block_pos is None else block_pos.to(q.device).long()[union]
+            positions = (origin[:, None] * block_size + offsets).reshape(-1)
+            mask = member.repeat_interleave(block_size, dim=1) & (positions[None, :] <= pos[:, None])
             mask &= tokens[None, :] < length
             tokens = tokens.clamp(max=length - 1)
             keys, values = k[g, tokens].to(compute), v[g, tokens].to(compute)
