@@ -6,6 +6,9 @@ The functions here dispatch: Triton on CUDA when a kernel exists, the reference 
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from kernels.dense import dense_attention_impl
@@ -15,13 +18,28 @@ from kernels.sparse.reference import block_sparse_attention_ref, compress_keys_r
 
 __all__ = [
     "SparseParams", "block_sparse_attention", "compress_keys", "dense_attention", "lightning_attention",
-    "select_blocks",
+    "select_blocks", "use",
 ]
 
-_TRITON: dict[str, object] = {}  # op name → Triton implementation, registered by kernels/*/triton_*.py
+_TRITON: dict[str, object] = {}  # op name → Triton implementation, registered by kernels/triton_ops.py
+# SALACHAT_KERNELS=ref|triton forces one implementation everywhere (benchmarks, and tests of the whole model
+# through the Triton kernels on the CPU under TRITON_INTERPRET=1)
+_FORCED: list[str | None] = [os.environ.get("SALACHAT_KERNELS") or None]
+
+
+@contextlib.contextmanager
+def use(impl: str | None):
+    """Within the block every op runs `impl` ("ref", "triton", or None for the automatic choice)."""
+    before = _FORCED[0]
+    _FORCED[0] = impl
+    try:
+        yield
+    finally:
+        _FORCED[0] = before
 
 
 def _pick(op: str, tensor: torch.Tensor, impl: str | None):
+    impl = impl or _FORCED[0]
     if impl == "ref":
         return None
     fast = _TRITON.get(op)

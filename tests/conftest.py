@@ -7,6 +7,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network in tests, ever
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+try:  # without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before they are defined
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 
 def _missing(what: str, how: str):

@@ -1,0 +1,159 @@
+"""Kernel microbenchmarks at the 9B MiniCPM-SALA shapes, each against baselines timed in the same run.
+
+Lightning (32 heads, d 128, bf16 in, fp32 state): our Triton kernel, the PyTorch reference, and
+flash-linear-attention's chunk_simple_gla (prefill) / fused_recurrent_simple_gla (decode) when fla is
+importable. Sparse (32 q heads, 2 KV heads, d 128, block 64, top-64 + 32 local): block selection + block-sparse
+attention for a prefill chunk and for one decoded token at contexts 32K-1M, against dense flash attention
+(PyTorch SDPA, the same dense path the engine uses below dense_len) over the whole context.
+
+    python bench/kernels_bench.py --out bench/results/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kernels import SparseParams, compress_keys, dense_attention  # noqa: E402
+from kernels.lightning.reference import lightning_attention_ref  # noqa: E402
+from kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref  # noqa: E402
+
+H, D, HKV_SPARSE = 32, 128, 2
+
+
+def timed(fn, repeat: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of fn() over `repeat` runs, CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def slopes() -> torch.Tensor:
+    return -torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device="cuda")
+
+
+def bench_lightning(lengths, sweep: bool) -> list[dict]:
+    from kernels.lightning.triton import lightning_attention_triton
+
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    except Exception as e:  # noqa: BLE001 - the baseline is optional; say why it is missing
+        print(f"flash-linear-attention not importable ({e}); its columns stay empty")
+        chunk_simple_gla = fused_recurrent_simple_gla = None
+    rows = []
+    g = slopes()
+    for t in lengths:
+        q, k, v = (torch.randn(H, t, D, device="cuda", dtype=torch.bfloat16) * 0.3 for _ in range(3))
+        state = torch.zeros(H, D, D, device="cuda")
+        row = {"op": "lightning", "tokens": t}
+        configs = [(64, 32, 4, 2)]
+        if sweep:
+            configs = [(c, bv, w, s) for c in (64, 128) for bv in (32, 64) for w in (4, 8) for s in (1, 2, 3)]
+        best = None
+        for c, bv, w, s in configs:
+            try:
+                ms = timed(lambda: lightning_attention_triton(q, k, v, g, D**-0.5, state, chunk=c, block_v=bv,
+                                                              num_warps=w, num_stages=s))
+            except Exception as e:  # noqa: BLE001 - a config can exceed shared memory; skip it
+                print(f"  config C={c} BV={bv} warps={w} stages={s}: {type(e).__name__}")
+                continue
+            if sweep:
+                print(f"  lightning T={t} C={c} BV={bv} warps={w} stages={s}: {ms:.3f} ms")
+            if best is None or ms < best[0]:
+                best = (ms, {"chunk": c, "block_v": bv, "num_warps": w, "num_stages": s})
+        row["triton_ms"], row["triton_config"] = best
+        row["reference_ms"] = timed(lambda: lightning_attention_ref(q, k, v, g, D**-0.5, state), repeat=3)
+        if chunk_simple_gla is not None:
+            qf, kf, vf = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))  # fla: [B, T, H, D]
+            s0 = state[None]
+            row["fla_chunk_simple_gla_ms"] = timed(lambda: chunk_simple_gla(
+                qf, kf, vf, g_gamma=g, scale=D**-0.5, initial_state=s0, output_final_state=True))
+        rows.append(row)
+        print(row)
+    # decode: one token from a state
+    q1, k1, v1 = (torch.randn(H, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    state = torch.randn(H, D, D, device="cuda")
+    row = {"op": "lightning_decode", "tokens": 1,
+           "triton_ms": timed(lambda: lightning_attention_triton(q1, k1, v1, g, D**-0.5, state), repeat=50),
+           "reference_ms": timed(lambda: lightning_attention_ref(q1, k1, v1, g, D**-0.5, state), repeat=50)}
+    if fused_recurrent_simple_gla is not None:
+        qf, kf, vf = (x.transpose(0, 1)[None].contiguous() for x in (q1, k1, v1))
+        row["fla_fused_recurrent_ms"] = timed(lambda: fused_recurrent_simple_gla(
+            qf, kf, vf, g_gamma=g, scale=D**-0.5, initial_state=state[None], output_final_state=True), repeat=50)
+    rows.append(row)
+    print(row)
+    return rows
+
+
+def bench_sparse(contexts, chunk: int, with_reference: bool) -> list[dict]:
+    from kernels.sparse.triton_attention import block_sparse_attention_triton
+    from kernels.sparse.triton_select import select_blocks_triton
+
+    p = SparseParams()
+    scale = D**-0.5
+    rows = []
+    for length in contexts:
+        k = torch.randn(HKV_SPARSE, length, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, 4 * p.kernel_size, 4 * p.kernel_stride)
+        for t in (chunk, 1):
+            q = torch.randn(H, t, D, device="cuda", dtype=torch.bfloat16)
+            pos0 = length - t
+            idx = select_blocks_triton(q, k1, k2, pos0, p, scale)
+            row = {"op": "sparse_prefill" if t > 1 else "sparse_decode", "context": length, "queries": t,
+                   "select_ms": timed(lambda: select_blocks_triton(q, k1, k2, pos0, p, scale), repeat=3 if t > 1 else 20),
+                   "attend_ms": timed(lambda: block_sparse_attention_triton(q, k, v, idx, pos0, 64, scale),
+                                      repeat=3 if t > 1 else 20),
+                   "dense_sdpa_ms": timed(lambda: dense_attention(q, k, v, pos0, scale), repeat=3 if t > 1 else 20)}
+            row["sparse_ms"] = row["select_ms"] + row["attend_ms"]
+            row["speedup_vs_dense"] = row["dense_sdpa_ms"] / row["sparse_ms"]
+            if with_reference and length <= 131072:
+                row["reference_ms"] = timed(lambda: block_sparse_attention_ref(
+                    q, k, v, select_blocks_ref(q, k1, k2, pos0, p, scale), pos0, 64, scale), repeat=1, warmup=0)
+            rows.append(row)
+            print(row)
+        del k, v, k1, k2
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lightning-lengths", nargs="+", type=int, default=[32768, 131072])
+    parser.add_argument("--sparse-contexts", nargs="+", type=int, default=[32768, 131072, 524288, 1048576])
+    parser.add_argument("--chunk", type=int, default=16384, help="queries per prefill call (the engine's chunk)")
+    parser.add_argument("--sweep", action="store_true", help="try lightning kernel configurations")
+    parser.add_argument("--reference", action="store_true", help="also time the sparse PyTorch reference")
+    parser.add_argument("--out", default="bench/results/kernels.json")
+    args = parser.parse_args()
+    rows = bench_lightning(args.lightning_lengths, args.sweep) + bench_sparse(args.sparse_contexts, args.chunk, args.reference)
+    print("\n| op | size | triton / sparse ms | baseline ms |")
+    print("|---|---|---|---|")
+    for r in rows:
+        if r["op"].startswith("lightning"):
+            base = ", ".join(f"{k[:-3]} {r[k]:.3f}" for k in r if k.endswith("_ms") and k != "triton_ms")
+            print(f"| {r['op']} | T={r['tokens']} | {r['triton_ms']:.3f} | {base} |")
+        else:
+            print(f"| {r['op']} | L={r['context']}, T={r['queries']} | {r['sparse_ms']:.3f} (select {r['select_ms']:.3f}) "
+                  f"| dense {r['dense_sdpa_ms']:.3f} ({r['speedup_vs_dense']:.1f}x) |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                          "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Block-sparse flash attention in Triton, for prefill (a tile of queries) and decode (one query).
+
+Same contract as `block_sparse_attention_ref`. One program serves one KV group and BQ consecutive queries,
+all the group's heads stacked as rows (GROUP x BQ rows share each K/V block load, as in GQA flash decoding).
+Queries close together select nearly the same blocks, so the program walks the union of its queries'
+selections (built on the host side of the launch with two sorts, no Python loop) and masks, per row, the
+blocks that row's query did not select: a bitmask per union block, bit i = query i selected it.
+Online softmax in fp32; the K/V loads and both matmuls in the input dtype on tensor cores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _block_sparse_kernel(
+    Q, K, V, O, UNION, BITS, COUNT, BLOCK_POS, T, length, q_pos0, scale,
+    sqh, sqt, skh, skt, svh, svt, soh, sot, s_uh, s_ut,
+    GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BLOCK_POS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile, g = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, GROUP * BQ)
+    head = g * GROUP + rows // BQ
+    local = rows % BQ
+    qi = tile * BQ + local
+    valid = qi < T
+    pos = q_pos0 + qi
+    offs_d = tl.arange(0, D)
+    offs_b = tl.arange(0, BLOCK)
+    q = tl.load(Q + head[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :], mask=valid[:, None], other=0.0)
+    m = tl.full((GROUP * BQ,), -1.0e30, tl.float32)  # finite: a row that sees nothing yet must not make NaN
+    l_sum = tl.zeros((GROUP * BQ,), tl.float32)
+    acc = tl.zeros((GROUP * BQ, D), tl.float32)
+    count = tl.load(COUNT + g * tl.num_programs(0) + tile)
+    base = g * s_uh + tile * s_ut
+    for u in range(count):
+        block = tl.load(UNION + base + u)
+        bits = tl.load(BITS + base + u)
+        member = ((bits >> local) & 1) == 1
+        if HAS_BLOCK_POS:
+            origin = tl.load(BLOCK_POS + block)
+        else:
+            origin = block
+        tok = block * BLOCK + offs_b
+        inside = tok < length
+        k = tl.load(K + g * skh + tok[:, None] * skt + offs_d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(V + g * svh + tok[:, None] * svt + offs_d[None, :], mask=inside[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        seen = member[:, None] & inside[None, :] & (origin * BLOCK + offs_b[None, :] <= pos[:, None])
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    tl.store(O + head[:, None] * soh + qi[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=valid[:, None])
+
+
+def _tile_queries(group: int, t: int) -> int:
+    if t == 1:
+        return max(1, 16 // group)
+    return min(16, max(1, 64 // group))
+
+
+def union_of_selections(idx: torch.Tensor, bq: int):
+    """Per (group, tile of bq queries): the sorted distinct selected blocks, how many, and for each a bitmask
+    of the tile's queries that selected it. idx [Hkv, T, K] (-1 padding) → ([Hkv, n, bq*K] x2, [Hkv, n])."""
+    kv_heads, t, k = idx.shape
+    tiles = -(-t // bq)
+    sentinel = torch.iinfo(torch.int32).max
+    padded = torch.full((kv_heads, tiles * bq, k), -1, dtype=torch.int32, device=idx.device)
+    padded[:, :t] = idx
+    sel = padded.view(kv_heads, tiles, bq, k)
+    flat = torch.where(sel >= 0, sel, sentinel).reshape(kv_heads, tiles, bq * k)
+    ordered = flat.sort(-1).values
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    union = torch.where(repeat, sentinel, ordered).sort(-1).values.contiguous()
+    count = (union != sentinel).sum(-1).to(torch.int32).contiguous()
+    # where each selected block sits in its tile's union; each query selects a block at most once, so adding
+    # the query's bit is an OR
+    slot = torch.searchsorted(union, flat.contiguous()).clamp(max=bq * k - 1)
+    query_bit = (1 << torch.arange(bq, device=idx.device, dtype=torch.int64)).repeat_interleave(k)
+    contrib = torch.where(flat != sentinel, query_bit, 0)
+    bits = torch.zeros(kv_heads, tiles, bq * k, dtype=torch.int64, device=idx.device)
+    bits.scatter_add_(-1, slot, contrib)
+    return union, bits.to(torch.int32).contiguous(), count
+
+
+def block_sparse_attention_triton(q, k, v, idx, q_pos0: int, block_size: int, scale: float,
+                                  block_pos: torch.Tensor | None = None, query_tile: int | None = None):
+    heads, t, d = q.shape
+    kv_heads, length, _ = k.shape
+    group = heads // kv_heads
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    bq = query_tile or _tile_queries(group, t)
+    assert bq <= 31, "the per-block query bitmask is an int32"
+    union, bits, count = union_of_selections(idx, bq)
+    out = torch.empty_like(q)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    positions = block_pos.to(device=q.device, dtype=torch.int32).contiguous() if block_pos is not None else count
+    _block_sparse_kernel[(union.shape[1], kv_heads)](
+        q, k, v, out, union, bits, count, positions, t, length, q_pos0, float(scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        union.stride(0), union.stride(1),
+        GROUP=group, BQ=bq, D=d, BLOCK=block_size, HAS_BLOCK_POS=block_pos is not None, PRECISION=precision,
+    )
+    return out

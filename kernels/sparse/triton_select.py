@@ -1,0 +1,149 @@
+"""InfLLM-V2 block selection in Triton: the reference's scores, computed block-tile by block-tile.
+
+`reference.py` defines the selection. Here two kernels compute, for every (KV group, query, block), the
+block's score exactly as the reference does (fp32, softmax over the compressed keys normalised by the
+level-2 log-sum-exp, summed over the group's heads, max over the level-1 chunks overlapping the block,
+forced blocks +inf, blocks past the query -inf), and pack it with the block id into one int64 sort key:
+    key = monotone_int32(score) * 2^32 + (2^31 - 1 - block)
+Keys are unique, so `torch.topk` on them is exactly the reference's stable sort (ties go to the lower block).
+Only the [T, n_blocks] keys reach memory, never the [H, T, n1] scores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.sparse.params import SparseParams
+
+
+@triton.jit
+def _lse_kernel(
+    Q, K1, K2, LSE, T, n1, n2, q_pos0, scale, sqh, sqt, sk1h, sk1t, sk2h, sk2t,
+    GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+    KERNEL: tl.constexpr, STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """lse[h, t] over visible level-2 keys (level-1 keys while no level-2 key is visible yet)."""
+    tile, g = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, GROUP * BQ)
+    head = g * GROUP + rows // BQ
+    qi = tile * BQ + rows % BQ
+    valid = qi < T
+    pos = q_pos0 + qi
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + head[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :], mask=valid[:, None], other=0.0)
+    m = tl.full((GROUP * BQ,), float("-inf"), tl.float32)
+    s_sum = tl.zeros((GROUP * BQ,), tl.float32)
+    for start in range(0, n2, BN):
+        cols = start + tl.arange(0, BN)
+        k = tl.load(K2 + g * sk2h + cols[:, None] * sk2t + offs_d[None, :], mask=cols[:, None] < n2, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        visible = (cols[None, :] * (4 * STRIDE) + 4 * KERNEL <= pos[:, None] + 1) & (cols[None, :] < n2)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_sum = s_sum * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), 1)
+        m = m_new
+    lse = m + tl.log(s_sum)
+    # before the first level-2 key is complete (p < 4 kernel - 1), the level-1 keys normalise themselves
+    if q_pos0 + tile * BQ < 4 * KERNEL - 1:
+        m1 = tl.full((GROUP * BQ,), float("-inf"), tl.float32)
+        s1_sum = tl.zeros((GROUP * BQ,), tl.float32)
+        for start in range(0, n1, BN):
+            cols = start + tl.arange(0, BN)
+            k = tl.load(K1 + g * sk1h + cols[:, None] * sk1t + offs_d[None, :], mask=cols[:, None] < n1, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            visible = (cols[None, :] * STRIDE + KERNEL <= pos[:, None] + 1) & (cols[None, :] < n1)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m1, tl.max(s, 1))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s1_sum = s1_sum * tl.exp(m1 - safe) + tl.sum(tl.exp(s - safe[:, None]), 1)
+            m1 = m_new
+        lse = tl.where(pos + 1 >= 4 * KERNEL, lse, m1 + tl.log(s1_sum))
+    tl.store(LSE + head * T + qi, lse, mask=valid)
+
+
+@triton.jit
+def _score_kernel(
+    Q, K1, LSE, KEYS, T, n1, n_blocks, q_pos0, scale, sqh, sqt, sk1h, sk1t, skeyh, skeyt,
+    GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+    BLOCK: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, WIDTH: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    btile, tile, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = tl.arange(0, GROUP * BQ)
+    head = g * GROUP + rows // BQ
+    qi = tile * BQ + rows % BQ
+    valid = qi < T
+    pos = q_pos0 + qi
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + head[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :], mask=valid[:, None], other=0.0)
+    lse = tl.load(LSE + head * T + qi, mask=valid, other=0.0)
+    blocks = btile * NB + tl.arange(0, NB)
+    lo = tl.maximum((blocks * BLOCK - KERNEL) // STRIDE + 1, 0)  # first level-1 chunk overlapping the block
+    lo = tl.where(blocks * BLOCK - KERNEL < 0, 0, lo)  # floor division of a negative rounds toward zero here
+    hi = ((blocks + 1) * BLOCK - 1) // STRIDE
+    pooled = tl.full((BQ, NB), float("-inf"), tl.float32)
+    for w in range(WIDTH):
+        chunk = lo + w
+        exists = (chunk <= hi) & (chunk < n1)
+        k = tl.load(K1 + g * sk1h + chunk[:, None] * sk1t + offs_d[None, :], mask=exists[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        visible = (chunk[None, :] * STRIDE + KERNEL <= pos[:, None] + 1) & exists[None, :]
+        prob = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        score = tl.sum(tl.reshape(prob, (GROUP, BQ, NB)), 0)  # summed over the group's heads
+        pooled = tl.where(exists[None, :], tl.maximum(pooled, score), pooled)
+    q_rows = tile * BQ + tl.arange(0, BQ)
+    qb = (q_pos0 + q_rows) // BLOCK
+    forced = (blocks[None, :] < INIT) | ((blocks[None, :] >= qb[:, None] - LOCAL) & (blocks[None, :] <= qb[:, None]))
+    pooled = tl.where(forced, float("inf"), pooled)
+    pooled = tl.where(blocks[None, :] <= qb[:, None], pooled, float("-inf"))
+    bits = pooled.to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order of the floats as signed integers
+    key = bits.to(tl.int64) * 4294967296 + (2147483647 - blocks[None, :]).to(tl.int64)
+    ok = (q_rows[:, None] < T) & (blocks[None, :] < n_blocks)
+    tl.store(KEYS + g * skeyh + q_rows[:, None] * skeyt + blocks[None, :], key, mask=ok)
+
+
+def _tile_queries(group: int) -> int:
+    return max(1, 64 // group) if group <= 64 else 1
+
+
+def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, query_tile: int = 4096):
+    """Same contract as select_blocks_ref: idx [Hkv, T, topk + local] (ascending ids, then -1)."""
+    heads, t, d = q.shape
+    kv_heads, n1, n2 = k1.shape[0], k1.shape[1], k2.shape[1]
+    group = heads // kv_heads
+    p = params
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k1 = k1 if k1.stride(-1) == 1 else k1.contiguous()
+    k2 = k2 if k2.stride(-1) == 1 else k2.contiguous()
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    bq = _tile_queries(group)
+    width = (p.block_size + p.kernel_size - 2) // p.kernel_stride + 1
+    out = torch.full((kv_heads, t, p.selected), -1, dtype=torch.int32, device=q.device)
+    for begin in range(0, t, query_tile):  # bounds the [Hkv, tile, n_blocks] keys at a long context
+        qs = q[:, begin : begin + query_tile]
+        n, pos0 = qs.shape[1], q_pos0 + begin
+        n_blocks = (pos0 + n - 1) // p.block_size + 1
+        lse = torch.empty(heads, n, dtype=torch.float32, device=q.device)
+        _lse_kernel[(triton.cdiv(n, bq), kv_heads)](
+            qs, k1, k2, lse, n, n1, n2, pos0, float(scale), qs.stride(0), qs.stride(1),
+            k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
+            GROUP=group, BQ=bq, D=d, BN=64, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, PRECISION=precision,
+        )
+        keys = torch.empty(kv_heads, n, n_blocks, dtype=torch.int64, device=q.device)
+        nb = 64
+        _score_kernel[(triton.cdiv(n_blocks, nb), triton.cdiv(n, bq), kv_heads)](
+            qs, k1, lse, keys, n, n1, n_blocks, pos0, float(scale), qs.stride(0), qs.stride(1),
+            k1.stride(0), k1.stride(1), keys.stride(0), keys.stride(1),
+            GROUP=group, BQ=bq, D=d, NB=nb, BLOCK=p.block_size, KERNEL=p.kernel_size, STRIDE=p.kernel_stride,
+            WIDTH=width, INIT=p.init_blocks, LOCAL=p.local_blocks, PRECISION=precision,
+        )
+        chosen = keys.topk(min(p.selected, n_blocks), dim=-1, sorted=False).indices.sort(-1).values
+        qb = torch.div(torch.arange(pos0, pos0 + n, device=q.device), p.block_size, rounding_mode="floor")
+        count = torch.clamp(qb + 1, max=p.selected)
+        keep = torch.arange(chosen.shape[-1], device=q.device)[None, :] < count[:, None]
+        out[:, begin : begin + n, : chosen.shape[-1]] = torch.where(keep[None], chosen, -1).to(torch.int32)
+    return out

@@ -1,0 +1,12 @@
+"""Registers the Triton kernels with the dispatcher in kernels/__init__.py (imported only when Triton is)."""
+
+from kernels import _TRITON
+from kernels.lightning.triton import lightning_attention_triton
+from kernels.sparse.triton_attention import block_sparse_attention_triton
+from kernels.sparse.triton_select import select_blocks_triton
+
+_TRITON.update({
+    "lightning": lightning_attention_triton,
+    "select_blocks": select_blocks_triton,
+    "block_sparse_attention": block_sparse_attention_triton,
+})

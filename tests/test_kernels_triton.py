@@ -1,0 +1,172 @@
+"""Every Triton kernel against its PyTorch reference: on the CPU through TRITON_INTERPRET=1 at small shapes
+(fp32: the interpreter mishandles bf16), on the GPU (-m gpu) in bf16 at the 9B model's head shapes."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import SparseParams, compress_keys
+from kernels.lightning.reference import lightning_attention_ref
+from kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and not under TRITON_INTERPRET=1", allow_module_level=True)
+from kernels.lightning.triton import lightning_attention_triton  # noqa: E402
+from kernels.sparse.triton_attention import block_sparse_attention_triton, union_of_selections  # noqa: E402
+from kernels.sparse.triton_select import select_blocks_triton  # noqa: E402
+
+SMALL = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2, topk=3, dense_len=0)
+
+
+def _sparse_inputs(h, hkv, length, t, d, device="cpu", dtype=torch.float32, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(h, t, d, generator=gen, device=device).to(dtype)
+    k = torch.randn(hkv, length, d, generator=gen, device=device).to(dtype)
+    v = torch.randn(hkv, length, d, generator=gen, device=device).to(dtype)
+    return q, k, v
+
+
+# lengths cross chunk (16/64) edges; one token is decode; GQA groups 1, 2, 4; with and without a state
+@pytest.mark.parametrize("h, hkv, t, d, with_state", [
+    (2, 2, 1, 16, True), (2, 2, 15, 16, False), (4, 2, 17, 32, True), (2, 1, 64, 16, True),
+    (4, 4, 65, 16, False), (4, 1, 130, 32, True),
+])
+def test_lightning_kernel_matches_reference(h, hkv, t, d, with_state):
+    gen = torch.Generator().manual_seed(t * 7 + h)
+    q, k, v = (torch.randn(n, t, d, generator=gen) for n in (h, hkv, hkv))
+    log_decay = -torch.rand(h, generator=gen) * 0.7 - 1e-3
+    state = torch.randn(h, d, d, generator=gen) if with_state else None
+    out, new_state = lightning_attention_triton(q, k, v, log_decay, 0.3, state)
+    ref_out, ref_state = lightning_attention_ref(q, k, v, log_decay, 0.3, state)
+    assert out.dtype == torch.float32 and new_state.dtype == torch.float32
+    assert torch.allclose(out, ref_out, atol=2e-5, rtol=1e-5)
+    assert torch.allclose(new_state, ref_state, atol=2e-5, rtol=1e-5)
+    if state is not None:  # the caller's state is an input, never overwritten
+        assert not torch.equal(new_state, state)
+
+
+def test_lightning_kernel_reads_strided_heads_first_views():
+    """The model hands in q.transpose(0, 1) of a [T, H, D] projection: no copy, same result."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 4, 16, generator=gen)
+    q = k = v = x.transpose(0, 1)
+    assert not q.is_contiguous()
+    log_decay = torch.full((4,), -0.1)
+    got, _ = lightning_attention_triton(q, k, v, log_decay, 0.5)
+    want, _ = lightning_attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), log_decay, 0.5)
+    assert torch.allclose(got, want, atol=2e-5)
+
+
+# positions before and after the first level-2 key (p = 31 at kernel 8), lengths off block edges, decode
+@pytest.mark.parametrize("h, hkv, length, t", [(4, 2, 300, 40), (8, 2, 200, 1), (2, 2, 150, 150), (16, 1, 333, 33),
+                                               (4, 2, 20, 20), (4, 4, 97, 7)])
+def test_block_selection_kernel_equals_reference(h, hkv, length, t):
+    q, k, _ = _sparse_inputs(h, hkv, length, t, 16, seed=length + t)
+    k1 = compress_keys(k, SMALL.kernel_size, SMALL.kernel_stride)
+    k2 = compress_keys(k, 4 * SMALL.kernel_size, 4 * SMALL.kernel_stride)
+    got = select_blocks_triton(q, k1, k2, length - t, SMALL, 0.3)
+    assert torch.equal(got, select_blocks_ref(q, k1, k2, length - t, SMALL, 0.3))
+
+
+def test_block_selection_kernel_breaks_ties_toward_the_lower_block_like_the_reference():
+    """Identical keys give identical block scores: the tie-break decides everything. Small integers and a
+    power-of-two scale make every dot product exact, so the scores tie bit for bit in any summation order."""
+    q = torch.randint(-2, 3, (4, 5, 16), generator=torch.Generator().manual_seed(9)).float()
+    k = torch.ones(2, 400, 16)
+    k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    got = select_blocks_triton(q, k1, k2, 395, SMALL, 0.25)
+    assert torch.equal(got, select_blocks_ref(q, k1, k2, 395, SMALL, 0.25))
+    assert got[0, 0, 0].item() == 0 and got[0, 0, 1].item() == 1  # block 0 forced, then the lowest ids
+
+
+def test_block_selection_kernel_splits_long_query_runs_into_tiles():
+    q, k, _ = _sparse_inputs(4, 2, 260, 100, 16, seed=4)
+    k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    tiled = select_blocks_triton(q, k1, k2, 160, SMALL, 0.3, query_tile=32)
+    assert torch.equal(tiled, select_blocks_ref(q, k1, k2, 160, SMALL, 0.3))
+
+
+def test_union_of_selections_lists_each_block_once_with_the_queries_that_chose_it():
+    idx = torch.tensor([[[0, 3, -1], [0, 2, 3], [5, -1, -1]]], dtype=torch.int32)  # 1 group, 3 queries
+    union, bits, count = union_of_selections(idx, 2)
+    assert count.tolist() == [[3, 1]]
+    assert union[0, 0, :3].tolist() == [0, 2, 3] and union[0, 1, 0].item() == 5
+    assert bits[0, 0, :3].tolist() == [0b11, 0b10, 0b11] and bits[0, 1, 0].item() == 0b01
+
+
+@pytest.mark.parametrize("h, hkv, length, t, d", [(4, 2, 300, 40, 16), (8, 2, 200, 1, 32), (2, 2, 150, 150, 16),
+                                                  (16, 1, 333, 33, 16), (4, 4, 97, 7, 16)])
+def test_block_sparse_attention_kernel_matches_reference(h, hkv, length, t, d):
+    q, k, v = _sparse_inputs(h, hkv, length, t, d, seed=length * t)
+    k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    idx = select_blocks_ref(q, k1, k2, length - t, SMALL, 0.3)
+    got = block_sparse_attention_triton(q, k, v, idx, length - t, 16, 0.3)
+    assert torch.allclose(got, block_sparse_attention_ref(q, k, v, idx, length - t, 16, 0.3), atol=1e-5)
+
+
+def test_block_sparse_attention_kernel_over_a_compact_buffer():
+    q, k, v = _sparse_inputs(4, 2, 100, 20, 16, seed=5)
+    idx = torch.full((2, 20, 3), -1, dtype=torch.int32)
+    idx[0, :, 0], idx[0, :, 1], idx[0, 10:, 2], idx[1, :, 0], idx[1, :, 1] = 0, 5, 6, 2, 6
+    origin = torch.tensor([6, 0, 2, 5])
+    gather = torch.cat([torch.arange(b * 16, b * 16 + 16).clamp(max=99) for b in origin.tolist()])
+    where = {b: c for c, b in enumerate(origin.tolist())}
+    cidx = idx.clone().apply_(lambda b: where[b] if b >= 0 else -1)
+    got = block_sparse_attention_triton(q, k[:, gather], v[:, gather], cidx, 80, 16, 0.4, block_pos=origin)
+    assert torch.allclose(got, block_sparse_attention_ref(q, k, v, idx, 80, 16, 0.4), atol=1e-5)
+
+
+def test_tiny_sala_model_through_every_triton_kernel_equals_the_reference_path(tmp_path):
+    """The whole model (8 layers: lightning, dense and InfLLM-V2 sparse) with kernels forced to Triton."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sala_tiny import write_tiny_checkpoint
+
+    from engine.loader import load_model
+
+    tiny = load_model(str(write_tiny_checkpoint(tmp_path / "tiny")), device="cpu", dtype=torch.float32)
+    ids = torch.randint(5, 320, (150,), generator=torch.Generator().manual_seed(0))
+    with kernels.use("ref"):
+        ref_cache = tiny.new_cache()
+        ref = torch.cat([tiny.model(ids[:100], ref_cache), tiny.model(ids[100:], ref_cache)])
+    with kernels.use("triton"):
+        cache = tiny.new_cache()
+        got = torch.cat([tiny.model(ids[:100], cache), tiny.model(ids[100:101], cache), tiny.model(ids[101:], cache)])
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+# ---- on the GPU, bf16, the 9B model's shapes ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 63, 4096 + 17])
+def test_lightning_kernel_bf16_on_gpu(t):
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    q, k, v = (torch.randn(32, t, 128, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.3 for _ in range(3))
+    log_decay = -torch.tensor([2 ** (-8 * (i + 1) / 32) for i in range(32)], device="cuda")
+    state = torch.randn(32, 128, 128, device="cuda") * 0.1
+    out, new_state = lightning_attention_triton(q, k, v, log_decay, 128**-0.5, state)
+    ref_out, ref_state = lightning_attention_ref(q, k, v, log_decay, 128**-0.5, state)
+    scale_o, scale_s = ref_out.abs().max().item(), ref_state.abs().max().item()
+    assert (out.float() - ref_out).abs().max().item() < 2e-2 * scale_o
+    assert (new_state - ref_state).abs().max().item() < 1e-2 * scale_s
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length, t", [(20000, 1), (20000, 2048), (70000, 333)])
+def test_sparse_kernels_bf16_on_gpu_at_9b_shapes(length, t):
+    p = SparseParams()  # MiniCPM-SALA's: block 64, kernel 32/16, top-64 + 32 local
+    q, k, v = _sparse_inputs(32, 2, length, t, 128, device="cuda", dtype=torch.bfloat16, seed=t)
+    k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
+    scale = 128**-0.5
+    got = select_blocks_triton(q, k1, k2, length - t, p, scale)
+    want = select_blocks_ref(q, k1, k2, length - t, p, scale)
+    assert (got != want).float().mean().item() < 1e-3  # fp32 sums in another order: only near-ties may differ
+    out = block_sparse_attention_triton(q, k, v, want, length - t, 64, scale)
+    ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), want, length - t, 64, scale)
+    assert (out.float() - ref).abs().max().item() < 2e-2
