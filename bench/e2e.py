@@ -104,12 +104,38 @@ def copy_bandwidth(device: str) -> float:
 
 
 def cache_read_bytes_per_token(cache) -> int:
-    """Upper bound of state bytes a decode step reads: every tensor of every layer cache."""
-    tensors, _ = cache.state()
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """State bytes a decode step must read: every Lightning state, every compressed key (the selection scores
+    them all), and of the sparse layers' K/V only the selected blocks (a dense KV cache is read whole)."""
+    total = 0
+    for layer in cache.layers:
+        params = getattr(layer, "params", None)
+        for name, t in layer.state().items():
+            if params is not None and name in ("keys", "values"):
+                tokens = min(t.shape[1], params.selected * params.block_size)
+                if layer.length + 1 < params.dense_len:
+                    tokens = t.shape[1]
+                total += t.shape[0] * tokens * t.shape[2] * t.element_size()
+            else:
+                total += t.numel() * t.element_size()
+    return total
 
 
-def run_one(model, context: int, chunk: int, decode_tokens: int, time_cap: float, device: str) -> dict:
+def profile_decode(model, cache, token, path: Path) -> None:
+    """Where a decode step's time goes: the profiler's table for 3 steps (CUDA kernels and CPU ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            token = model(token, cache)[-1].argmax().view(1)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+    path.write_text(f"CUDA kernel launches in 3 decode steps: {kernels}\n\n{table}")
+    print(f"decode profile → {path}: {kernels / 3:.0f} kernel launches per token")
+
+
+def run_one(model, context: int, chunk: int, decode_tokens: int, time_cap: float, device: str,
+            profile_to: Path | None = None) -> dict:
     from engine.generate import Cancelled, prefill
 
     if device == "cuda":
@@ -142,6 +168,8 @@ def run_one(model, context: int, chunk: int, decode_tokens: int, time_cap: float
             token = model(token, cache)[-1].argmax().view(1)
         sync(device)
         decode_ms = (time.perf_counter() - t) / decode_tokens * 1000
+        if profile_to is not None:
+            profile_decode(model, cache, token, profile_to)
     except torch.OutOfMemoryError:
         return {"status": "out of memory in decode", "prefill_seconds": prefill_s}
     result = {
@@ -165,6 +193,7 @@ def main() -> None:
     parser.add_argument("--quant-context", type=int, default=32768)
     parser.add_argument("--out", default="bench/results/e2e.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script runs")
+    parser.add_argument("--profile", action="store_true", help="profile decode at the longest context (CUDA)")
     args = parser.parse_args()
     global SMOKE
     SMOKE = args.smoke
@@ -185,7 +214,10 @@ def main() -> None:
             if failed:
                 report["runs"][name]["contexts"][context] = {"status": "skipped: a shorter context already failed"}
                 continue
-            r = run_one(model, context, args.chunk, args.decode_tokens, args.time_cap, device)
+            profile_to = None
+            if args.profile and device == "cuda" and context == args.contexts[-1]:
+                profile_to = out.with_name(f"{out.stem}_{name}_{context}_decode_profile.txt")
+            r = run_one(model, context, args.chunk, args.decode_tokens, args.time_cap, device, profile_to)
             if r["status"] == "ok":
                 bound_ms = (wbytes + r["state_bytes"]) / bw * 1000
                 r["decode_bound_ms"] = bound_ms

@@ -111,6 +111,16 @@ def test_block_sparse_attention_kernel_matches_reference(h, hkv, length, t, d):
     assert torch.allclose(got, block_sparse_attention_ref(q, k, v, idx, length - t, 16, 0.3), atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [2, 5])
+def test_block_sparse_attention_kernel_split_over_programs_merges_to_the_same_result(splits):
+    """Decode splits a tile's blocks over programs and merges the partial softmaxes by log-sum-exp."""
+    q, k, v = _sparse_inputs(8, 2, 300, 3, 16, seed=splits)
+    k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    idx = select_blocks_ref(q, k1, k2, 297, SMALL, 0.3)
+    got = block_sparse_attention_triton(q, k, v, idx, 297, 16, 0.3, splits=splits)
+    assert torch.allclose(got, block_sparse_attention_ref(q, k, v, idx, 297, 16, 0.3), atol=1e-5)
+
+
 def test_block_sparse_attention_kernel_over_a_compact_buffer():
     q, k, v = _sparse_inputs(4, 2, 100, 20, 16, seed=5)
     idx = torch.full((2, 20, 3), -1, dtype=torch.int32)

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# the length changes every call: one compiled kernel for all lengths, not one per divisibility class
+@triton.jit(do_not_specialize=["T"])
 def _lightning_kernel(
     Q, K, V, G, S_in, O, S_out, T, scale,
     sqh, sqt, skh, skt, svh, svt, soh, sot,
@@ -62,7 +63,7 @@ def _lightning_kernel(
 
 
 def lightning_attention_triton(q, k, v, log_decay, scale: float, state=None, chunk: int | None = None,
-                               block_v: int | None = None, num_warps: int | None = None, num_stages: int = 2):
+                               block_v: int | None = None, num_warps: int | None = None, num_stages: int = 3):
     """q [H, T, D], k/v [Hkv, T, D] (last dim contiguous), log_decay [H], state [H, D, D] fp32 or None.
 
     Returns (o, state): o [H, T, D] in q's dtype (fp32 for fp32 inputs), state fp32. The tuning knobs are

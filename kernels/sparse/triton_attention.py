@@ -15,14 +15,15 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# lengths and positions change every decode step: compile once, not once per divisibility class
+@triton.jit(do_not_specialize=["T", "length", "q_pos0"])
 def _block_sparse_kernel(
-    Q, K, V, O, UNION, BITS, COUNT, BLOCK_POS, T, length, q_pos0, scale,
+    Q, K, V, O, PART_LSE, UNION, BITS, COUNT, BLOCK_POS, T, length, q_pos0, scale,
     sqh, sqt, skh, skt, svh, svt, soh, sot, s_uh, s_ut,
     GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_BLOCK_POS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BLOCK_POS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile, g = tl.program_id(0), tl.program_id(1)
+    tile, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, GROUP * BQ)
     head = g * GROUP + rows // BQ
     local = rows % BQ
@@ -37,7 +38,7 @@ def _block_sparse_kernel(
     acc = tl.zeros((GROUP * BQ, D), tl.float32)
     count = tl.load(COUNT + g * tl.num_programs(0) + tile)
     base = g * s_uh + tile * s_ut
-    for u in range(count):
+    for u in range(split, count, SPLITS):  # with SPLITS > 1 (decode) programs share the blocks
         block = tl.load(UNION + base + u)
         bits = tl.load(BITS + base + u)
         member = ((bits >> local) & 1) == 1
@@ -59,6 +60,10 @@ def _block_sparse_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    if SPLITS > 1:  # partial results, merged by their log-sum-exp on the host side
+        O += split * tl.num_programs(1) * GROUP * T * D
+        lse = tl.where(l_sum == 0.0, float("-inf"), m + tl.log(l_sum))
+        tl.store(PART_LSE + (split * tl.num_programs(1) * GROUP + head) * T + qi, lse, mask=valid)
     tl.store(O + head[:, None] * soh + qi[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=valid[:, None])
 
@@ -95,7 +100,8 @@ def union_of_selections(idx: torch.Tensor, bq: int):
 
 
 def block_sparse_attention_triton(q, k, v, idx, q_pos0: int, block_size: int, scale: float,
-                                  block_pos: torch.Tensor | None = None, query_tile: int | None = None):
+                                  block_pos: torch.Tensor | None = None, query_tile: int | None = None,
+                                  splits: int | None = None):
     heads, t, d = q.shape
     kv_heads, length, _ = k.shape
     group = heads // kv_heads
@@ -103,13 +109,23 @@ def block_sparse_attention_triton(q, k, v, idx, q_pos0: int, block_size: int, sc
     bq = query_tile or _tile_queries(group, t)
     assert bq <= 31, "the per-block query bitmask is an int32"
     union, bits, count = union_of_selections(idx, bq)
-    out = torch.empty_like(q)
+    # few query tiles (decode) would leave most of the GPU idle: split each tile's blocks over programs
+    splits = splits or (1 if union.shape[1] * kv_heads >= 64 else 16)
+    if splits == 1:
+        out, part_lse = torch.empty_like(q), count
+    else:
+        out = torch.empty(splits, heads, t, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(splits, heads, t, dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     positions = block_pos.to(device=q.device, dtype=torch.int32).contiguous() if block_pos is not None else count
-    _block_sparse_kernel[(union.shape[1], kv_heads)](
-        q, k, v, out, union, bits, count, positions, t, length, q_pos0, float(scale),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+    _block_sparse_kernel[(union.shape[1], kv_heads, splits)](
+        q, k, v, out, part_lse, union, bits, count, positions, t, length, q_pos0, float(scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(-3), out.stride(-2),
         union.stride(0), union.stride(1),
-        GROUP=group, BQ=bq, D=d, BLOCK=block_size, HAS_BLOCK_POS=block_pos is not None, PRECISION=precision,
+        GROUP=group, BQ=bq, D=d, BLOCK=block_size, HAS_BLOCK_POS=block_pos is not None, SPLITS=splits,
+        PRECISION=precision,
     )
-    return out
+    if splits == 1:
+        return out
+    weight = torch.softmax(part_lse, dim=0).nan_to_num(0.0)  # splits that saw nothing weigh 0
+    return (out * weight[..., None]).sum(0).to(q.dtype)

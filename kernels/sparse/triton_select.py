@@ -18,14 +18,16 @@ import triton.language as tl
 from kernels.sparse.params import SparseParams
 
 
-@triton.jit
+# lengths and positions change every decode step: compile once, not once per divisibility class
+@triton.jit(do_not_specialize=["T", "n1", "n2", "q_pos0"])
 def _lse_kernel(
     Q, K1, K2, LSE, T, n1, n2, q_pos0, scale, sqh, sqt, sk1h, sk1t, sk2h, sk2t,
     GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-    KERNEL: tl.constexpr, STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+    KERNEL: tl.constexpr, STRIDE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """lse[h, t] over visible level-2 keys (level-1 keys while no level-2 key is visible yet)."""
-    tile, g = tl.program_id(0), tl.program_id(1)
+    """lse[h, t] over visible level-2 keys (level-1 keys while no level-2 key is visible yet). With SPLITS > 1
+    program `split` covers every SPLITS-th tile of keys and LSE is [SPLITS, H, T] partials."""
+    tile, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, GROUP * BQ)
     head = g * GROUP + rows // BQ
     qi = tile * BQ + rows % BQ
@@ -35,7 +37,7 @@ def _lse_kernel(
     q = tl.load(Q + head[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :], mask=valid[:, None], other=0.0)
     m = tl.full((GROUP * BQ,), float("-inf"), tl.float32)
     s_sum = tl.zeros((GROUP * BQ,), tl.float32)
-    for start in range(0, n2, BN):
+    for start in range(split * BN, n2, SPLITS * BN):
         cols = start + tl.arange(0, BN)
         k = tl.load(K2 + g * sk2h + cols[:, None] * sk2t + offs_d[None, :], mask=cols[:, None] < n2, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -50,7 +52,7 @@ def _lse_kernel(
     if q_pos0 + tile * BQ < 4 * KERNEL - 1:
         m1 = tl.full((GROUP * BQ,), float("-inf"), tl.float32)
         s1_sum = tl.zeros((GROUP * BQ,), tl.float32)
-        for start in range(0, n1, BN):
+        for start in range(split * BN, n1, SPLITS * BN):
             cols = start + tl.arange(0, BN)
             k = tl.load(K1 + g * sk1h + cols[:, None] * sk1t + offs_d[None, :], mask=cols[:, None] < n1, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -61,10 +63,10 @@ def _lse_kernel(
             s1_sum = s1_sum * tl.exp(m1 - safe) + tl.sum(tl.exp(s - safe[:, None]), 1)
             m1 = m_new
         lse = tl.where(pos + 1 >= 4 * KERNEL, lse, m1 + tl.log(s1_sum))
-    tl.store(LSE + head * T + qi, lse, mask=valid)
+    tl.store(LSE + (split * tl.num_programs(1) * GROUP + head) * T + qi, lse, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n1", "n_blocks", "q_pos0"])
 def _score_kernel(
     Q, K1, LSE, KEYS, T, n1, n_blocks, q_pos0, scale, sqh, sqt, sk1h, sk1t, skeyh, skeyt,
     GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
@@ -127,12 +129,16 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
         qs = q[:, begin : begin + query_tile]
         n, pos0 = qs.shape[1], q_pos0 + begin
         n_blocks = (pos0 + n - 1) // p.block_size + 1
-        lse = torch.empty(heads, n, dtype=torch.float32, device=q.device)
-        _lse_kernel[(triton.cdiv(n, bq), kv_heads)](
+        tiles = triton.cdiv(n, bq)
+        splits = 1 if tiles * kv_heads >= 64 else 32  # decode: spread the keys over programs
+        lse = torch.empty(splits, heads, n, dtype=torch.float32, device=q.device)
+        _lse_kernel[(tiles, kv_heads, splits)](
             qs, k1, k2, lse, n, n1, n2, pos0, float(scale), qs.stride(0), qs.stride(1),
             k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
-            GROUP=group, BQ=bq, D=d, BN=64, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, PRECISION=precision,
+            GROUP=group, BQ=bq, D=d, BN=64, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, SPLITS=splits,
+            PRECISION=precision,
         )
+        lse = lse[0] if splits == 1 else torch.logsumexp(lse, dim=0)
         keys = torch.empty(kv_heads, n, n_blocks, dtype=torch.int64, device=q.device)
         nb = 64
         _score_kernel[(triton.cdiv(n_blocks, nb), triton.cdiv(n, bq), kv_heads)](
