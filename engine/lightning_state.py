@@ -26,7 +26,8 @@ class LightningState:
 
     def step(self, q, k, v, log_decay: torch.Tensor, scale: float) -> torch.Tensor:
         """Run q, k, v [H, T, D] through the recurrence from the current state; keep the new state."""
-        out, self.recurrent = lightning_attention(q, k, v, log_decay, scale, self.recurrent)
+        out, new = lightning_attention(q, k, v, log_decay, scale, self.recurrent)
+        self.recurrent.copy_(new)  # in place: a decode CUDA graph holds this tensor's address
         self._length += q.shape[1]
         return out
 

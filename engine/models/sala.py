@@ -230,6 +230,14 @@ class SalaForCausalLM(nn.Module):
                 layers.append(LightningState(a.lightning_nh, a.lightning_head_dim, p.device))
         return ModelCache(layers=layers)
 
+    def _decode_graphs(self):
+        """CUDA graphs for decode through the Lightning layers (engine/decode_graphs.py), made on first use."""
+        from engine import decode_graphs
+
+        if not hasattr(self, "_graphs"):
+            self._graphs = decode_graphs.LightningGraphs(self.model.layers) if decode_graphs.enabled_for(self) else None
+        return self._graphs
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         a = self.args
@@ -240,8 +248,17 @@ class SalaForCausalLM(nn.Module):
             "sparse": rope_cos_sin(positions, a.hidden_size // a.num_attention_heads, a.rope_theta),
         }
         h = self.model.embed_tokens(ids) * a.scale_emb
-        for layer, layer_cache in zip(self.model.layers, cache.layers):
-            h = layer(h, rope, layer_cache, pos0)
+        layers = self.model.layers
+        graphs = self._decode_graphs() if ids.shape[0] == 1 and h.is_cuda else None
+        i = 0
+        while i < len(layers):
+            if graphs is not None and not layers[i].sparse:
+                end = next((j for j in range(i, len(layers)) if layers[j].sparse), len(layers))
+                h = graphs.run(i, end, h, *rope["lightning"], cache)
+                i = end
+            else:
+                h = layers[i](h, rope, cache.layers[i], pos0)
+                i += 1
         cache.position = pos0 + ids.shape[0]
         h = self.model.norm(h)
         if a.dim_model_base:
