@@ -80,6 +80,9 @@ def union_of_selections(idx: torch.Tensor, bq: int):
     kv_heads, t, k = idx.shape
     tiles = -(-t // bq)
     sentinel = torch.iinfo(torch.int32).max
+    if bq == 1:  # decode: a selection is already sorted and distinct, -1 padding last; every bit is set
+        union = torch.where(idx >= 0, idx, sentinel).to(torch.int32).contiguous()
+        return union, torch.ones_like(union), (idx >= 0).sum(-1).to(torch.int32).contiguous()
     padded = torch.full((kv_heads, tiles * bq, k), -1, dtype=torch.int32, device=idx.device)
     padded[:, :t] = idx
     sel = padded.view(kv_heads, tiles, bq, k)
