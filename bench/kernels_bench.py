@@ -60,9 +60,9 @@ def bench_lightning(lengths, sweep: bool) -> list[dict]:
         q, k, v = (torch.randn(H, t, D, device="cuda", dtype=torch.bfloat16) * 0.3 for _ in range(3))
         state = torch.zeros(H, D, D, device="cuda")
         row = {"op": "lightning", "tokens": t}
-        configs = [(64, 32, 4, 2)]
+        configs = [(64, 32, 4, 3)]
         if sweep:
-            configs = [(c, bv, w, s) for c in (64, 128) for bv in (32, 64) for w in (4, 8) for s in (1, 2, 3)]
+            configs = [(64, bv, w, s) for bv in (16, 32, 64) for w in (2, 4, 8) for s in (2, 3, 4)]
         best = None
         for c, bv, w, s in configs:
             try:

@@ -43,7 +43,9 @@ class LightningGraphs:
         self.pool = None
 
     def _forget(self, cache) -> None:
-        self.cache_id, self.captured, self.warm = id(cache), {}, set()
+        # a fresh memory pool too: capturing into the pool of graphs that were just freed is not allowed
+        self.captured.clear()
+        self.cache_id, self.warm, self.pool = id(cache), set(), None
 
     def run(self, start: int, end: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         """Layers start..end-1 (all Lightning) on one token; returns the hidden state after them."""
