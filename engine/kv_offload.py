@@ -20,6 +20,7 @@ HEADROOM_BLOCKS = 4  # the tail is shifted only when full: at most once per this
 
 
 class OffloadedKV:
+    HOT_LIMIT_BLOCKS = 512  # fetched blocks kept for the next call: a decode step's selection, not a prefill's
     def __init__(self, n_kv_heads: int, head_dim: int, block_size: int, resident_blocks: int,
                  dtype: torch.dtype, device: torch.device | str):
         if resident_blocks < 1:
@@ -35,6 +36,9 @@ class OffloadedKV:
         self.length = 0
         self._staging = torch.empty(0, dtype=dtype, pin_memory=self.pinned)
         self.fetched_blocks = 0  # blocks copied up from host memory so far (benchmarks, tests)
+        self.reused_blocks = 0  # host-only blocks found on the device, fetched by the previous call
+        self._hot = self.tail[:, :, :0].unflatten(2, (0, block_size))
+        self._hot_ids = torch.empty(0, dtype=torch.int64)
 
     @property
     def max_tail_blocks(self) -> int:
@@ -43,7 +47,7 @@ class OffloadedKV:
 
     @property
     def device_bytes(self) -> int:
-        return self.tail.numel() * self.tail.element_size()
+        return (self.tail.numel() + self._hot.numel()) * self.tail.element_size()
 
     def _host_ready(self) -> None:
         """Non-blocking write-through copies into host memory must land before the CPU reads it."""
@@ -109,16 +113,7 @@ class OffloadedKV:
         n_off = int(torch.searchsorted(listed, first_resident))
         parts = []
         if n_off:
-            self._host_ready()
-            shape = (*self.host.shape[:2], n_off, b, self.host.shape[3])
-            numel = shape[0] * shape[1] * n_off * b * shape[4]
-            if self._staging.numel() < numel:
-                self._staging = torch.empty(numel * 5 // 4, dtype=self.host.dtype, pin_memory=self.pinned)
-            staging = self._staging[:numel].view(shape)
-            host_blocks = self.host[:, :, : first_resident * b].unflatten(2, (first_resident, b))
-            torch.index_select(host_blocks, 2, listed[:n_off], out=staging)
-            parts.append(staging.to(self.device, non_blocking=True))
-            self.fetched_blocks += n_off
+            parts.append(self._offloaded_blocks(listed[:n_off].long()))
         if n_off < union.numel():
             tail_blocks = self.tail.unflatten(2, (self.tail.shape[2] // b, b))
             parts.append(tail_blocks.index_select(2, union[n_off:] - first_resident))
@@ -129,6 +124,38 @@ class OffloadedKV:
         renumbered = torch.searchsorted(union, idx, out_int32=idx.dtype == torch.int32)
         compact_idx = torch.where(idx >= 0, renumbered, -1).to(idx.dtype)
         return kv[:, :, :length], compact_idx, union
+
+    def _offloaded_blocks(self, wanted: torch.Tensor) -> torch.Tensor:
+        """[2, Hkv, n, B, D] on the device for the host-only blocks `wanted` (sorted, CPU): those the last
+        call fetched are still on the device (consecutive decode steps select mostly the same blocks); only
+        the others cross the bus, gathered into pinned staging and copied up in one transfer."""
+        b, (two, heads, _, d) = self.block_size, self.host.shape
+        present = torch.isin(wanted, self._hot_ids)
+        missing = wanted[~present]
+        out = None if len(missing) == len(wanted) else self.tail.new_empty(two, heads, len(wanted), b, d)
+        if len(missing):
+            self._host_ready()
+            numel = two * heads * len(missing) * b * d
+            if self._staging.numel() < numel:
+                self._staging = torch.empty(numel * 5 // 4, dtype=self.host.dtype, pin_memory=self.pinned)
+            staging = self._staging[:numel].view(two * heads, len(missing), b * d)
+            blocks = self.host.view(two * heads, -1, b * d)  # a view: the host buffer holds whole blocks
+            torch.index_select(blocks, 1, missing, out=staging)
+            # copy=True: on a CPU "device" .to would alias the staging buffer that the next call overwrites
+            fresh = staging.view(two, heads, len(missing), b, d).to(self.device, non_blocking=True, copy=True)
+            if out is None:
+                out = fresh
+            else:
+                out[:, :, (~present).nonzero().squeeze(1).to(self.device)] = fresh
+            self.fetched_blocks += len(missing)
+        if bool(present.any()):
+            slots = torch.searchsorted(self._hot_ids, wanted[present])
+            out[:, :, present.nonzero().squeeze(1).to(self.device)] = self._hot[:, :, slots.to(self.device)]
+            self.reused_blocks += int(present.sum())
+        # keep what this call needed for the next one, unless it is a prefill chunk's large union
+        keep = len(wanted) <= self.HOT_LIMIT_BLOCKS
+        self._hot, self._hot_ids = (out, wanted) if keep else (out[:, :, :0], wanted[:0])
+        return out
 
     def host_state(self) -> torch.Tensor:
         """[2, Hkv, length, D]: every token, a view of host memory."""

@@ -1,6 +1,7 @@
 """Sparse KV kept mostly in host memory and fetched when selected gives exactly what an all-resident cache gives,
 while the device holds a bounded tail; its state saves, resumes and round-trips like the resident cache."""
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -81,8 +82,10 @@ def test_offloaded_logits_equal_resident_one_shot_chunked_and_token_by_token(tin
         for layer in sparse_layers(cache):  # the device never holds more than the budget
             assert layer.offloaded.tail.shape[2] == (resident_blocks + HEADROOM_BLOCKS) * p.block_size
             assert layer.keys.numel() == 0
+            assert layer.offloaded._hot.shape[2] <= p.selected * 2  # last step's fetches: one selection a head
     fetched = sum(layer.offloaded.fetched_blocks for layer in sparse_layers(cache))
     assert fetched > 0  # selection did reach blocks that were only in host memory
+    assert sum(layer.offloaded.reused_blocks for layer in sparse_layers(cache)) > 0  # and kept them a step
     assert_same_state(cache, reference)
 
 
@@ -152,3 +155,15 @@ def test_session_read_with_offload_saves_incrementally_and_resumes_exactly(tiny,
     assert sum(layer.offloaded.fetched_blocks for layer in sparse_layers(offloaded.cache)) > 0
     probe = torch.tensor([5, 17, 42, 99])
     assert torch.equal(tiny.model(probe, restored.cache), tiny.model(probe, plain.cache))
+
+
+def test_offload_bench_smoke_measures_both_and_writes_json(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    import offload_bench
+
+    out = tmp_path / "offload.json"
+    result = offload_bench.main(["--device", "cpu", "--smoke", "--steps", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["decode_ms"].keys() == {"resident", "offloaded", "offloaded_drifting"}
+    assert saved["layer_kv_gpu_bytes"]["offloaded"] < saved["layer_kv_gpu_bytes"]["resident"] / 2
+    assert result["fetched_blocks_per_step"] > 0 and result["model_gpu_gb_saved_9b"] > 0
