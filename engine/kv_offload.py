@@ -70,6 +70,11 @@ class OffloadedKV:
         self.tail[:, :, self.length - self.tail_start : need - self.tail_start] = kv
         self.length = need
 
+    def reserve(self, tokens: int) -> None:
+        """Size host memory for `tokens` at once (a restored cache): one pinned allocation, not dozens."""
+        if tokens > self.host.shape[2]:
+            self._grow_host(tokens, exact=True)
+
     def trim(self) -> None:
         """After a chunk larger than the budget: give the device memory back, keeping the newest blocks."""
         if self.tail.shape[2] > self.max_tail_blocks * self.block_size:
@@ -82,9 +87,9 @@ class OffloadedKV:
         tail[:, :, : kept.shape[2]] = kept
         self.tail, self.tail_start = tail, start
 
-    def _grow_host(self, need: int) -> None:
+    def _grow_host(self, need: int, exact: bool = False) -> None:
         step = self.block_size * 16
-        capacity = -(-max(need, self.host.shape[2] * 5 // 4) // step) * step
+        capacity = -(-(need if exact else max(need, self.host.shape[2] * 5 // 4)) // step) * step
         self._host_ready()  # the old buffer may still be receiving
         host = torch.empty(*self.host.shape[:2], capacity, self.host.shape[3], dtype=self.host.dtype,
                            pin_memory=self.pinned)

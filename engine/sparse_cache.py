@@ -152,6 +152,8 @@ class SparseKVCache:
         self.k1, self.k2 = self.k1[:, :0], self.k2[:, :0]
         device = self.k1.device
         step = keys.shape[1] if self.offloaded is None else self.offloaded.max_tail_blocks * self.params.block_size
+        if self.offloaded is not None:
+            self.offloaded.reserve(keys.shape[1])
         for begin in range(0, keys.shape[1], max(step, 1)):
             self.append(keys[:, begin : begin + step].to(device), values[:, begin : begin + step].to(device))
         if self.offloaded is not None:
