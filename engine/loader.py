@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,15 @@ class LoadedModel:
     dtype: torch.dtype
     sparse: object | None = None  # SparseParams for a Llama model reading past its trained length
     asks_for_citations: bool = True  # whether the system prompt tells the model to cite anchors
+    kv_gpu_gb: float | None = None  # sparse layers' K/V kept on the device; the rest in host memory
 
     def new_cache(self):
-        if self.sparse is not None:
-            return self.model.new_cache(sparse=self.sparse)
-        return self.model.new_cache()
+        cache = self.model.new_cache(sparse=self.sparse) if self.sparse is not None else self.model.new_cache()
+        if self.kv_gpu_gb is not None:
+            from engine.sparse_cache import limit_device_kv
+
+            limit_device_kv(cache, self.kv_gpu_gb)
+        return cache
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -81,7 +86,15 @@ def load_model(
     dtype: torch.dtype | None = None,
     quant: str | None = None,
     sparse: bool = False,
+    kv_gpu_gb: float | None = None,
 ) -> LoadedModel:
+    """`kv_gpu_gb` (default: $SALACHAT_KV_GPU_GB) bounds the device memory of the sparse layers' K/V: older
+    blocks stay in pinned host memory and are fetched when selected (engine/kv_offload.py)."""
+    if kv_gpu_gb is None and os.environ.get("SALACHAT_KV_GPU_GB"):
+        try:
+            kv_gpu_gb = float(os.environ["SALACHAT_KV_GPU_GB"])
+        except ValueError:
+            raise ModelLoadError(f"SALACHAT_KV_GPU_GB={os.environ['SALACHAT_KV_GPU_GB']!r} is not a number of GB") from None
     path = resolve_spec(spec)
     dev = pick_device(device)
     dtype = dtype or default_dtype(dev)
@@ -109,6 +122,12 @@ def load_model(
 
         loaded.sparse = default_sparse_params_for(loaded.model.args.max_position_embeddings)
         loaded.fingerprint += "+sparse"
+    if kv_gpu_gb is not None:
+        loaded.kv_gpu_gb = kv_gpu_gb
+        try:
+            loaded.new_cache()  # a budget below one block per layer is refused here, not mid-reading
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     return loaded
 
 

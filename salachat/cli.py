@@ -39,10 +39,20 @@ def main_options(
     data_dir: Annotated[
         Optional[Path], typer.Option("--data-dir", help="Where salachat keeps models, sessions and caches.")
     ] = None,
+    kv_gpu_gb: Annotated[
+        Optional[float], typer.Option(
+            "--kv-gpu-gb", min=0.0, envvar="SALACHAT_KV_GPU_GB",
+            help="GPU memory for the sparse layers' KV cache; older blocks wait in host memory and are fetched "
+                 "when selected (for contexts larger than the GPU).")
+    ] = None,
 ) -> None:
+    import os
+
     from salachat.paths import set_data_dir
 
     set_data_dir(data_dir)
+    if kv_gpu_gb is not None:  # read by engine.loader.load_model, whichever command loads the model
+        os.environ["SALACHAT_KV_GPU_GB"] = str(kv_gpu_gb)
 
 
 def _load(model: str | None, device: str, quant: str | None, sparse: bool):

@@ -167,3 +167,30 @@ def test_offload_bench_smoke_measures_both_and_writes_json(tmp_path):
     assert saved["decode_ms"].keys() == {"resident", "offloaded", "offloaded_drifting"}
     assert saved["layer_kv_gpu_bytes"]["offloaded"] < saved["layer_kv_gpu_bytes"]["resident"] / 2
     assert result["fetched_blocks_per_step"] > 0 and result["model_gpu_gb_saved_9b"] > 0
+
+
+def test_kv_gpu_budget_from_the_loader_applies_to_new_and_resumed_caches(tiny, tmp_path, monkeypatch):
+    """`salachat --kv-gpu-gb X` reaches the engine through SALACHAT_KV_GPU_GB: every new cache and every
+    resumed session (loaded straight into host memory) keeps only the budget's blocks on the device, with the
+    same logits; a budget below one block is one clear error at load time."""
+    from engine.loader import ModelLoadError
+    from salachat.conversation import Conversation
+    from salachat.sessions import SessionWriter, load_conversation
+
+    folder = Path(tiny.model_id)
+    monkeypatch.setenv("SALACHAT_KV_GPU_GB", "5e-5")
+    budgeted = load_model(str(folder), device="cpu", dtype=torch.float32)
+    assert budgeted.kv_gpu_gb == 5e-5
+    assert all(layer.resident_blocks == 2 for layer in sparse_layers(budgeted.new_cache()))
+    plain = Conversation(tiny, chunk_size=64)
+    plain.set_documents(TEXT)
+    plain.read()
+    writer = SessionWriter(tmp_path / "s", documents=[])
+    writer.save(plain)
+    restored, _ = load_conversation(tmp_path / "s", budgeted)
+    assert all(layer.resident_blocks == 2 for layer in sparse_layers(restored.cache))
+    probe = torch.tensor([5, 17, 42, 99])
+    assert torch.equal(budgeted.model(probe, restored.cache), tiny.model(probe, plain.cache))
+    monkeypatch.setenv("SALACHAT_KV_GPU_GB", "0")
+    with pytest.raises(ModelLoadError, match="below this model's minimum"):
+        load_model(str(folder), device="cpu", dtype=torch.float32)

@@ -173,9 +173,13 @@ def check_model(manifest: dict, loaded, name: str) -> None:
                            f"{str(loaded.dtype).removeprefix('torch.')}: resume on the device it was read on")
 
 
-def load_cache(folder: Path, manifest: dict, device: torch.device | str) -> ModelCache:
+def load_cache(folder: Path, manifest: dict, device: torch.device | str, kv_gpu_gb: float | None = None) -> ModelCache:
     """Rebuild the engine state layer by layer from memory-mapped files; tensors reach `device` one layer at
-    a time, so host RAM never holds a full copy and the device holds one layer's temporaries at most."""
+    a time, so host RAM never holds a full copy and the device holds one layer's temporaries at most.
+    With `kv_gpu_gb` the sparse layers' K/V stays in host memory and only the budget's blocks go to the
+    device, so a session larger than the GPU resumes."""
+    from engine.sparse_cache import SparseKVCache, limit_device_kv
+
     files = {name: load_tensors_mmap(folder / name) for name in manifest["files"] if name.endswith(".safetensors")}
     entries, meta = manifest["cache"]["tensors"], manifest["cache"]["meta"]
     layers = []
@@ -185,13 +189,21 @@ def load_cache(folder: Path, manifest: dict, device: torch.device | str) -> Mode
             if kind not in CACHE_KINDS:
                 raise ValueError(f"unknown cache kind {kind!r} for layer {i}")
             prefix = f"layers.{i}."
-            own = {n[len(prefix):]: assemble(n, e, files, device) for n, e in entries.items() if n.startswith(prefix)}
-            layers.append(CACHE_KINDS[kind].from_state(own, layer_meta))
+            offload = kv_gpu_gb is not None and CACHE_KINDS[kind] is SparseKVCache
+            where = "cpu" if offload else device
+            own = {n[len(prefix):]: assemble(n, e, files, where) for n, e in entries.items() if n.startswith(prefix)}
+            if offload:
+                layers.append(SparseKVCache.from_state(own, layer_meta, resident_blocks=1, device=device))
+            else:
+                layers.append(CACHE_KINDS[kind].from_state(own, layer_meta))
             del own
     except (ValueError, KeyError, RuntimeError) as e:
         raise SessionError(f"session {folder.name!r} holds an engine state this model cannot use ({e}): "
                            "read the documents again") from None
-    return ModelCache(layers=layers, position=int(meta["position"]))
+    cache = ModelCache(layers=layers, position=int(meta["position"]))
+    if kv_gpu_gb is not None:
+        limit_device_kv(cache, kv_gpu_gb)
+    return cache
 
 
 def load_conversation(folder: Path, loaded, verify: bool = True):
@@ -206,7 +218,7 @@ def load_conversation(folder: Path, loaded, verify: bool = True):
     text = json.loads((folder / saved["text_file"]).read_text(encoding="utf-8"))
     conversation = Conversation(loaded, system_prompt=text["system_prompt"], chunk_size=saved["chunk_size"])
     fresh = conversation.cache
-    conversation.cache = load_cache(folder, manifest, loaded.device)
+    conversation.cache = load_cache(folder, manifest, loaded.device, getattr(loaded, "kv_gpu_gb", None))
     if [type(layer) for layer in fresh.layers] != [type(layer) for layer in conversation.cache.layers]:
         raise SessionError(f"session {folder.name!r} has caches of another model's layout: read the documents again")
     conversation.documents_text = text["documents_text"]
