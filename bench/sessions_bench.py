@@ -3,7 +3,7 @@
 Default: the default model on the CPU in fp32. With `--device cuda --config sala9b` a random-weight 9B
 MiniCPM-SALA (bench/e2e.py's SALA_9B, bf16) is built on the GPU, so the lead can measure a GPU-sized state.
 Tokens are random ids (speed does not depend on the text). Measured, in one run:
-  read        reading N tokens in 512-token chunks, no checkpoints (the re-read a session saves)
+  read        reading N tokens in --chunk-token chunks (512 on the CPU, 8192 on a GPU: the app's defaults), no checkpoints (the re-read a session saves)
   read+ckpt   the same with the measured checkpoint policy (salachat.sessions.Checkpointer): overhead, N/save
   save        a full save of the state to a fresh session folder (fsync'd), GB/s
   save+512    an incremental save after 512 more tokens (only the KV tail is written)
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+CHUNK = None  # tokens per reading step; None: the app's default for the device
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -59,7 +60,7 @@ def build_loaded(config: str, device: str, model: str | None) -> LoadedModel:
 
 def queued(loaded: LoadedModel, tokens: int, seed: int = 0) -> Conversation:
     """A conversation with N random token ids queued for reading (no tokenizer needed)."""
-    conversation = Conversation(loaded, system_prompt="", chunk_size=512)
+    conversation = Conversation(loaded, system_prompt="", chunk_size=CHUNK)
     vocab = loaded.model.model.embed_tokens.num_embeddings
     generator = torch.Generator().manual_seed(seed)
     conversation.pending_ids = torch.randint(10, vocab - 1, (tokens,), generator=generator).tolist()
@@ -95,7 +96,10 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write the session (default: a temp folder)")
     parser.add_argument("--skip-checkpointed", action="store_true", help="do not time a second, checkpointed read")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--chunk", type=int, default=None, help="tokens per reading step (default: the app's)")
     args = parser.parse_args()
+    global CHUNK
+    CHUNK = args.chunk
     device = args.device
     loaded = build_loaded(args.config, device, args.model)
     work = Path(tempfile.mkdtemp(prefix="sessions-bench-", dir=args.dir))
