@@ -232,9 +232,10 @@ def models_pull(name: Annotated[str, typer.Argument(help="Model name, e.g. smoll
         raise UserError(str(e), errors.NO_MODEL) from None
 
 
-from salachat import cli_sessions  # registers `sessions` and `resume` on the app above
+from salachat import cli_chat, cli_sessions  # register `chat`, `sessions` and `resume` on the app above
 
 cli_sessions.register(app)
+cli_chat.register(app)
 
 
 def main() -> None:

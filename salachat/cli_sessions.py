@@ -142,6 +142,11 @@ def resume(
 
     folder = _folder(session_id)
     manifest = _manifest(session_id)
+    if question is None:  # the window loads the model and finishes any interrupted reading, with progress
+        from salachat import tui
+
+        raise typer.Exit(tui.run(session_id=session_id, model=model, device=device, max_tokens=max_tokens,
+                                 temperature=temperature))
     loaded = _load_for(manifest, model, device)
     t0 = time.perf_counter()
     try:
@@ -153,9 +158,6 @@ def resume(
     if conversation.pending_ids:
         err.print(f"continuing the reading of session {session_id!r}: {len(conversation.pending_ids):,} tokens left")
         read_with_checkpoints(conversation, writer, quiet=as_json)
-    if question is None:
-        _open_chat(session_id)
-        return
     stats, pieces = Stats(), []
     sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     try:
@@ -172,15 +174,6 @@ def resume(
                           "session_load_seconds": round(load_seconds, 4), **stats.to_dict()}, ensure_ascii=False))
     else:
         out.print()
-
-
-def _open_chat(session_id: str) -> None:
-    try:
-        from salachat import tui
-    except ImportError:
-        raise UserError(f"the chat window is not part of this build yet: ask directly with "
-                        f"`salachat resume {session_id} \"your question\"`", errors.USAGE) from None
-    tui.run(session_id=session_id)
 
 
 @sessions_app.callback()

@@ -8,6 +8,7 @@ from salachat.sessions.catalog import (
     abandoned_before_first_save,
     list_sessions,
     remove_session,
+    rename_session,
     session_folder,
 )
 from salachat.sessions.manifest import SessionError, check_name, read_manifest
@@ -26,5 +27,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "Checkpointer", "SessionError", "SessionSaveError", "SessionWriter", "abandoned_before_first_save",
-    "check_name", "list_sessions", "load_conversation", "read_manifest", "remove_session", "session_folder",
+    "check_name", "list_sessions", "load_conversation", "read_manifest", "remove_session", "rename_session",
+    "session_folder",
 ]

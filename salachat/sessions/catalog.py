@@ -37,3 +37,21 @@ def remove_session(folder: Path) -> None:
     for path in folder.iterdir():
         path.unlink()
     os.rmdir(folder)
+
+
+def rename_session(root: Path, old: str, new: str) -> Path:
+    """Rename a saved session (its folder: the manifest does not hold its name). One clear error per problem."""
+    source, target = session_folder(root, old), session_folder(root, new)
+    if not source.is_dir():
+        raise SessionError(f"no session named {old!r}: `salachat sessions list` shows the saved ones")
+    if target.exists():
+        raise SessionError(f"a session named {new!r} exists already: pick another name")
+    os.rename(source, target)
+    # a lock this process holds moved with the folder: file it under the new path (store.py keeps locks by
+    # path; looked up without importing it, which would import torch)
+    import sys
+
+    store = sys.modules.get("salachat.sessions.store")
+    if store is not None and str(source.resolve()) in store._HELD_LOCKS:
+        store._HELD_LOCKS[str(target.resolve())] = store._HELD_LOCKS.pop(str(source.resolve()))
+    return target
