@@ -55,12 +55,15 @@ def main_options(
         os.environ["SALACHAT_KV_GPU_GB"] = str(kv_gpu_gb)
 
 
-def _load(model: str | None, device: str, quant: str | None, sparse: bool):
+def _load(model: str | None, device: str, quant: str | None, sparse: bool, spinner: bool = True):
+    """spinner=False inside the chat window, which owns the terminal."""
+    import contextlib
+
     from engine.loader import ModelLoadError, load_model
 
     if quant not in (None, "int8", "nf4"):
         raise UserError(f"--quant {quant}: choose int8 or nf4", errors.USAGE)
-    with err.status(f"loading {model or 'the default model'} …"):
+    with err.status(f"loading {model or 'the default model'} …") if spinner else contextlib.nullcontext():
         try:
             return load_model(model, device=device, quant=quant, sparse=sparse)
         except ModelLoadError as e:

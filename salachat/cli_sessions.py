@@ -105,7 +105,7 @@ def save(writer, conversation) -> None:
         raise _user_error(e) from None
 
 
-def _load_for(manifest: dict, model: str | None, device: str):
+def _load_for(manifest: dict, model: str | None, device: str, spinner: bool = True):
     """The model a session was read with (or --model), with its quantisation, sparsity and dtype."""
     import torch
 
@@ -114,7 +114,9 @@ def _load_for(manifest: dict, model: str | None, device: str):
     flags = manifest["model"]["fingerprint"].split("+")[1:]
     quant = next((f for f in flags if f in ("int8", "nf4")), None)
     spec = model or manifest["model"]["id"]
-    with err.status(f"loading {spec} …"):
+    import contextlib
+
+    with err.status(f"loading {spec} …") if spinner else contextlib.nullcontext():
         try:
             return load_model(spec, device=device, dtype=getattr(torch, manifest["model"]["dtype"]), quant=quant,
                               sparse="sparse" in flags)

@@ -178,8 +178,15 @@ def test_snapshot_chat_with_the_sample_read(snap_compare, smollm2):
     assert snap_compare(SalaChat(Options(paths=[SAMPLE]), loaded=smollm2), terminal_size=(100, 28), run_before=settle)
 
 
-def test_snapshot_session_list(snap_compare, smollm2):
+def test_snapshot_session_list(snap_compare, smollm2, monkeypatch):
+    from salachat.sessions import list_sessions
+    from salachat.tui import screens
+
     _save_session(smollm2, "lighthouse")
+    # the real catalogue, with the save time pinned so that the picture does not change every run
+    monkeypatch.setattr(screens, "list_sessions", lambda root: [
+        (name, {**manifest, "updated": "2026-11-23T12:00:00"} if manifest else None, error)
+        for name, manifest, error in list_sessions(root)])
 
     async def open_list(pilot):
         await settle(pilot)
@@ -187,3 +194,16 @@ def test_snapshot_session_list(snap_compare, smollm2):
         await pilot.pause()
 
     assert snap_compare(SalaChat(Options(), loaded=smollm2), terminal_size=(100, 28), run_before=open_list)
+
+
+def test_chat_command_refuses_bad_input_in_one_line_before_opening_the_window(salachat_cli):
+    """Through the real entry point: help, a missing file (exit 3), no model installed (exit 4), a session
+    that does not exist (exit 5): one line each, and the window never opens (it would hang without a tty)."""
+    helped = salachat_cli("chat", "--help")
+    assert helped.returncode == 0 and "Open the chat window" in helped.stdout
+    missing = salachat_cli("chat", "missing.pdf", timeout=60)
+    assert missing.returncode == 3 and missing.stderr.strip().count("\n") == 0 and "missing.pdf" in missing.stderr
+    no_model = salachat_cli("chat", str(SAMPLE), env={"SALACHAT_TEST_MODEL": ""}, timeout=60)
+    assert no_model.returncode == 4 and "salachat models pull smollm2" in no_model.stderr
+    no_session = salachat_cli("resume", "nosuch", timeout=60)
+    assert no_session.returncode == 5 and "Traceback" not in no_session.stderr

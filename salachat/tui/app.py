@@ -165,11 +165,11 @@ class SalaChat(App):
             self.call_from_thread(self.set_status, f"loading {o.model or 'the default model'} …")
             if session_to_open or o.session and not o.paths:
                 manifest = cli_sessions._manifest(session_to_open or o.session)
-                self.loaded = cli_sessions._load_for(manifest, o.model, o.device)
+                self.loaded = cli_sessions._load_for(manifest, o.model, o.device, spinner=False)
             else:
                 from salachat.cli import _load
 
-                self.loaded = _load(o.model, o.device, o.quant, False)
+                self.loaded = _load(o.model, o.device, o.quant, False, spinner=False)
         self.writer = None
         if session_to_open or (o.session and not o.paths):
             name = session_to_open or o.session
