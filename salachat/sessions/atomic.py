@@ -11,6 +11,31 @@ from collections.abc import Iterable
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+PIECE = 64 << 20  # checksums are a sha256 over the sha256 of each 64 MiB piece: verifying hashes pieces in parallel
+TREE_PREFIX = "tree64m:"
+
+
+class PieceHash:
+    """sha256 of the concatenated sha256 digests of consecutive PIECE-byte pieces, fed as a stream."""
+
+    def __init__(self):
+        self.digests: list[bytes] = []
+        self.piece, self.filled = hashlib.sha256(), 0
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), PIECE - self.filled)
+            self.piece.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == PIECE:
+                self.digests.append(self.piece.digest())
+                self.piece, self.filled = hashlib.sha256(), 0
+
+    def hexdigest(self) -> str:
+        digests = self.digests + ([self.piece.digest()] if self.filled or not self.digests else [])
+        return TREE_PREFIX + hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 def write_chunk(f, data) -> None:
@@ -27,9 +52,9 @@ def fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> tuple[str, int]:
-    """Write the chunks to `path` atomically; return (sha256 hex, size in bytes) of what was written."""
+    """Write the chunks to `path` atomically; return (checksum, size in bytes) of what was written."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    digest, size = hashlib.sha256(), 0
+    digest, size = PieceHash(), 0
     try:
         with open(tmp, "wb") as f:
             for chunk in chunks:
@@ -46,7 +71,28 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> tuple[str,
     return digest.hexdigest(), size
 
 
+def piece_digests(path: Path, pieces: list[int]) -> list[bytes]:
+    """sha256 of the given PIECE-sized pieces of a file (read with pread: threads can share nothing)."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for index in pieces:
+            digest, offset, end = hashlib.sha256(), index * PIECE, (index + 1) * PIECE
+            while offset < end and (data := os.pread(fd, min(16 << 20, end - offset), offset)):
+                digest.update(data)
+                offset += len(data)
+            out.append(digest.digest())
+    finally:
+        os.close(fd)
+    return out
+
+
+def tree_checksum(digests: list[bytes]) -> str:
+    return TREE_PREFIX + hashlib.sha256(b"".join(digests)).hexdigest()
+
+
 def sha256_file(path: Path, block: int = 16 << 20) -> tuple[str, int]:
+    """Plain sha256 of a whole file (sessions written before piece checksums)."""
     digest, size = hashlib.sha256(), 0
     with open(path, "rb", buffering=0) as f:
         buffer = bytearray(block)
