@@ -212,13 +212,24 @@ def load_conversation(folder: Path, loaded, verify: bool = True):
 
     manifest = read_manifest(folder)
     check_model(manifest, loaded, folder.name)
-    if verify:
-        verify_files(folder, manifest)
-    saved = manifest["conversation"]
-    text = json.loads((folder / saved["text_file"]).read_text(encoding="utf-8"))
-    conversation = Conversation(loaded, system_prompt=text["system_prompt"], chunk_size=saved["chunk_size"])
-    fresh = conversation.cache
-    conversation.cache = load_cache(folder, manifest, loaded.device, getattr(loaded, "kv_gpu_gb", None))
+    # checksums are verified while the state loads (hashing 8.6 GB takes as long as moving it to the GPU);
+    # nothing is returned before they pass, and a damaged file is reported as such whatever else failed
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as background:
+        checked = background.submit(verify_files, folder, manifest) if verify else None
+        try:
+            saved = manifest["conversation"]
+            text = json.loads((folder / saved["text_file"]).read_text(encoding="utf-8"))
+            conversation = Conversation(loaded, system_prompt=text["system_prompt"], chunk_size=saved["chunk_size"])
+            fresh = conversation.cache
+            conversation.cache = load_cache(folder, manifest, loaded.device, getattr(loaded, "kv_gpu_gb", None))
+        except Exception:
+            if checked is not None:
+                checked.result()  # raises the damage, which explains the failure
+            raise
+        if checked is not None:
+            checked.result()
     if [type(layer) for layer in fresh.layers] != [type(layer) for layer in conversation.cache.layers]:
         raise SessionError(f"session {folder.name!r} has caches of another model's layout: read the documents again")
     conversation.documents_text = text["documents_text"]
