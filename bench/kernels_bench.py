@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import SparseParams, compress_keys, dense_attention  # noqa: E402
-from kernels.lightning.reference import lightning_attention_ref  # noqa: E402
-from kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref  # noqa: E402
+from kernels import SparseParams, compress_keys, dense_attention
+from kernels.lightning.reference import lightning_attention_ref
+from kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref
 
 H, D, HKV_SPARSE = 32, 128, 2
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,11 +12,11 @@ from salachat.errors import UserError
 
 
 def chat(
-    paths: Annotated[Optional[list[Path]], typer.Argument(help="Documents or folders to talk about.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A known model name, a GGUF file or a Hugging Face folder.")] = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", help="Quantise weights on load: int8 or nf4.")] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help="Documents or folders to talk about.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="A known model name, a GGUF file or a Hugging Face folder.")] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help="Quantise weights on load: int8 or nf4.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
-    session: Annotated[Optional[str], typer.Option("--session", "-s", help="Save as (or continue) this session.")] = None,
+    session: Annotated[str | None, typer.Option("--session", "-s", help="Save as (or continue) this session.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Longest answer, in tokens.")] = 512,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
 ) -> None:

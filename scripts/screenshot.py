@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from salachat.tui.app import Options, SalaChat  # noqa: E402
+from salachat.tui.app import Options, SalaChat
 
 
 async def main() -> None:

@@ -18,9 +18,9 @@ if not torch.cuda.is_available():
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and not under TRITON_INTERPRET=1", allow_module_level=True)
-from kernels.lightning.triton import lightning_attention_triton  # noqa: E402
-from kernels.sparse.triton_attention import block_sparse_attention_triton, union_of_selections  # noqa: E402
-from kernels.sparse.triton_select import select_blocks_triton  # noqa: E402
+from kernels.lightning.triton import lightning_attention_triton
+from kernels.sparse.triton_attention import block_sparse_attention_triton, union_of_selections
+from kernels.sparse.triton_select import select_blocks_triton
 
 SMALL = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2, topk=3, dense_len=0)
 
