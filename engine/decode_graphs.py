@@ -1,10 +1,10 @@
-"""CUDA graphs for one-token decode through runs of consecutive Lightning layers.
+"""CUDA graphs for one-token decode: everything but the sparse layers' caches.
 
 Decoding a token is ~100 small kernels per layer; launched one by one from Python they cost several times
 the GPU time (measured: 48 ms per token of host time for 12.5 ms of GPU work on the 9B model, 1M context).
-A Lightning layer's decode has fixed shapes (its state is fixed-size), so each run of consecutive Lightning
-layers is captured once per cache as a graph and replayed; the sparse layers, whose KV grows and whose
-selection changes every token, stay eager. A graph holds the addresses of the cache's state tensors, so it
+Between two sparse layers' caches (whose KV grows and whose selection changes every token, so they stay
+eager) every shape is fixed: the end of one sparse layer, the Lightning layers (fixed-size state) and the
+start of the next. Each such segment is captured once per cache as a graph and replayed. A graph holds the addresses of the cache's state tensors, so it
 is captured again when the cache (or a state tensor) changes. Python-side counters (a layer's length) are
 not replayed: `run` advances them.
 """
@@ -20,10 +20,8 @@ import torch
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    h: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    out: torch.Tensor
+    inputs: list  # static input tensors (None where an input is absent)
+    outputs: tuple
     state_ptrs: tuple[int, ...]
 
 
@@ -35,6 +33,8 @@ def enabled_for(model: torch.nn.Module) -> bool:
 
 
 class LightningGraphs:
+    """Graphs of the decode segments between the sparse layers' caches, per cache."""
+
     def __init__(self, layers: torch.nn.ModuleList):
         self.layers = layers
         self.cache_id: int | None = None
@@ -47,36 +47,30 @@ class LightningGraphs:
         self.captured.clear()
         self.cache_id, self.warm, self.pool = id(cache), set(), None
 
-    def run(self, start: int, end: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
-        """Layers start..end-1 (all Lightning) on one token; returns the hidden state after them."""
+    def run(self, key: int, fn, inputs: list, states: list, cache) -> tuple:
+        """fn(*inputs) for one token, replayed from a graph once captured. `states` are the Lightning states
+        fn advances (their addresses are baked into the graph; their Python lengths are advanced here)."""
         if self.cache_id != id(cache):
             self._forget(cache)
-        states = [cache.layers[i] for i in range(start, end)]
         ptrs = tuple(s.recurrent.data_ptr() for s in states)
-        entry = self.captured.get(start)
+        entry = self.captured.get(key)
         if entry is not None and entry.state_ptrs == ptrs:
-            entry.h.copy_(h)
-            entry.cos.copy_(cos)
-            entry.sin.copy_(sin)
+            for static, value in zip(entry.inputs, inputs):
+                if static is not None:
+                    static.copy_(value)
             entry.graph.replay()
             for s in states:
                 s._length += 1
-            return entry.out
-        if start not in self.warm:  # the first step runs eagerly: compiles kernels, sets up cuBLAS
-            self.warm.add(start)
-            return self._layers(start, end, h, cos, sin, cache)
-        static_h, static_cos, static_sin = h.clone(), cos.clone(), sin.clone()
+            return entry.outputs
+        if key not in self.warm:  # the first step runs eagerly: compiles kernels, sets up cuBLAS
+            self.warm.add(key)
+            return fn(*inputs)
+        static = [None if t is None else t.clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._layers(start, end, static_h, static_cos, static_sin, cache)  # advances the lengths once
+            outputs = fn(*static)  # advances the lengths once
         graph.replay()  # the capture recorded this step's work without running it
-        self.captured[start] = _Captured(graph, static_h, static_cos, static_sin, out, ptrs)
-        return out
-
-    def _layers(self, start, end, h, cos, sin, cache):
-        rope = {"lightning": (cos, sin)}
-        for i in range(start, end):
-            h = self.layers[i](h, rope, cache.layers[i], None)
-        return h
+        self.captured[key] = _Captured(graph, static, outputs, ptrs)
+        return outputs

@@ -168,17 +168,26 @@ class SparseAttention(nn.Module):
         if args.attn_use_output_gate:
             self.o_gate = nn.Linear(args.hidden_size, self.heads * d, bias=False)
 
-    def forward(self, x, cos, sin, cache: SparseKVCache, pos0: int) -> torch.Tensor:
+    def project(self, x, cos, sin):
+        """q, k, v heads-first: everything before the cache (split out so decode graphs can hold it)."""
         t, d = x.shape[0], self.head_dim
         q = self.q_proj(x).view(t, self.heads, d).transpose(0, 1)
         k = self.k_proj(x).view(t, self.kv_heads, d).transpose(0, 1)
         v = self.v_proj(x).view(t, self.kv_heads, d).transpose(0, 1)
         if self.args.attn_use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = cache.attend(q, k, v, pos0, d**-0.5).transpose(0, 1).reshape(t, -1)
+        return q, k, v
+
+    def finish(self, x, out):
+        """Everything after the cache: heads back to the hidden size, output gate, projection."""
+        out = out.transpose(0, 1).reshape(x.shape[0], -1)
         if self.args.attn_use_output_gate:
             out = out * torch.sigmoid(self.o_gate(x))
         return self.o_proj(out)
+
+    def forward(self, x, cos, sin, cache: SparseKVCache, pos0: int) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.finish(x, cache.attend(q, k, v, pos0, self.head_dim**-0.5))
 
 
 class DecoderLayer(nn.Module):
@@ -190,6 +199,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = SparseAttention(args) if self.sparse else LightningAttention(args)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
+
+    def before_cache(self, h, rope):
+        """A sparse layer up to its cache: (x, q, k, v)."""
+        x = self.input_layernorm(h)
+        return (x, *self.self_attn.project(x, *rope["sparse"]))
+
+    def after_cache(self, h, x, attended):
+        """A sparse layer from its cache's output on: the residual stream after the layer."""
+        h = h + self.self_attn.finish(x, attended) * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
 
     def forward(self, h, rope, cache, pos0: int):
         x = self.input_layernorm(h)
@@ -248,22 +267,52 @@ class SalaForCausalLM(nn.Module):
             "sparse": rope_cos_sin(positions, a.hidden_size // a.num_attention_heads, a.rope_theta),
         }
         h = self.model.embed_tokens(ids) * a.scale_emb
-        layers = self.model.layers
         graphs = self._decode_graphs() if ids.shape[0] == 1 and h.is_cuda else None
-        i = 0
-        while i < len(layers):
-            if graphs is not None and not layers[i].sparse:
-                end = next((j for j in range(i, len(layers)) if layers[j].sparse), len(layers))
-                h = graphs.run(i, end, h, *rope["lightning"], cache)
-                i = end
-            else:
-                h = layers[i](h, rope, cache.layers[i], pos0)
-                i += 1
+        if graphs is not None:
+            logits = self._decode_with_graphs(graphs, h, rope, cache, pos0)
+            cache.position = pos0 + 1
+            return logits
+        for layer, layer_cache in zip(self.model.layers, cache.layers):
+            h = layer(h, rope, layer_cache, pos0)
         cache.position = pos0 + ids.shape[0]
+        return self._head(h)
+
+    def _head(self, h):
+        a = self.args
         h = self.model.norm(h)
         if a.dim_model_base:
             h = h / (a.hidden_size / a.dim_model_base)
         return self.lm_head(h).float()
+
+    def _decode_with_graphs(self, graphs, h, rope, cache, pos0: int) -> torch.Tensor:
+        """One token: only the sparse layers' caches (append, select, attend) run eagerly; everything between
+        two of them (the end of one sparse layer, the Lightning layers, the start of the next) is a graph."""
+        layers = self.model.layers
+        sparse = [i for i, layer in enumerate(layers) if layer.sparse]
+        x = attended = None
+        previous = None
+        for segment, stop in enumerate(sparse + [len(layers)]):
+            first = 0 if previous is None else previous + 1
+
+            def run(h, x, attended, cos_l, sin_l, cos_s, sin_s, previous=previous, first=first, stop=stop):
+                rope_here = {"lightning": (cos_l, sin_l), "sparse": (cos_s, sin_s)}
+                if previous is not None:
+                    h = layers[previous].after_cache(h, x, attended)
+                for i in range(first, stop):
+                    h = layers[i](h, rope_here, cache.layers[i], None)
+                if stop < len(layers):
+                    return (h, *layers[stop].before_cache(h, rope_here))
+                return (self._head(h),)
+
+            inputs = [h, x, attended, *rope["lightning"], *rope["sparse"]]
+            outs = graphs.run(segment, run, inputs, [cache.layers[i] for i in range(first, stop)], cache)
+            if stop == len(layers):
+                return outs[0].clone()  # the graph's buffer is rewritten by the next token
+            h, x, q, k, v = outs
+            sparse_attn = layers[stop].self_attn
+            attended = cache.layers[stop].attend(q, k, v, pos0, sparse_attn.head_dim**-0.5)
+            previous = stop
+        raise AssertionError("unreachable")
 
 
 def load_sala(checkpoint, device: torch.device, dtype: torch.dtype) -> SalaForCausalLM:
