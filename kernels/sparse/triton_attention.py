@@ -21,8 +21,10 @@ def _block_sparse_kernel(
     Q, K, V, O, PART_LSE, UNION, BITS, COUNT, BLOCK_POS, T, length, q_pos0, scale,
     sqh, sqt, skh, skt, svh, svt, soh, sot, s_uh, s_ut,
     GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_BLOCK_POS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BLOCK_POS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
 ):
+    """SLOTS > 0 (decode, one query a tile): UNION is the selection itself, SLOTS wide, -1 padded, every
+    listed block chosen by the query; no union, bitmask or count is built on the host."""
     tile, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, GROUP * BQ)
     head = g * GROUP + rows // BQ
@@ -36,12 +38,19 @@ def _block_sparse_kernel(
     m = tl.full((GROUP * BQ,), -1.0e30, tl.float32)  # finite: a row that sees nothing yet must not make NaN
     l_sum = tl.zeros((GROUP * BQ,), tl.float32)
     acc = tl.zeros((GROUP * BQ, D), tl.float32)
-    count = tl.load(COUNT + g * tl.num_programs(0) + tile)
+    if SLOTS > 0:
+        count = SLOTS
+    else:
+        count = tl.load(COUNT + g * tl.num_programs(0) + tile)
     base = g * s_uh + tile * s_ut
     for u in range(split, count, SPLITS):  # with SPLITS > 1 (decode) programs share the blocks
         block = tl.load(UNION + base + u)
-        bits = tl.load(BITS + base + u)
-        member = ((bits >> local) & 1) == 1
+        if SLOTS > 0:
+            member = (local * 0 + block) >= 0  # -1 padding: nothing is seen
+            block = tl.maximum(block, 0)
+        else:
+            bits = tl.load(BITS + base + u)
+            member = ((bits >> local) & 1) == 1
         if HAS_BLOCK_POS:
             origin = tl.load(BLOCK_POS + block)
         else:
@@ -111,7 +120,12 @@ def block_sparse_attention_triton(q, k, v, idx, q_pos0: int, block_size: int, sc
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     bq = query_tile or _tile_queries(group, t)
     assert bq <= 31, "the per-block query bitmask is an int32"
-    union, bits, count = union_of_selections(idx, bq)
+    if bq == 1:  # decode: the selection is its own union, every block chosen by the one query
+        union = bits = count = idx if idx.is_contiguous() else idx.contiguous()
+        slots = idx.shape[-1]
+    else:
+        union, bits, count = union_of_selections(idx, bq)
+        slots = 0
     # few query tiles (decode) would leave most of the GPU idle: split each tile's blocks over programs
     splits = splits or (1 if union.shape[1] * kv_heads >= 64 else 16)
     if splits == 1:
@@ -126,7 +140,7 @@ def block_sparse_attention_triton(q, k, v, idx, q_pos0: int, block_size: int, sc
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(-3), out.stride(-2),
         union.stride(0), union.stride(1),
         GROUP=group, BQ=bq, D=d, BLOCK=block_size, HAS_BLOCK_POS=block_pos is not None, SPLITS=splits,
-        PRECISION=precision,
+        PRECISION=precision, SLOTS=slots,
     )
     if splits == 1:
         return out

@@ -124,7 +124,7 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     bq = _tile_queries(group)
     width = (p.block_size + p.kernel_size - 2) // p.kernel_stride + 1
-    out = torch.full((kv_heads, t, p.selected), -1, dtype=torch.int32, device=q.device)
+    out = None
     for begin in range(0, t, query_tile):  # bounds the [Hkv, tile, n_blocks] keys at a long context
         qs = q[:, begin : begin + query_tile]
         n, pos0 = qs.shape[1], q_pos0 + begin
@@ -148,6 +148,10 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
             WIDTH=width, INIT=p.init_blocks, LOCAL=p.local_blocks, PRECISION=precision,
         )
         chosen = keys.topk(min(p.selected, n_blocks), dim=-1, sorted=False).indices.sort(-1).values
+        if t == 1 and pos0 // p.block_size + 1 >= p.selected:  # decode past the first blocks: every slot real
+            return chosen.to(torch.int32)
+        if out is None:
+            out = torch.full((kv_heads, t, p.selected), -1, dtype=torch.int32, device=q.device)
         qb = torch.div(torch.arange(pos0, pos0 + n, device=q.device), p.block_size, rounding_mode="floor")
         count = torch.clamp(qb + 1, max=p.selected)
         keep = torch.arange(chosen.shape[-1], device=q.device)[None, :] < count[:, None]
