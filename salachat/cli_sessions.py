@@ -44,22 +44,31 @@ def _manifest(name: str) -> dict:
         raise _user_error(e) from None
 
 
-def read_with_checkpoints(conversation, writer, quiet: bool) -> None:
-    """Read what is queued, checkpointing into `writer` (measured interval, < 5% of reading), then save."""
+def read_with_checkpoints(conversation, writer, quiet: bool, progress=None, should_stop=None) -> None:
+    """Read what is queued, checkpointing into `writer` (measured interval, < 5% of reading), then save.
+
+    The chat window passes its own `progress` (it draws its own bar) and `should_stop`; a stop (engine's
+    Cancelled, raised between chunks where the cache is consistent) saves what was read, then propagates.
+    """
+    from engine.generate import Cancelled
     from salachat.sessions import Checkpointer, SessionError
 
     checkpointer = Checkpointer(writer.save)
     try:
-        if conversation.pending_ids and not quiet:
+        if conversation.pending_ids and progress is None and not quiet:
             with reading_progress() as bar:
                 task = bar.add_task("read", total=len(conversation.pending_ids), rate="")
 
-                def progress(done, total, elapsed):
+                def show(done, total, elapsed):
                     bar.update(task, completed=done, total=total, rate=f"{done / max(elapsed, 1e-9):,.0f} tok/s")
 
-                conversation.read(progress, on_chunk=checkpointer)
+                conversation.read(show, on_chunk=checkpointer)
         elif conversation.pending_ids:
-            conversation.read(on_chunk=checkpointer)
+            try:
+                conversation.read(progress, should_stop=should_stop, on_chunk=checkpointer)
+            except Cancelled:
+                writer.save(conversation)
+                raise
         writer.save(conversation)
     except SessionError as e:
         raise _user_error(e) from None

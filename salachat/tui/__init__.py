@@ -12,5 +12,6 @@ def run(paths: list[Path] | None = None, session_id: str | None = None, model: s
 
     options = Options(paths=list(paths or []), session=session_id, model=model, device=device, quant=quant,
                       max_tokens=max_tokens, temperature=temperature)
-    SalaChat(options).run()
-    return 0
+    app = SalaChat(options)
+    app.run()
+    return app.return_code or 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Label, Static
@@ -15,7 +17,7 @@ from salachat.sessions import SessionError, list_sessions, remove_session, renam
 class PromptScreen(ModalScreen[str | None]):
     """Asks for one line (a new session name); Escape gives None."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(None)", "Cancel")]
 
     def __init__(self, title: str, value: str = ""):
         super().__init__()
@@ -33,7 +35,7 @@ class PromptScreen(ModalScreen[str | None]):
 class PassageScreen(ModalScreen[None]):
     """The text of a cited passage, with its source and anchor."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("q", "dismiss", "Close", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss", "Close"), Binding("q", "dismiss", "Close", show=False)]
 
     def __init__(self, passage):
         super().__init__()
@@ -49,7 +51,7 @@ class PassageScreen(ModalScreen[None]):
 class SessionsScreen(ModalScreen[str | None]):
     """Saved sessions, newest first. Enter opens one (dismissed with its name), r renames, d deletes."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss(None)", "Close"),
         Binding("enter", "open", "Open", priority=True),
         Binding("r", "rename", "Rename"),
