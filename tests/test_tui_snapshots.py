@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from textual.widgets import Input
 
 from salachat.tui.app import Options, SalaChat
 
@@ -21,6 +22,9 @@ def home(tmp_path, monkeypatch):
 
 async def settle(pilot):
     await pilot.app.workers.wait_for_complete()
+    # a blinking cursor would be drawn or not depending on when the picture is taken
+    for box in pilot.app.query(Input):
+        box.cursor_blink = False
     await pilot.pause()
 
 
