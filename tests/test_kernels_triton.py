@@ -93,6 +93,21 @@ def test_block_selection_kernel_splits_long_query_runs_into_tiles():
     assert torch.equal(tiled, select_blocks_ref(q, k1, k2, 160, SMALL, 0.3))
 
 
+@pytest.mark.parametrize("length, t", [(333, 33), (333, 1), (401, 1), (290, 290)])
+def test_block_selection_in_two_rounds_of_top_k_is_the_same_selection(length, t):
+    """Long rows take the best of each tile of blocks, then the best of those; the last tile is padded."""
+    q, k, _ = _sparse_inputs(4, 2, length, t, 16, seed=length)
+    k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    want = select_blocks_ref(q, k1, k2, length - t, SMALL, 0.3)
+    assert torch.equal(select_blocks_triton(q, k1, k2, length - t, SMALL, 0.3, topk_tile=8), want)
+    # every score tied bit for bit (as in the tie test above): the lowest ids must win across tiles too
+    q = torch.randint(-2, 3, (4, t, 16), generator=torch.Generator().manual_seed(length)).float()
+    ones = torch.ones(2, length, 16)
+    o1, o2 = compress_keys(ones, 8, 4), compress_keys(ones, 32, 16)
+    assert torch.equal(select_blocks_triton(q, o1, o2, length - t, SMALL, 0.25, topk_tile=8),
+                       select_blocks_ref(q, o1, o2, length - t, SMALL, 0.25))
+
+
 def test_union_of_selections_lists_each_block_once_with_the_queries_that_chose_it():
     idx = torch.tensor([[[0, 3, -1], [0, 2, 3], [5, -1, -1]]], dtype=torch.int32)  # 1 group, 3 queries
     union, bits, count = union_of_selections(idx, 2)

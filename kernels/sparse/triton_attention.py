@@ -77,6 +77,20 @@ def _block_sparse_kernel(
              mask=valid[:, None])
 
 
+@triton.jit
+def _merge_splits_kernel(PART, PART_LSE, O, rows, splits, SPLITS: tl.constexpr, D: tl.constexpr):
+    """out[r] = sum over splits of softmax(lse)[s] * part[s, r]; splits that saw nothing weigh 0."""
+    r = tl.program_id(0)
+    split = tl.arange(0, SPLITS)  # SPLITS: splits rounded up to a power of two
+    offs_d = tl.arange(0, D)
+    lse = tl.load(PART_LSE + split * rows + r, mask=split < splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    weight = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
+    weight = weight / tl.maximum(tl.sum(weight, 0), 1e-30)
+    part = tl.load(PART + (split[:, None] * rows + r) * D + offs_d[None, :], mask=split[:, None] < splits, other=0.0)
+    tl.store(O + r * D + offs_d, tl.sum(part * weight[:, None], 0).to(O.dtype.element_ty))
+
+
 def _tile_queries(group: int, t: int) -> int:
     if t == 1:
         return max(1, 16 // group)
@@ -144,5 +158,7 @@ def block_sparse_attention_triton(q, k, v, idx, q_pos0: int, block_size: int, sc
     )
     if splits == 1:
         return out
-    weight = torch.softmax(part_lse, dim=0).nan_to_num(0.0)  # splits that saw nothing weigh 0
-    return (out * weight[..., None]).sum(0).to(q.dtype)
+    merged = torch.empty(heads, t, d, dtype=q.dtype, device=q.device)
+    _merge_splits_kernel[(heads * t,)](out, part_lse, merged, heads * t, splits,
+                               SPLITS=triton.next_power_of_2(splits), D=d)
+    return merged

@@ -71,7 +71,7 @@ def _score_kernel(
     Q, K1, LSE, KEYS, T, n1, n_blocks, q_pos0, scale, sqh, sqt, sk1h, sk1t, skeyh, skeyt,
     GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
     BLOCK: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, WIDTH: tl.constexpr,
-    INIT: tl.constexpr, LOCAL: tl.constexpr, PRECISION: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     btile, tile, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, GROUP * BQ)
@@ -81,7 +81,17 @@ def _score_kernel(
     pos = q_pos0 + qi
     offs_d = tl.arange(0, D)
     q = tl.load(Q + head[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :], mask=valid[:, None], other=0.0)
-    lse = tl.load(LSE + head * T + qi, mask=valid, other=0.0)
+    if SPLITS == 1:
+        lse = tl.load(LSE + head * T + qi, mask=valid, other=0.0)
+    else:  # merge the LSE kernel's partials here rather than in a chain of small torch kernels
+        heads = tl.num_programs(2) * GROUP
+        split = tl.arange(0, SPLITS)
+        part = tl.load(LSE + (split[:, None] * heads + head[None, :]) * T + qi[None, :], mask=valid[None, :],
+                       other=float("-inf"))
+        top = tl.max(part, 0)
+        safe = tl.where(top == float("-inf"), 0.0, top)
+        lse = safe + tl.log(tl.sum(tl.exp(part - safe[None, :]), 0))
+        lse = tl.where(valid, lse, 0.0)
     blocks = btile * NB + tl.arange(0, NB)
     lo = tl.maximum((blocks * BLOCK - KERNEL) // STRIDE + 1, 0)  # first level-1 chunk overlapping the block
     lo = tl.where(blocks * BLOCK - KERNEL < 0, 0, lo)  # floor division of a negative rounds toward zero here
@@ -108,11 +118,23 @@ def _score_kernel(
     tl.store(KEYS + g * skeyh + q_rows[:, None] * skeyt + blocks[None, :], key, mask=ok)
 
 
+TOPK_TILE = 1024
+
+
+def _top_blocks(keys: torch.Tensor, k: int, tile: int) -> torch.Tensor:
+    """Block ids of the k largest keys of each row, ascending. The block id is in the key's low 32 bits."""
+    if tile:  # blocks past the row's end were written as -inf scores: never above a real block
+        keys = keys.unflatten(-1, (-1, tile)).topk(k, dim=-1, sorted=False).values.flatten(-2)
+    best = keys.topk(k, dim=-1, sorted=False).values
+    return (2147483647 - (best & 0xFFFFFFFF)).sort(-1).values
+
+
 def _tile_queries(group: int) -> int:
     return max(1, 64 // group) if group <= 64 else 1
 
 
-def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, query_tile: int = 4096):
+def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, query_tile: int = 4096,
+                         topk_tile: int = TOPK_TILE):
     """Same contract as select_blocks_ref: idx [Hkv, T, topk + local] (ascending ids, then -1)."""
     heads, t, d = q.shape
     kv_heads, n1, n2 = k1.shape[0], k1.shape[1], k2.shape[1]
@@ -123,7 +145,7 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
     k2 = k2 if k2.stride(-1) == 1 else k2.contiguous()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     bq = _tile_queries(group)
-    width = (p.block_size + p.kernel_size - 2) // p.kernel_stride + 1
+    chunks = (p.block_size + p.kernel_size - 2) // p.kernel_stride + 1  # level-1 chunks overlapping a block
     out = None
     for begin in range(0, t, query_tile):  # bounds the [Hkv, tile, n_blocks] keys at a long context
         qs = q[:, begin : begin + query_tile]
@@ -131,23 +153,26 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
         n_blocks = (pos0 + n - 1) // p.block_size + 1
         tiles = triton.cdiv(n, bq)
         splits = 1 if tiles * kv_heads >= 64 else 32  # decode: spread the keys over programs
-        lse = torch.empty(splits, heads, n, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, heads, n, dtype=torch.float32, device=q.device)  # merged by the score kernel
         _lse_kernel[(tiles, kv_heads, splits)](
             qs, k1, k2, lse, n, n1, n2, pos0, float(scale), qs.stride(0), qs.stride(1),
             k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
             GROUP=group, BQ=bq, D=d, BN=64, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, SPLITS=splits,
             PRECISION=precision,
         )
-        lse = lse[0] if splits == 1 else torch.logsumexp(lse, dim=0)
-        keys = torch.empty(kv_heads, n, n_blocks, dtype=torch.int64, device=q.device)
+        # a long row's top-k goes in two rounds (the best of each tile of blocks, then the best of those):
+        # the same set, as keys are unique, and far more parallel than one radix select over 16K blocks
         nb = 64
-        _score_kernel[(triton.cdiv(n_blocks, nb), triton.cdiv(n, bq), kv_heads)](
-            qs, k1, lse, keys, n, n1, n_blocks, pos0, float(scale), qs.stride(0), qs.stride(1),
+        tiled = n_blocks > 2 * topk_tile and p.selected <= topk_tile
+        width = triton.cdiv(n_blocks, topk_tile) * topk_tile if tiled else n_blocks
+        keys = torch.empty(kv_heads, n, width, dtype=torch.int64, device=q.device)
+        _score_kernel[(triton.cdiv(width, nb), triton.cdiv(n, bq), kv_heads)](
+            qs, k1, lse, keys, n, n1, width, pos0, float(scale), qs.stride(0), qs.stride(1),
             k1.stride(0), k1.stride(1), keys.stride(0), keys.stride(1),
             GROUP=group, BQ=bq, D=d, NB=nb, BLOCK=p.block_size, KERNEL=p.kernel_size, STRIDE=p.kernel_stride,
-            WIDTH=width, INIT=p.init_blocks, LOCAL=p.local_blocks, PRECISION=precision,
+            WIDTH=chunks, INIT=p.init_blocks, LOCAL=p.local_blocks, SPLITS=splits, PRECISION=precision,
         )
-        chosen = keys.topk(min(p.selected, n_blocks), dim=-1, sorted=False).indices.sort(-1).values
+        chosen = _top_blocks(keys, min(p.selected, n_blocks), topk_tile if tiled else 0)
         if t == 1 and pos0 // p.block_size + 1 >= p.selected:  # decode past the first blocks: every slot real
             return chosen.to(torch.int32)
         if out is None:
