@@ -13,12 +13,13 @@ import torch
 
 from kernels.dense import dense_attention_impl
 from kernels.lightning.reference import lightning_attention_ref
+from kernels.pointwise.reference import rms_norm_ref, rope_ref
 from kernels.sparse.params import SparseParams
 from kernels.sparse.reference import block_sparse_attention_ref, compress_keys_ref, select_blocks_ref
 
 __all__ = [
     "SparseParams", "block_sparse_attention", "compress_keys", "dense_attention", "lightning_attention",
-    "select_blocks", "use",
+    "rms_norm", "rope", "select_blocks", "use",
 ]
 
 _TRITON: dict[str, object] = {}  # op name → Triton implementation, registered by kernels/triton_ops.py
@@ -55,6 +56,16 @@ def lightning_attention(q, k, v, log_decay, scale: float, state=None, impl: str 
     if fast is not None:
         return fast(q, k, v, log_decay, scale, state)
     return lightning_attention_ref(q, k, v, log_decay, scale, state)
+
+
+def rms_norm(x, weight, eps: float, impl: str | None = None):
+    fast = _pick("rms_norm", x, impl)
+    return fast(x, weight, eps) if fast is not None else rms_norm_ref(x, weight, eps)
+
+
+def rope(x, cos, sin, impl: str | None = None):
+    fast = _pick("rope", x, impl)
+    return fast(x, cos, sin) if fast is not None else rope_ref(x, cos, sin)
 
 
 def compress_keys(k, kernel: int, stride: int, impl: str | None = None):

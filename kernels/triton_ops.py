@@ -2,11 +2,14 @@
 
 from kernels import _TRITON
 from kernels.lightning.triton import lightning_attention_triton
+from kernels.pointwise.triton import rms_norm_triton, rope_triton
 from kernels.sparse.triton_attention import block_sparse_attention_triton
 from kernels.sparse.triton_select import select_blocks_triton
 
 _TRITON.update({
     "lightning": lightning_attention_triton,
+    "rms_norm": rms_norm_triton,
+    "rope": rope_triton,
     "select_blocks": select_blocks_triton,
     "block_sparse_attention": block_sparse_attention_triton,
 })

@@ -19,6 +19,8 @@ if not torch.cuda.is_available():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and not under TRITON_INTERPRET=1", allow_module_level=True)
 from kernels.lightning.triton import lightning_attention_triton
+from kernels.pointwise.reference import rms_norm_ref, rope_ref
+from kernels.pointwise.triton import rms_norm_triton, rope_triton
 from kernels.sparse.triton_attention import block_sparse_attention_triton, union_of_selections
 from kernels.sparse.triton_select import select_blocks_triton
 
@@ -167,7 +169,42 @@ def test_tiny_sala_model_through_every_triton_kernel_equals_the_reference_path(t
     assert (got - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 16), (37, 100)])
+def test_rms_norm_kernel_matches_reference(shape):
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=gen) * 3
+    weight = torch.rand(shape[-1], generator=gen) + 0.5
+    got = rms_norm_triton(x, weight, 1e-6)
+    assert got.shape == x.shape and torch.allclose(got, rms_norm_ref(x, weight, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads, t, d", [(4, 37, 16), (2, 1, 32)])
+def test_rope_kernel_matches_reference_on_a_heads_first_view(heads, t, d):
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t, heads, d, generator=gen).transpose(0, 1)  # as the model makes it: a view, not contiguous
+    angles = torch.arange(100, 100 + t).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))[None, :]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    got = rope_triton(x, cos, sin)
+    assert torch.allclose(got, rope_ref(x, cos, sin), rtol=1e-6, atol=1e-6)
+
+
 # ---- on the GPU, bf16, the 9B model's shapes ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 4096), (333, 4096), (333, 32, 128)])
+def test_pointwise_kernels_bf16_on_gpu(shape):
+    gen = torch.Generator(device="cuda").manual_seed(shape[0])
+    x = torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 2
+    weight = (torch.rand(shape[-1], generator=gen, device="cuda") + 0.5).bfloat16()
+    got, want = rms_norm_triton(x, weight, 1e-6).float(), rms_norm_ref(x, weight, 1e-6).float()
+    assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()  # within a bf16 rounding
+    assert (got == want).float().mean().item() > 0.99
+    if len(shape) == 3:
+        heads_first = x.transpose(0, 1)
+        angles = torch.arange(shape[0], device="cuda").float()[:, None] * torch.rand(64, device="cuda")[None, :]
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        got, want = rope_triton(heads_first, cos, sin).float(), rope_ref(heads_first, cos, sin).float()
+        assert (got == want).float().mean().item() > 0.999 and torch.allclose(got, want, rtol=1e-2, atol=1e-2)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 63, 4096 + 17])
@@ -184,7 +221,7 @@ def test_lightning_kernel_bf16_on_gpu(t):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("length, t", [(20000, 1), (20000, 2048), (70000, 333)])
+@pytest.mark.parametrize("length, t", [(20000, 1), (20000, 2048), (70000, 333), (200000, 1)])
 def test_sparse_kernels_bf16_on_gpu_at_9b_shapes(length, t):
     p = SparseParams()  # MiniCPM-SALA's: block 64, kernel 32/16, top-64 + 32 local
     q, k, v = _sparse_inputs(32, 2, length, t, 128, device="cuda", dtype=torch.bfloat16, seed=t)
