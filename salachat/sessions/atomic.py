@@ -34,8 +34,7 @@ class PieceHash:
                 self.piece, self.filled = hashlib.sha256(), 0
 
     def hexdigest(self) -> str:
-        digests = self.digests + ([self.piece.digest()] if self.filled or not self.digests else [])
-        return TREE_PREFIX + hashlib.sha256(b"".join(digests)).hexdigest()
+        return tree_checksum(self.digests + ([self.piece.digest()] if self.filled or not self.digests else []))
 
 
 def write_chunk(f, data) -> None:

@@ -1,11 +1,32 @@
-"""The sessions folder as a catalogue: names, listing, removal. No torch here, so `salachat sessions` is quick."""
+"""The sessions folder as a catalogue: names, locks, listing, renaming, removal. No torch here, so `salachat sessions` is quick."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
 from salachat.sessions.manifest import MANIFEST, SessionError, check_name, only_our_files, read_manifest
+
+LOCK = "lock"
+_HELD_LOCKS: dict[str, object] = {}  # session folder (resolved) → the open, locked file
+
+
+def lock(folder: Path):
+    """An exclusive lock, per process: two salachats saving one session would overwrite each other's segment
+    files. Writers of one process share it (they save in turn); the OS drops it when the process ends,
+    however it ends."""
+    key = str(folder.resolve())
+    if key in _HELD_LOCKS:
+        return _HELD_LOCKS[key]
+    handle = open(folder / LOCK, "a+")  # noqa: SIM115 (held open for the life of the process)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SessionError(f"session {folder.name!r} is open in another salachat: close that one first") from None
+    _HELD_LOCKS[key] = handle
+    return handle
 
 
 def session_folder(root: Path, name: str) -> Path:
@@ -46,12 +67,9 @@ def rename_session(root: Path, old: str, new: str) -> Path:
         raise SessionError(f"no session named {old!r}: `salachat sessions list` shows the saved ones")
     if target.exists():
         raise SessionError(f"a session named {new!r} exists already: pick another name")
+    key = str(source.resolve())
     os.rename(source, target)
-    # a lock this process holds moved with the folder: file it under the new path (store.py keeps locks by
-    # path; looked up without importing it, which would import torch)
-    import sys
-
-    store = sys.modules.get("salachat.sessions.store")
-    if store is not None and str(source.resolve()) in store._HELD_LOCKS:
-        store._HELD_LOCKS[str(target.resolve())] = store._HELD_LOCKS.pop(str(source.resolve()))
+    held = _HELD_LOCKS.pop(key, None)
+    if held is not None:  # a lock this process holds moved with the folder: file it under the new path
+        _HELD_LOCKS[str(target.resolve())] = held
     return target

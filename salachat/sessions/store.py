@@ -11,7 +11,6 @@ for writing and after each save.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import time
@@ -21,7 +20,11 @@ import torch
 
 from engine.cache import CACHE_KINDS, ModelCache
 from salachat.sessions.atomic import TMP_SUFFIX, write_atomic
-from salachat.sessions.catalog import session_folder  # noqa: F401  (re-exported)
+from salachat.sessions.catalog import (
+    LOCK,
+    session_folder,  # noqa: F401  (re-exported)
+)
+from salachat.sessions.catalog import lock as _lock
 from salachat.sessions.manifest import (
     FORMAT,
     MANIFEST,
@@ -34,8 +37,6 @@ from salachat.sessions.manifest import (
 from salachat.sessions.safetensors_io import load_tensors_mmap, save_tensors
 from salachat.sessions.tensor_log import append_axes, assemble, plan_save
 
-LOCK = "lock"
-
 
 def _ids_hash(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
@@ -45,24 +46,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-_HELD_LOCKS: dict[str, object] = {}
-
-
-def _lock(folder: Path):
-    """An exclusive lock, per process: two salachats saving one session would overwrite each other's segment
-    files. Writers of one process share it (they save in turn); the OS drops it when the process ends,
-    however it ends."""
-    key = str(folder.resolve())
-    if key in _HELD_LOCKS:
-        return _HELD_LOCKS[key]
-    handle = open(folder / LOCK, "a+")  # noqa: SIM115 (held open for the life of the process)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise SessionError(f"session {folder.name!r} is open in another salachat: close that one first") from None
-    _HELD_LOCKS[key] = handle
-    return handle
 
 
 class SessionSaveError(SessionError):
