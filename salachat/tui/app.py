@@ -23,6 +23,8 @@ from salachat.tui.workers import Chat, Options
 
 __all__ = ["Answer", "Options", "SalaChat"]
 
+STREAM_FPS = 20  # answer updates a second while it streams
+
 
 class SalaChat(App[int]):
     TITLE = "salachat"
@@ -148,14 +150,20 @@ class SalaChat(App[int]):
             self.call_from_thread(self.set_status, "answering … (Esc stops)")
             widget = self.call_from_thread(self.add_message, "answer", "")
             stream = self.call_from_thread(Markdown.get_stream, widget)
-            stats, text = Stats(), ""
+            stats, text, unsent, sent_at = Stats(), "", "", self.clock()
             try:
                 for piece in self.chat.ask(question, should_stop=lambda: self.stop_requested, stats=stats):
-                    text += piece
-                    self.call_from_thread(stream.write, piece)
+                    text, unsent = text + piece, unsent + piece
+                    # a round trip to the event loop per token would slow the model on a busy CPU: at most
+                    # STREAM_FPS updates a second
+                    if self.clock() - sent_at >= 1 / STREAM_FPS:
+                        self.call_from_thread(stream.write, unsent)
+                        unsent, sent_at = "", self.clock()
             except Cancelled:
                 pass
             finally:
+                if unsent:
+                    self.call_from_thread(stream.write, unsent)
                 self.call_from_thread(stream.stop)
             rate = stats.to_dict().get("decode_tokens_per_second")
             stopped = " (stopped)" if stats.stopped_by == "cancelled" else ""
