@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CHUNK = None  # tokens per reading step; None: the app's default for the device
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -58,9 +57,9 @@ def build_loaded(config: str, device: str, model: str | None) -> LoadedModel:
                        torch.device(device), dtype)
 
 
-def queued(loaded: LoadedModel, tokens: int, seed: int = 0) -> Conversation:
+def queued(loaded: LoadedModel, tokens: int, chunk: int | None = None, seed: int = 0) -> Conversation:
     """A conversation with N random token ids queued for reading (no tokenizer needed)."""
-    conversation = Conversation(loaded, system_prompt="", chunk_size=CHUNK)
+    conversation = Conversation(loaded, system_prompt="", chunk_size=chunk)  # None: the app's default for the device
     vocab = loaded.model.model.embed_tokens.num_embeddings
     generator = torch.Generator().manual_seed(seed)
     conversation.pending_ids = torch.randint(10, vocab - 1, (tokens,), generator=generator).tolist()
@@ -98,8 +97,6 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--chunk", type=int, default=None, help="tokens per reading step (default: the app's)")
     args = parser.parse_args()
-    global CHUNK
-    CHUNK = args.chunk
     device = args.device
     loaded = build_loaded(args.config, device, args.model)
     work = Path(tempfile.mkdtemp(prefix="sessions-bench-", dir=args.dir))
@@ -115,13 +112,13 @@ def main() -> None:
 
 def run(loaded, args, device: str, work: Path) -> dict:
     n = args.tokens
-    conversation = queued(loaded, n)
+    conversation = queued(loaded, n, args.chunk)
     _, read_s = timed(conversation.read, device)
     size = state_bytes(conversation)
 
     checkpointed = None
     if not args.skip_checkpointed:
-        again = queued(loaded, n)
+        again = queued(loaded, n, args.chunk)
         writer = SessionWriter(work / "ckpt", documents=[])
         checkpointer = Checkpointer(writer.save)
         _, ckpt_read_s = timed(lambda: again.read(on_chunk=checkpointer), device)
@@ -133,7 +130,7 @@ def run(loaded, args, device: str, work: Path) -> dict:
     writer = SessionWriter(work / "full", documents=[])
     _, save_s = timed(lambda: writer.save(conversation), device)
     disk = sum(f["bytes"] for f in writer.manifest["files"].values())
-    more = queued(loaded, 512, seed=1).pending_ids
+    more = queued(loaded, 512, args.chunk, seed=1).pending_ids
     conversation.pending_ids = more
     conversation.read()
     _, incr_s = timed(lambda: writer.save(conversation), device)
