@@ -71,7 +71,7 @@ def _score_kernel(
     Q, K1, LSE, KEYS, T, n1, n_blocks, q_pos0, scale, sqh, sqt, sk1h, sk1t, skeyh, skeyt,
     GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
     BLOCK: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, WIDTH: tl.constexpr,
-    INIT: tl.constexpr, LOCAL: tl.constexpr, PRECISION: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     btile, tile, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, GROUP * BQ)
@@ -81,7 +81,17 @@ def _score_kernel(
     pos = q_pos0 + qi
     offs_d = tl.arange(0, D)
     q = tl.load(Q + head[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :], mask=valid[:, None], other=0.0)
-    lse = tl.load(LSE + head * T + qi, mask=valid, other=0.0)
+    if SPLITS == 1:
+        lse = tl.load(LSE + head * T + qi, mask=valid, other=0.0)
+    else:  # merge the LSE kernel's partials here rather than in a chain of small torch kernels
+        heads = tl.num_programs(2) * GROUP
+        split = tl.arange(0, SPLITS)
+        part = tl.load(LSE + (split[:, None] * heads + head[None, :]) * T + qi[None, :], mask=valid[None, :],
+                       other=float("-inf"))
+        top = tl.max(part, 0)
+        safe = tl.where(top == float("-inf"), 0.0, top)
+        lse = safe + tl.log(tl.sum(tl.exp(part - safe[None, :]), 0))
+        lse = tl.where(valid, lse, 0.0)
     blocks = btile * NB + tl.arange(0, NB)
     lo = tl.maximum((blocks * BLOCK - KERNEL) // STRIDE + 1, 0)  # first level-1 chunk overlapping the block
     lo = tl.where(blocks * BLOCK - KERNEL < 0, 0, lo)  # floor division of a negative rounds toward zero here
@@ -106,18 +116,6 @@ def _score_kernel(
     key = bits.to(tl.int64) * 4294967296 + (2147483647 - blocks[None, :]).to(tl.int64)
     ok = (q_rows[:, None] < T) & (blocks[None, :] < n_blocks)
     tl.store(KEYS + g * skeyh + q_rows[:, None] * skeyt + blocks[None, :], key, mask=ok)
-
-
-@triton.jit
-def _merge_lse_kernel(PART, LSE, rows, SPLITS: tl.constexpr, BR: tl.constexpr):
-    """lse[r] = logsumexp over s of part[s, r] (-inf where every split saw nothing): the LSE kernel's partials
-    merged once, in one launch, instead of by a chain of small torch kernels."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    split = tl.arange(0, SPLITS)
-    part = tl.load(PART + split[:, None] * rows + r[None, :], mask=r[None, :] < rows, other=float("-inf"))
-    top = tl.max(part, 0)
-    safe = tl.where(top == float("-inf"), 0.0, top)
-    tl.store(LSE + r, safe + tl.log(tl.sum(tl.exp(part - safe[None, :]), 0)), mask=r < rows)
 
 
 TOPK_TILE = 1024
@@ -155,18 +153,13 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
         n_blocks = (pos0 + n - 1) // p.block_size + 1
         tiles = triton.cdiv(n, bq)
         splits = 1 if tiles * kv_heads >= 64 else 32  # decode: spread the keys over programs
-        lse = torch.empty(splits, heads, n, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, heads, n, dtype=torch.float32, device=q.device)  # merged by the score kernel
         _lse_kernel[(tiles, kv_heads, splits)](
             qs, k1, k2, lse, n, n1, n2, pos0, float(scale), qs.stride(0), qs.stride(1),
             k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1),
             GROUP=group, BQ=bq, D=d, BN=64, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, SPLITS=splits,
             PRECISION=precision,
         )
-        if splits > 1:
-            parts, lse, br = lse, torch.empty(heads, n, dtype=torch.float32, device=q.device), 64
-            _merge_lse_kernel[(triton.cdiv(heads * n, br),)](parts, lse, heads * n, SPLITS=splits, BR=br)
-        else:
-            lse = lse[0]
         # a long row's top-k goes in two rounds (the best of each tile of blocks, then the best of those):
         # the same set, as keys are unique, and far more parallel than one radix select over 16K blocks
         nb = 64
@@ -177,7 +170,7 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
             qs, k1, lse, keys, n, n1, width, pos0, float(scale), qs.stride(0), qs.stride(1),
             k1.stride(0), k1.stride(1), keys.stride(0), keys.stride(1),
             GROUP=group, BQ=bq, D=d, NB=nb, BLOCK=p.block_size, KERNEL=p.kernel_size, STRIDE=p.kernel_stride,
-            WIDTH=chunks, INIT=p.init_blocks, LOCAL=p.local_blocks, PRECISION=precision,
+            WIDTH=chunks, INIT=p.init_blocks, LOCAL=p.local_blocks, SPLITS=splits, PRECISION=precision,
         )
         chosen = _top_blocks(keys, min(p.selected, n_blocks), topk_tile if tiled else 0)
         if t == 1 and pos0 // p.block_size + 1 >= p.selected:  # decode past the first blocks: every slot real
