@@ -4,9 +4,9 @@ Decoding a token is ~100 small kernels per layer; launched one by one from Pytho
 the GPU time (measured: 48 ms per token of host time for 12.5 ms of GPU work on the 9B model, 1M context).
 Between two sparse layers' caches (whose KV grows and whose selection changes every token, so they stay
 eager) every shape is fixed: the end of one sparse layer, the Lightning layers (fixed-size state) and the
-start of the next. Each such segment is captured once per cache as a graph and replayed. A graph holds the addresses of the cache's state tensors, so it
-is captured again when the cache (or a state tensor) changes. Python-side counters (a layer's length) are
-not replayed: `run` advances them.
+start of the next. Each such segment is captured once per cache as a graph and replayed. A graph holds the
+addresses of the cache's state tensors, so it is captured again when the cache (or a state tensor) changes.
+Python-side counters (a layer's length) are not replayed: `run` advances them.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ def enabled_for(model: torch.nn.Module) -> bool:
     return not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
-class LightningGraphs:
+class DecodeGraphs:
     """Graphs of the decode segments between the sparse layers' caches, per cache."""
 
-    def __init__(self, layers: torch.nn.ModuleList):
-        self.layers = layers
+    def __init__(self):
         self.cache_id: int | None = None
         self.captured: dict[int, _Captured] = {}
         self.warm: set[int] = set()

@@ -13,7 +13,6 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.cache import ModelCache
@@ -250,11 +249,11 @@ class SalaForCausalLM(nn.Module):
         return ModelCache(layers=layers)
 
     def _decode_graphs(self):
-        """CUDA graphs for decode through the Lightning layers (engine/decode_graphs.py), made on first use."""
+        """CUDA graphs for decode between the sparse layers' caches (engine/decode_graphs.py), made on first use."""
         from engine import decode_graphs
 
         if not hasattr(self, "_graphs"):
-            self._graphs = decode_graphs.LightningGraphs(self.model.layers) if decode_graphs.enabled_for(self) else None
+            self._graphs = decode_graphs.DecodeGraphs() if decode_graphs.enabled_for(self) else None
         return self._graphs
 
     @torch.inference_mode()
