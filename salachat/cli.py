@@ -55,14 +55,18 @@ def main_options(
         os.environ["SALACHAT_KV_GPU_GB"] = str(kv_gpu_gb)
 
 
+def check_quant(quant: str | None) -> None:
+    if quant not in (None, "int8", "nf4"):
+        raise UserError(f"--quant {quant}: choose int8 or nf4", errors.USAGE)
+
+
 def _load(model: str | None, device: str, quant: str | None, sparse: bool, spinner: bool = True):
     """spinner=False inside the chat window, which owns the terminal."""
     import contextlib
 
     from engine.loader import ModelLoadError, load_model
 
-    if quant not in (None, "int8", "nf4"):
-        raise UserError(f"--quant {quant}: choose int8 or nf4", errors.USAGE)
+    check_quant(quant)
     with err.status(f"loading {model or 'the default model'} …") if spinner else contextlib.nullcontext():
         try:
             return load_model(model, device=device, quant=quant, sparse=sparse)

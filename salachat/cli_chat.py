@@ -26,8 +26,9 @@ def chat(
     for path in paths or []:
         if not path.exists():
             raise UserError(f"{path}: no such file or folder", errors.BAD_INPUT)
-    if quant not in (None, "int8", "nf4"):
-        raise UserError(f"--quant {quant}: choose int8 or nf4", errors.USAGE)
+    from salachat.cli import check_quant
+
+    check_quant(quant)
     if model is None and not registry.locate(registry.DEFAULT_MODEL):
         raise UserError(f"the default model is not installed: run `salachat models pull {registry.DEFAULT_MODEL}`",
                         errors.NO_MODEL)
