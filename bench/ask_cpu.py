@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from engine.generate import Sampling, Stats
-from engine.loader import load_model
+from salachat.engine.generate import Sampling, Stats
+from salachat.engine.loader import load_model
 from salachat.conversation import Conversation
 from salachat.documents import load_documents
 

@@ -59,11 +59,11 @@ SMOKE = False
 def build(name: str, device: str):
     torch.manual_seed(0)
     if name == "dense":
-        from engine.models.llama import LlamaArgs, LlamaForCausalLM
+        from salachat.engine.models.llama import LlamaArgs, LlamaForCausalLM
 
         args, cls = LlamaArgs.from_config(shrink(DENSE_9B) if SMOKE else DENSE_9B), LlamaForCausalLM
     else:
-        from engine.models.sala import SalaArgs, SalaForCausalLM
+        from salachat.engine.models.sala import SalaArgs, SalaForCausalLM
 
         config = copy.deepcopy(shrink(SALA_9B) if SMOKE else SALA_9B)
         if name == "sala-dense":
@@ -136,7 +136,7 @@ def profile_decode(model, cache, token, path: Path) -> None:
 
 def run_one(model, context: int, chunk: int, decode_tokens: int, time_cap: float, device: str,
             profile_to: Path | None = None) -> dict:
-    from engine.generate import Cancelled, prefill
+    from salachat.engine.generate import Cancelled, prefill
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -231,7 +231,7 @@ def main() -> None:
             if device == "cuda":
                 torch.cuda.empty_cache()
         if args.quant and name == "sala":
-            from engine.quant import quantize_linears
+            from salachat.engine.quant import quantize_linears
 
             quantize_linears(model, args.quant)
             qbytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ingest import find_passage, read_paths, render_prompt, summarize
-from ingest.repo import walk_repo
-from ingest.synthetic_pdf import make_pdf
+from salachat.ingest import find_passage, read_paths, render_prompt, summarize
+from salachat.ingest.repo import walk_repo
+from salachat.ingest.synthetic_pdf import make_pdf
 
 ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_PDF = Path("/usr/share/doc/libtasn1-doc/libtasn1.pdf")

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import SparseParams, compress_keys, dense_attention
-from kernels.lightning.reference import lightning_attention_ref
-from kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref
+from salachat.kernels import SparseParams, compress_keys, dense_attention
+from salachat.kernels.lightning.reference import lightning_attention_ref
+from salachat.kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref
 
 H, D, HKV_SPARSE = 32, 128, 2
 
@@ -47,7 +47,7 @@ def slopes() -> torch.Tensor:
 
 
 def bench_lightning(lengths, sweep: bool) -> list[dict]:
-    from kernels.lightning.triton import lightning_attention_triton
+    from salachat.kernels.lightning.triton import lightning_attention_triton
 
     try:
         from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
@@ -100,8 +100,8 @@ def bench_lightning(lengths, sweep: bool) -> list[dict]:
 
 
 def bench_sparse(contexts, chunk: int, with_reference: bool) -> list[dict]:
-    from kernels.sparse.triton_attention import block_sparse_attention_triton
-    from kernels.sparse.triton_select import select_blocks_triton
+    from salachat.kernels.sparse.triton_attention import block_sparse_attention_triton
+    from salachat.kernels.sparse.triton_select import select_blocks_triton
 
     p = SparseParams()
     scale = D**-0.5

@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.sparse_cache import SparseKVCache
-from kernels import SparseParams
+from salachat.engine.sparse_cache import SparseKVCache
+from salachat.kernels import SparseParams
 
 DRIFT = 0.3  # how far a query moves per step in the "drifting" run
 SPARSE_LAYERS_9B = 8  # of the 32 layers of MiniCPM-SALA 9B; the rest are Lightning (fixed-size state)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from engine.loader import LoadedModel, load_model
+from salachat.engine.loader import LoadedModel, load_model
 from salachat.conversation import Conversation
 from salachat.sessions import Checkpointer, SessionWriter, load_conversation
 
@@ -42,7 +42,7 @@ def build_loaded(config: str, device: str, model: str | None) -> LoadedModel:
         return load_model(model, device=device, dtype=torch.float32 if device == "cpu" else None)
     from e2e import SALA_9B, shrink
 
-    from engine.models.sala import SalaArgs, SalaForCausalLM
+    from salachat.engine.models.sala import SalaArgs, SalaForCausalLM
 
     cfg = copy.deepcopy(shrink(SALA_9B) if config == "sala9b-smoke" else SALA_9B)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from kernels import dense_attention
+from salachat.kernels import dense_attention
 
 
 class LayerCache(Protocol):

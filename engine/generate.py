@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.cache import ModelCache
-from engine.tokenizer import StreamDecoder, Tokenizer
+from salachat.engine.cache import ModelCache
+from salachat.engine.tokenizer import StreamDecoder, Tokenizer
 
 # progress(done_tokens, total_tokens, elapsed_seconds)
 Progress = Callable[[int, int, float], None]

@@ -6,8 +6,8 @@ from typing import ClassVar
 
 import torch
 
-from engine.cache import register_cache
-from kernels import lightning_attention
+from salachat.engine.cache import register_cache
+from salachat.kernels import lightning_attention
 
 
 @register_cache

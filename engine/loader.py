@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from engine import registry
-from engine.tokenizer import Tokenizer
+from salachat.engine import registry
+from salachat.engine.tokenizer import Tokenizer
 
 
 class ModelLoadError(Exception):
@@ -34,7 +34,7 @@ class LoadedModel:
     def new_cache(self):
         cache = self.model.new_cache(sparse=self.sparse) if self.sparse is not None else self.model.new_cache()
         if self.kv_gpu_gb is not None:
-            from engine.sparse_cache import limit_device_kv
+            from salachat.engine.sparse_cache import limit_device_kv
 
             limit_device_kv(cache, self.kv_gpu_gb)
         return cache
@@ -111,14 +111,14 @@ def load_model(
     if known is not None:
         loaded.asks_for_citations = known.follows_citation_instructions
     if quant:
-        from engine.quant import quantize_linears
+        from salachat.engine.quant import quantize_linears
 
         quantize_linears(loaded.model, quant)
         loaded.fingerprint += f"+{quant}"
     if sparse:
         if loaded.family != "llama":
             raise ModelLoadError("--sparse applies to Llama-family models (MiniCPM-SALA is sparse already)")
-        from engine.sparse_cache import default_sparse_params_for
+        from salachat.engine.sparse_cache import default_sparse_params_for
 
         loaded.sparse = default_sparse_params_for(loaded.model.args.max_position_embeddings)
         loaded.fingerprint += "+sparse"
@@ -132,8 +132,8 @@ def load_model(
 
 
 def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    from engine.gguf_file import GGUFError, GGUFFile
-    from engine.models.llama import LlamaArgs, LlamaForCausalLM
+    from salachat.engine.gguf_file import GGUFError, GGUFFile
+    from salachat.engine.models.llama import LlamaArgs, LlamaForCausalLM
 
     try:
         gguf = GGUFFile.open(path)
@@ -171,7 +171,7 @@ def _build(cls, args, tensors: dict[str, torch.Tensor], device, dtype, source: s
 
 
 def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    from engine.hf import read_hf_folder
+    from salachat.engine.hf import read_hf_folder
 
     try:
         checkpoint = read_hf_folder(path)
@@ -187,7 +187,7 @@ def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
         b"".join(_file_fingerprint(f, config_bytes).encode() for f in weight_files)
     ).hexdigest()[:32]
     if model_type == "llama":
-        from engine.models.llama import LlamaArgs, LlamaForCausalLM
+        from salachat.engine.models.llama import LlamaArgs, LlamaForCausalLM
 
         try:
             args = LlamaArgs.from_config(checkpoint.config)
@@ -197,7 +197,7 @@ def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
         model = _build(LlamaForCausalLM, args, tensors, device, dtype, str(path))
         return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype)
     if model_type == "minicpm_sala":
-        from engine.models.sala import load_sala
+        from salachat.engine.models.sala import load_sala
 
         try:
             model = load_sala(checkpoint, device, dtype)
@@ -212,7 +212,7 @@ def load_tokenizer(spec: str | None = None) -> tuple[Tokenizer, int]:
     path = resolve_spec(spec)
     try:
         if path.is_file() and path.suffix.lower() == ".gguf":
-            from engine.gguf_file import GGUFFile
+            from salachat.engine.gguf_file import GGUFFile
 
             gguf = GGUFFile.open(path)
             return Tokenizer.from_gguf_metadata(gguf.metadata), kv_bytes_per_token(gguf.llama_config(), 4)

@@ -16,9 +16,9 @@ from typing import ClassVar
 
 import torch
 
-from engine.cache import register_cache
-from engine.kv_offload import HEADROOM_BLOCKS, OffloadedKV
-from kernels import SparseParams, block_sparse_attention, compress_keys, dense_attention, select_blocks
+from salachat.engine.cache import register_cache
+from salachat.engine.kv_offload import HEADROOM_BLOCKS, OffloadedKV
+from salachat.kernels import SparseParams, block_sparse_attention, compress_keys, dense_attention, select_blocks
 
 
 def _grow(buffer: torch.Tensor, need: int, step: int) -> torch.Tensor:

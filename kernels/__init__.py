@@ -11,11 +11,11 @@ import os
 
 import torch
 
-from kernels.dense import dense_attention_impl
-from kernels.lightning.reference import lightning_attention_ref
-from kernels.pointwise.reference import rms_norm_ref, rope_ref
-from kernels.sparse.params import SparseParams
-from kernels.sparse.reference import block_sparse_attention_ref, compress_keys_ref, select_blocks_ref
+from salachat.kernels.dense import dense_attention_impl
+from salachat.kernels.lightning.reference import lightning_attention_ref
+from salachat.kernels.pointwise.reference import rms_norm_ref, rope_ref
+from salachat.kernels.sparse.params import SparseParams
+from salachat.kernels.sparse.reference import block_sparse_attention_ref, compress_keys_ref, select_blocks_ref
 
 __all__ = [
     "SparseParams", "block_sparse_attention", "compress_keys", "dense_attention", "lightning_attention",
@@ -96,8 +96,8 @@ def _register_triton() -> None:
     """The Triton kernels register themselves in _TRITON; without Triton (or its module) the references serve."""
     import importlib.util
 
-    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("kernels.triton_ops") is not None:
-        import kernels.triton_ops  # noqa: F401
+    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("salachat.kernels.triton_ops") is not None:
+        import salachat.kernels.triton_ops  # noqa: F401
 
 
 _register_triton()

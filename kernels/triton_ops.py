@@ -1,10 +1,10 @@
 """Registers the Triton kernels with the dispatcher in kernels/__init__.py (imported only when Triton is)."""
 
-from kernels import _TRITON
-from kernels.lightning.triton import lightning_attention_triton
-from kernels.pointwise.triton import rms_norm_triton, rope_triton
-from kernels.sparse.triton_attention import block_sparse_attention_triton
-from kernels.sparse.triton_select import select_blocks_triton
+from salachat.kernels import _TRITON
+from salachat.kernels.lightning.triton import lightning_attention_triton
+from salachat.kernels.pointwise.triton import rms_norm_triton, rope_triton
+from salachat.kernels.sparse.triton_attention import block_sparse_attention_triton
+from salachat.kernels.sparse.triton_select import select_blocks_triton
 
 _TRITON.update({
     "lightning": lightning_attention_triton,

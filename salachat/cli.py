@@ -64,7 +64,7 @@ def _load(model: str | None, device: str, quant: str | None, sparse: bool, spinn
     """spinner=False inside the chat window, which owns the terminal."""
     import contextlib
 
-    from engine.loader import ModelLoadError, load_model
+    from salachat.engine.loader import ModelLoadError, load_model
 
     check_quant(quant)
     with err.status(f"loading {model or 'the default model'} …") if spinner else contextlib.nullcontext():
@@ -108,7 +108,7 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
 ) -> None:
     """Read the documents, then stream the answer to QUESTION."""
-    from engine.generate import Sampling, Stats
+    from salachat.engine.generate import Sampling, Stats
     from salachat.conversation import Conversation, ContextTooLong
     from salachat.documents import load_documents
 
@@ -170,9 +170,9 @@ def ingest(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Show what would be read (files, pages, tokens, what is skipped and why, memory, time) without answering."""
-    import ingest as ingest_lib
+    import salachat.ingest as ingest_lib
 
-    from engine.loader import ModelLoadError, load_tokenizer
+    from salachat.engine.loader import ModelLoadError, load_tokenizer
     from salachat.documents import load_documents
 
     documents = load_documents(paths, password=password)
@@ -219,7 +219,7 @@ def models_default(ctx: typer.Context) -> None:
 @models_app.command("list")
 def models_list() -> None:
     """Known models, where each is on disk, and how to get it."""
-    from engine import registry
+    from salachat.engine import registry
 
     for name, known in registry.KNOWN_MODELS.items():
         path = registry.locate(name)
@@ -231,7 +231,7 @@ def models_list() -> None:
 @models_app.command("pull")
 def models_pull(name: Annotated[str, typer.Argument(help="Model name, e.g. smollm2.")] = "smollm2") -> None:
     """Download a known model's weights into the models folder."""
-    from engine import registry
+    from salachat.engine import registry
 
     try:
         registry.pull(name, log=lambda message: err.print(message))

@@ -21,7 +21,7 @@ def chat(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
 ) -> None:
     """Open the chat window (Esc stops, Ctrl+O sessions, Ctrl+Q quits)."""
-    from engine import registry
+    from salachat.engine import registry
 
     for path in paths or []:
         if not path.exists():

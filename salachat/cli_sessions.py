@@ -50,7 +50,7 @@ def read_with_checkpoints(conversation, writer, quiet: bool, progress=None, shou
     The chat window passes its own `progress` (it draws its own bar) and `should_stop`; a stop (engine's
     Cancelled, raised between chunks where the cache is consistent) saves what was read, then propagates.
     """
-    from engine.generate import Cancelled
+    from salachat.engine.generate import Cancelled
     from salachat.sessions import Checkpointer, SessionError
 
     checkpointer = Checkpointer(writer.save)
@@ -118,7 +118,7 @@ def _load_for(manifest: dict, model: str | None, device: str, spinner: bool = Tr
     """The model a session was read with (or --model), with its quantisation, sparsity and dtype."""
     import torch
 
-    from engine.loader import ModelLoadError, load_model
+    from salachat.engine.loader import ModelLoadError, load_model
 
     flags = manifest["model"]["fingerprint"].split("+")[1:]
     quant = next((f for f in flags if f in ("int8", "nf4")), None)
@@ -147,7 +147,7 @@ def resume(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
 ) -> None:
     """Continue a saved session: finish an interrupted reading, then answer QUESTION (or open the chat)."""
-    from engine.generate import Sampling, Stats
+    from salachat.engine.generate import Sampling, Stats
     from salachat.conversation import ContextTooLong
     from salachat.sessions import SessionError, SessionWriter, load_conversation
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from engine.generate import Progress, Sampling, Stats, generate, prefill
-from engine.loader import LoadedModel
+from salachat.engine.generate import Progress, Sampling, Stats, generate, prefill
+from salachat.engine.loader import LoadedModel
 
 SYSTEM_PROMPT = (
     "You are salachat, an assistant that answers questions about the documents the user provides. "
@@ -38,7 +38,7 @@ class Conversation:
         if system_prompt is None:
             system_prompt = SYSTEM_PROMPT
             if loaded.asks_for_citations:
-                from ingest import CITE_INSTRUCTION
+                from salachat.ingest import CITE_INSTRUCTION
 
                 system_prompt += " " + CITE_INSTRUCTION
         self.loaded = loaded

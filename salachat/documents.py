@@ -29,7 +29,7 @@ class Documents:
 
 
 def load_documents(paths: list[Path], password: str | None = None, progress=None) -> Documents:
-    import ingest
+    from salachat import ingest
     from salachat.paths import cache_dir
 
     try:
@@ -45,8 +45,7 @@ def load_documents(paths: list[Path], password: str | None = None, progress=None
 
 def cited_passages(documents: Documents, answer: str) -> list:
     """The passages (ingest.Passage: .anchor, .source, .text) that the answer cites and the documents hold."""
-    import ingest
-
+    from salachat import ingest
     found = []
     for anchor in ingest.extract_citations(answer):
         passage = ingest.find_passage(documents.docs, anchor)

@@ -25,7 +25,7 @@ def _missing(what: str, how: str):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from engine import registry
+    from salachat.engine import registry
 
     path = os.environ.get("SALACHAT_TEST_MODEL") or registry.locate("smollm2")
     if not path:
@@ -38,7 +38,7 @@ def smollm2(smollm2_path):
     """The default model on the CPU in fp32, loaded once per test session."""
     import torch
 
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
 
     return load_model(str(smollm2_path), device="cpu", dtype=torch.float32)
 

@@ -28,7 +28,7 @@ def tiny_config(**overrides) -> dict:
 
 
 def tiny_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    from engine.models.sala import SalaArgs, SalaForCausalLM
+    from salachat.engine.models.sala import SalaArgs, SalaForCausalLM
 
     torch.manual_seed(seed)
     model = SalaForCausalLM(SalaArgs.from_config(config))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.cache import KVCache, ModelCache, dense_attention
+from salachat.engine.cache import KVCache, ModelCache, dense_attention
 
 
 def naive_attention(q, k, v, pos0, scale):

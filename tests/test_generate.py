@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from engine.generate import Cancelled, Sampling, Stats, generate, prefill, sample
+from salachat.engine.generate import Cancelled, Sampling, Stats, generate, prefill, sample
 
 
 def test_cached_greedy_decode_equals_recomputing_the_full_sequence(smollm2):

@@ -5,7 +5,7 @@ import pytest
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from engine.gguf_file import GGUFError, GGUFFile, unpermute_rope_rows
+from salachat.engine.gguf_file import GGUFError, GGUFFile, unpermute_rope_rows
 
 
 def test_metadata_and_tensors_equal_ggufreader(smollm2_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingest import CITE_INSTRUCTION, Document, Segment, extract_citations, find_passage, render_prompt
+from salachat.ingest import CITE_INSTRUCTION, Document, Segment, extract_citations, find_passage, render_prompt
 
 
 def _book() -> Document:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest import IngestError, read_paths
+from salachat.ingest import IngestError, read_paths
 
 BROKEN = Path(__file__).parent / "data" / "broken"
 
@@ -110,7 +110,8 @@ def test_the_broken_corpus_inside_a_repository_is_listed_not_fatal(tmp_path):
 
 
 def test_unexpected_failure_inside_a_reader_is_still_one_line(monkeypatch, tmp_path):
-    import ingest.reader
+    from salachat import ingest
+    import salachat.ingest.reader  # noqa: F401
 
     def explode(*args, **kwargs):
         raise ZeroDivisionError("boom")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-import ingest.reader
-from ingest import count_tokens, estimate_tokens, read_paths, render_prompt, summarize
-from ingest.synthetic_pdf import make_pdf
+from salachat import ingest
+
+import salachat.ingest.reader  # noqa: F401
+from salachat.ingest import count_tokens, estimate_tokens, read_paths, render_prompt, summarize
+from salachat.ingest.synthetic_pdf import make_pdf
 
 
 def test_unchanged_pdf_is_served_from_the_cache_even_at_a_new_path(tmp_path, monkeypatch):
@@ -104,7 +106,7 @@ def test_token_estimate_counts_wide_characters_one_each():
 
 
 def test_cache_evicts_least_recently_used_entries_past_its_cap(tmp_path):
-    from ingest import cache
+    from salachat.ingest import cache
 
     cache_dir = tmp_path / "cache"
     docs = []

@@ -8,7 +8,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from ingest import IngestError, find_passage, read_paths, render_prompt
+from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")  # base-files: on every Debian system
 

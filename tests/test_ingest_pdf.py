@@ -9,8 +9,8 @@ from pathlib import Path
 import pypdf
 import pytest
 
-from ingest import IngestError, find_passage, read_paths, render_prompt
-from ingest.synthetic_pdf import make_pdf
+from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
+from salachat.ingest.synthetic_pdf import make_pdf
 
 LIBTASN1_PDF = Path("/usr/share/doc/libtasn1-doc/libtasn1.pdf")  # apt package libtasn1-doc
 BZIP2_PDF_GZ = Path("/usr/share/doc/bzip2/manual.pdf.gz")  # apt package bzip2-doc

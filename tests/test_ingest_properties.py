@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import Document, Segment, extract_citations, find_passage, read_paths, render_prompt
-from ingest.render import marker
-from ingest.repo import walk_repo
+from salachat.ingest import Document, Segment, extract_citations, find_passage, read_paths, render_prompt
+from salachat.ingest.render import marker
+from salachat.ingest.repo import walk_repo
 
 FILE_NAMES = ["a", "b.txt", "c.py", "d.log", "keep.log", "e.md"]
 DIR_NAMES = ["x", "y", "sub"]

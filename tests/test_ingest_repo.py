@@ -13,8 +13,8 @@ import pathspec
 import pathspec.gitignore
 import pytest
 
-from ingest import IngestError, find_passage, read_paths, render_prompt
-from ingest.repo import walk_repo
+from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
+from salachat.ingest.repo import walk_repo
 
 
 def test_stdlib_json_package_functions_are_at_their_lines():

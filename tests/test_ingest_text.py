@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest import IngestError, find_passage, read_paths, render_prompt
+from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")  # base-files: on every Debian system
 BZIP2_HTML = Path("/usr/share/doc/bzip2/manual.html")  # apt package bzip2-doc

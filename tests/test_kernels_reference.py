@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from kernels import SparseParams
-from kernels.lightning.reference import lightning_attention_ref, lightning_recurrent_ref
-from kernels.sparse.reference import block_sparse_attention_ref, compress_keys_ref, select_blocks_ref
+from salachat.kernels import SparseParams
+from salachat.kernels.lightning.reference import lightning_attention_ref, lightning_recurrent_ref
+from salachat.kernels.sparse.reference import block_sparse_attention_ref, compress_keys_ref, select_blocks_ref
 
 
 def report(a, b):
@@ -128,7 +128,7 @@ def test_block_sparse_attention_matches_naive_and_dense_when_everything_is_selec
             expected = sum(w[n] * v[g, tok] for n, tok in enumerate(tokens))
             assert torch.allclose(out[h, i], expected, atol=1e-5)
     every = torch.arange(7, dtype=torch.int32).expand(2, 20, 7).contiguous()
-    from kernels import dense_attention
+    from salachat.kernels import dense_attention
 
     assert torch.allclose(block_sparse_attention_ref(q, k, v, every, 80, 16, 0.4),
                           dense_attention(q, k, v, 80, 0.4), atol=1e-5)

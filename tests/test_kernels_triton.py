@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import SparseParams, compress_keys
-from kernels.lightning.reference import lightning_attention_ref
-from kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref
+from salachat import kernels
+from salachat.kernels import SparseParams, compress_keys
+from salachat.kernels.lightning.reference import lightning_attention_ref
+from salachat.kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
@@ -18,11 +18,11 @@ if not torch.cuda.is_available():
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and not under TRITON_INTERPRET=1", allow_module_level=True)
-from kernels.lightning.triton import lightning_attention_triton
-from kernels.pointwise.reference import rms_norm_ref, rope_ref
-from kernels.pointwise.triton import rms_norm_triton, rope_triton
-from kernels.sparse.triton_attention import block_sparse_attention_triton, union_of_selections
-from kernels.sparse.triton_select import select_blocks_triton
+from salachat.kernels.lightning.triton import lightning_attention_triton
+from salachat.kernels.pointwise.reference import rms_norm_ref, rope_ref
+from salachat.kernels.pointwise.triton import rms_norm_triton, rope_triton
+from salachat.kernels.sparse.triton_attention import block_sparse_attention_triton, union_of_selections
+from salachat.kernels.sparse.triton_select import select_blocks_triton
 
 SMALL = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2, topk=3, dense_len=0)
 
@@ -156,7 +156,7 @@ def test_tiny_sala_model_through_every_triton_kernel_equals_the_reference_path(t
     sys.path.insert(0, str(Path(__file__).parent))
     from sala_tiny import write_tiny_checkpoint
 
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
 
     tiny = load_model(str(write_tiny_checkpoint(tmp_path / "tiny")), device="cpu", dtype=torch.float32)
     ids = torch.randint(5, 320, (150,), generator=torch.Generator().manual_seed(0))

@@ -12,11 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sala_tiny import write_tiny_checkpoint
 
-from engine.cache import ModelCache
-from engine.kv_offload import HEADROOM_BLOCKS
-from engine.loader import load_model
-from engine.sparse_cache import SparseKVCache, limit_device_kv
-from kernels import SparseParams
+from salachat.engine.cache import ModelCache
+from salachat.engine.kv_offload import HEADROOM_BLOCKS
+from salachat.engine.loader import load_model
+from salachat.engine.sparse_cache import SparseKVCache, limit_device_kv
+from salachat.kernels import SparseParams
 
 TEXT = ("The harbour light of Varna Point was built in 1871. Tomas Brandt kept it for thirty-one years, "
         "and his daughter Ilse kept the log. ")
@@ -173,7 +173,7 @@ def test_kv_gpu_budget_from_the_loader_applies_to_new_and_resumed_caches(tiny, t
     """`salachat --kv-gpu-gb X` reaches the engine through SALACHAT_KV_GPU_GB: every new cache and every
     resumed session (loaded straight into host memory) keeps only the budget's blocks on the device, with the
     same logits; a budget below one block is one clear error at load time."""
-    from engine.loader import ModelLoadError
+    from salachat.engine.loader import ModelLoadError
     from salachat.conversation import Conversation
     from salachat.sessions import SessionWriter, load_conversation
 

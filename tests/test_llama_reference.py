@@ -110,7 +110,7 @@ def _tiny_llama_gguf(path, qtype_name: str, seed: int = 0):
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_types_dequantise_and_unpermute_to_the_reference_network(tmp_path, qtype):
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
 
     path = tmp_path / f"tiny-{qtype}.gguf"
     config, weights = _tiny_llama_gguf(path, qtype)
@@ -131,7 +131,7 @@ def test_hf_folder_llama_equals_transformers(tmp_path):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from sala_tiny import _write_tokenizer
 
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
 
     config = transformers.LlamaConfig(
         vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

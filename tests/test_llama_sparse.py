@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine.sparse_cache import default_sparse_params_for
+from salachat.engine.sparse_cache import default_sparse_params_for
 from salachat.conversation import ContextTooLong, Conversation
 
 

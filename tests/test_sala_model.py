@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sala_tiny import tiny_config, write_tiny_checkpoint  # noqa: E402
 from test_kernels_reference import naive_selection  # noqa: E402
 
-from engine.cache import ModelCache  # noqa: E402
-from engine.loader import ModelLoadError, load_model  # noqa: E402
-from kernels import SparseParams  # noqa: E402
+from salachat.engine.cache import ModelCache  # noqa: E402
+from salachat.engine.loader import ModelLoadError, load_model  # noqa: E402
+from salachat.kernels import SparseParams  # noqa: E402
 
 TOL = 2e-5  # fp32, over 4 layers: order-of-summation differences only
 
@@ -83,7 +83,7 @@ def test_lightning_mixer_equals_a_token_loop(tiny):
     assert not layer.sparse
     torch.manual_seed(3)
     x = torch.randn(30, 64)
-    from engine.lightning_state import LightningState
+    from salachat.engine.lightning_state import LightningState
 
     got = attn(x, *tiny_rope(tiny, 30), LightningState(4, 16, "cpu"))
     heads, d = 4, 16
@@ -104,7 +104,7 @@ def test_lightning_mixer_equals_a_token_loop(tiny):
 
 
 def tiny_rope(loaded, t, pos0=0):
-    from engine.models.llama import rope_cos_sin
+    from salachat.engine.models.llama import rope_cos_sin
 
     return rope_cos_sin(torch.arange(pos0, pos0 + t), 16, 10000.0)
 
@@ -139,7 +139,7 @@ def test_sparse_mixer_equals_naive_selection_and_attention(tiny):
 
 
 def test_compressed_keys_kept_incrementally_equal_recomputation(tiny):
-    from kernels.sparse.reference import compress_keys_ref
+    from salachat.kernels.sparse.reference import compress_keys_ref
 
     cache = tiny.new_cache()
     ids = torch.randint(5, 320, (157,), generator=torch.Generator().manual_seed(5))
@@ -200,7 +200,7 @@ def test_quantised_logits_stay_near_bf16(tiny, mode, limit):
 
 
 def test_chat_with_the_checkpoint_template(tiny):
-    from engine.generate import Sampling
+    from salachat.engine.generate import Sampling
     from salachat.conversation import Conversation
 
     conversation = Conversation(tiny)

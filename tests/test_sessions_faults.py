@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.generate import Sampling
+from salachat.engine.generate import Sampling
 from salachat import errors
 from salachat.conversation import Conversation
 from salachat.sessions import SessionError, SessionSaveError, SessionWriter, load_conversation, read_manifest
@@ -32,7 +32,7 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_folder):
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
 
     return load_model(str(tiny_folder), device="cpu", dtype=torch.float32)
 
@@ -56,7 +56,7 @@ def _finished_logits(conversation) -> torch.Tensor:
 
 CHILD = textwrap.dedent("""
     import sys, time, torch
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
     from salachat.conversation import Conversation
     from salachat.sessions import SessionWriter, atomic
 
@@ -177,7 +177,7 @@ def _other_weights(folder):
 def test_damaged_session_is_one_line_and_exit_code_5(salachat_cli, tmp_path, damage, expected):
     from sala_tiny import write_tiny_checkpoint
 
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
 
     model_folder = write_tiny_checkpoint(tmp_path / "model")  # its own copy: one case rewrites the weights
     loaded = load_model(str(model_folder), device="cpu", dtype=torch.float32)
@@ -214,7 +214,7 @@ def test_unknown_and_badly_named_sessions_are_one_line(salachat_cli):
 def test_session_api_refuses_a_foreign_model(tiny, tmp_path):
     from sala_tiny import write_tiny_checkpoint
 
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
 
     _save_session(tiny, tmp_path / "s")
     other = load_model(str(write_tiny_checkpoint(tmp_path / "other", seed=7)), device="cpu", dtype=torch.float32)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.generate import Cancelled, Sampling
+from salachat.engine.generate import Cancelled, Sampling
 from salachat.conversation import Conversation
 from salachat.sessions import Checkpointer, SessionWriter, load_conversation
 from salachat.sessions.safetensors_io import load_tensors_mmap
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def tiny_sala(tmp_path_factory):
     from sala_tiny import write_tiny_checkpoint
 
-    from engine.loader import load_model
+    from salachat.engine.loader import load_model
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("sala") / "tiny")
     return load_model(str(folder), device="cpu", dtype=torch.float32)

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from engine.gguf_file import GGUFFile
-from engine.tokenizer import StreamDecoder, Tokenizer
+from salachat.engine.gguf_file import GGUFFile
+from salachat.engine.tokenizer import StreamDecoder, Tokenizer
 
 
 def real_strings() -> list[str]:

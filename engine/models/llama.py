@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from engine.cache import KVCache, ModelCache
+from salachat import kernels
+from salachat.engine.cache import KVCache, ModelCache
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
         if sparse is None:
             layers = [KVCache(a.num_key_value_heads, a.head_dim, dtype, p.device) for _ in range(a.num_hidden_layers)]
         else:
-            from engine.sparse_cache import SparseKVCache
+            from salachat.engine.sparse_cache import SparseKVCache
 
             layers = [
                 SparseKVCache(a.num_key_value_heads, a.head_dim, sparse, dtype, p.device)

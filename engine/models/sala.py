@@ -15,11 +15,11 @@ from dataclasses import MISSING, dataclass, field, fields
 import torch
 from torch import nn
 
-from engine.cache import ModelCache
-from engine.lightning_state import LightningState
-from engine.models.llama import MLP, RMSNorm, apply_rope, rope_cos_sin
-from engine.sparse_cache import SparseKVCache
-from kernels import SparseParams
+from salachat.engine.cache import ModelCache
+from salachat.engine.lightning_state import LightningState
+from salachat.engine.models.llama import MLP, RMSNorm, apply_rope, rope_cos_sin
+from salachat.engine.sparse_cache import SparseKVCache
+from salachat.kernels import SparseParams
 
 SPARSE_KINDS = {"minicpm4", "attention", "sparse"}
 LIGHTNING_KINDS = {"lightning-attn", "lightning", "lightning_attn"}
@@ -250,7 +250,7 @@ class SalaForCausalLM(nn.Module):
 
     def _decode_graphs(self):
         """CUDA graphs for decode between the sparse layers' caches (engine/decode_graphs.py), made on first use."""
-        from engine import decode_graphs
+        from salachat.engine import decode_graphs
 
         if not hasattr(self, "_graphs"):
             self._graphs = decode_graphs.DecodeGraphs() if decode_graphs.enabled_for(self) else None
@@ -316,7 +316,7 @@ class SalaForCausalLM(nn.Module):
 
 def load_sala(checkpoint, device: torch.device, dtype: torch.dtype) -> SalaForCausalLM:
     """Build the model from an HFCheckpoint. The checkpoint's names are the module names (one table: identity)."""
-    from engine.loader import _build
+    from salachat.engine.loader import _build
 
     args = SalaArgs.from_config(checkpoint.config)
     return _build(SalaForCausalLM, args, checkpoint.load_tensors(), device, dtype, str(checkpoint.folder))

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pointwise.reference import rms_norm_ref
+from salachat.kernels.pointwise.reference import rms_norm_ref
 
 
 @triton.jit(do_not_specialize=["rows"])

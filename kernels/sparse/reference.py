@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.sparse.params import SparseParams
+from salachat.kernels.sparse.params import SparseParams
 
 NEG_INF = float("-inf")
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sparse.params import SparseParams
+from salachat.kernels.sparse.params import SparseParams
 
 
 # lengths and positions change every decode step: compile once, not once per divisibility class

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engine.cache import CACHE_KINDS, ModelCache
+from salachat.engine.cache import CACHE_KINDS, ModelCache
 from salachat.sessions.atomic import TMP_SUFFIX, write_atomic
 from salachat.sessions.catalog import (
     LOCK,
@@ -161,7 +161,7 @@ def load_cache(folder: Path, manifest: dict, device: torch.device | str, kv_gpu_
     a time, so host RAM never holds a full copy and the device holds one layer's temporaries at most.
     With `kv_gpu_gb` the sparse layers' K/V stays in host memory and only the budget's blocks go to the
     device, so a session larger than the GPU resumes."""
-    from engine.sparse_cache import SparseKVCache, limit_device_kv
+    from salachat.engine.sparse_cache import SparseKVCache, limit_device_kv
 
     files = {name: load_tensors_mmap(folder / name) for name in manifest["files"] if name.endswith(".safetensors")}
     entries, meta = manifest["cache"]["tensors"], manifest["cache"]["meta"]

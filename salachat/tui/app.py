@@ -140,7 +140,7 @@ class SalaChat(App[int]):
     @work(thread=True, exclusive=True, group="model")
     def answer(self, question: str) -> None:
         """Stream the answer into a new message, piece by piece, until done or Escape."""
-        from engine.generate import Cancelled, Stats
+        from salachat.engine.generate import Cancelled, Stats
 
         self.busy, self.stop_requested = True, False
         try:

@@ -95,7 +95,7 @@ class Chat:
                                for d in manifest.get("documents", [])]
 
     def _open_documents(self) -> None:
-        import ingest
+        from salachat import ingest
         from salachat import cli_sessions, errors
         from salachat.conversation import ContextTooLong, Conversation
         from salachat.documents import load_documents
@@ -119,7 +119,7 @@ class Chat:
 
     def read(self, progress: Callable[[int, int, float], None], should_stop: Callable[[], bool]) -> str:
         """Read what is queued; returns the status line. A stop keeps what was read (saved, with a session)."""
-        from engine.generate import Cancelled
+        from salachat.engine.generate import Cancelled
         from salachat import cli_sessions
 
         conversation = self.conversation
@@ -138,7 +138,7 @@ class Chat:
 
     def ask(self, question: str, should_stop: Callable[[], bool], stats) -> Iterator[str]:
         """Stream the answer; the turn is saved when the stream ends (however it ends), with a session."""
-        from engine.generate import Sampling
+        from salachat.engine.generate import Sampling
         from salachat import cli_sessions
 
         sampling = Sampling(temperature=self.options.temperature, max_tokens=self.options.max_tokens)

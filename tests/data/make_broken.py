@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pypdf
 
-from ingest.synthetic_pdf import make_pdf
+from salachat.ingest.synthetic_pdf import make_pdf
 
 OUT = Path(__file__).parent / "broken"
 
