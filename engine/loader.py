@@ -118,9 +118,9 @@ def load_model(
     if sparse:
         if loaded.family != "llama":
             raise ModelLoadError("--sparse applies to Llama-family models (MiniCPM-SALA is sparse already)")
-        from salachat.engine.sparse_cache import default_sparse_params_for
+        from salachat.engine.long_context import params_for
 
-        loaded.sparse = default_sparse_params_for(loaded.model.args.max_position_embeddings)
+        loaded.sparse = params_for(loaded.model)
         loaded.fingerprint += "+sparse"
     if kv_gpu_gb is not None:
         loaded.kv_gpu_gb = kv_gpu_gb

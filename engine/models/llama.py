@@ -57,10 +57,26 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos(), emb.sin()
+    return Rotary.plain(head_dim, theta).cos_sin(positions)
+
+
+class Rotary:
+    """RoPE frequencies of one model. Caches that place keys at positions of their own (the long-context
+    extension) get this object and rotate queries and keys themselves."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq.float()
+
+    @classmethod
+    def plain(cls, head_dim: int, theta: float) -> "Rotary":
+        # on the CPU explicitly: models are built under a meta-device context
+        return cls(1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.to(positions.device)
+        angles = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -77,13 +93,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache, pos0: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache, pos0: int, rotary: Rotary) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim).transpose(0, 1)
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = cache.attend(q, k, v, pos0, self.head_dim**-0.5)
+        if getattr(cache, "places_positions", False):
+            # the long-context extension keeps keys unrotated and decides each query-key distance itself
+            out = cache.attend_unrotated(q, k, v, pos0, self.head_dim**-0.5, rotary)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            out = cache.attend(q, k, v, pos0, self.head_dim**-0.5)
         return self.o_proj(out.transpose(0, 1).reshape(t, -1))
 
 
@@ -108,8 +128,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x, cos, sin, cache, pos0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos0)
+    def forward(self, x, cos, sin, cache, pos0, rotary):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos0, rotary)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -127,16 +147,21 @@ class LlamaForCausalLM(nn.Module):
         self.args = args
         self.model = LlamaModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = Rotary.plain(args.head_dim, args.rope_theta)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def new_cache(self, sparse=None) -> ModelCache:
-        """A dense KV cache per layer, or with `sparse` (SparseParams) InfLLM-V2 block-sparse caches."""
+        """A dense KV cache per layer; with `sparse`, the long-context caches it builds (`sparse.layer_cache`),
+        or for bare SparseParams InfLLM-V2 block-sparse caches."""
         a = self.args
         p = next(self.parameters())
         dtype = p.dtype if p.dtype.is_floating_point else torch.bfloat16
         if sparse is None:
             layers = [KVCache(a.num_key_value_heads, a.head_dim, dtype, p.device) for _ in range(a.num_hidden_layers)]
+        elif hasattr(sparse, "layer_cache"):
+            layers = [sparse.layer_cache(a.num_key_value_heads, a.head_dim, dtype, p.device)
+                      for _ in range(a.num_hidden_layers)]
         else:
             from salachat.engine.sparse_cache import SparseKVCache
 
@@ -150,9 +175,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         pos0 = cache.position
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        cos, sin = self.rotary.cos_sin(positions)
         h = self.model.embed_tokens(ids)
         for layer, layer_cache in zip(self.model.layers, cache.layers):
-            h = layer(h, cos, sin, layer_cache, pos0)
+            h = layer(h, cos, sin, layer_cache, pos0, self.rotary)
         cache.position = pos0 + ids.shape[0]
         return self.lm_head(self.model.norm(h)).float()
