@@ -25,6 +25,9 @@ class Sampling:
     top_p: float = 1.0
     max_tokens: int = 512
     seed: int | None = None
+    repeat_penalty: float = 1.0  # llama.cpp's: logits of tokens seen in the last `repeat_last_n` divided by it
+    repeat_last_n: int = 64
+    min_p: float = 0.0  # keep tokens with probability >= min_p * the top token's
 
 
 @dataclass

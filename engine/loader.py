@@ -30,6 +30,15 @@ class LoadedModel:
     sparse: object | None = None  # SparseParams for a Llama model reading past its trained length
     asks_for_citations: bool = True  # whether the system prompt tells the model to cite anchors
     kv_gpu_gb: float | None = None  # sparse layers' K/V kept on the device; the rest in host memory
+    quant: str | None = None  # "int8" | "nf4" | None, as loaded
+
+    @property
+    def long_context(self) -> str:
+        """How this model reads past its trained length: "native" (MiniCPM-SALA), "extended" (a dense model
+        with the training-free extension on), "dense" (a dense model as trained)."""
+        if self.family == "minicpm_sala":
+            return "native"
+        return "extended" if self.sparse is not None else "dense"
 
     def new_cache(self):
         cache = self.model.new_cache(sparse=self.sparse) if self.sparse is not None else self.model.new_cache()
@@ -115,6 +124,7 @@ def load_model(
 
         quantize_linears(loaded.model, quant)
         loaded.fingerprint += f"+{quant}"
+        loaded.quant = quant
     if sparse:
         if loaded.family != "llama":
             raise ModelLoadError("--sparse applies to Llama-family models (MiniCPM-SALA is sparse already)")
