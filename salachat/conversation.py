@@ -9,6 +9,7 @@ Reading can stop between chunks and continue later (`pending_ids`), which is wha
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -22,8 +23,19 @@ SYSTEM_PROMPT = (
 _QUESTION_SLOT = "\u0000QUESTION\u0000"
 
 
+def trained_length(loaded: LoadedModel) -> int | None:
+    """The length a dense model was trained on (None for MiniCPM-SALA, which reads any length)."""
+    from salachat.engine import long_context
+
+    if hasattr(long_context, "trained_length"):
+        return long_context.trained_length(loaded)
+    if loaded.family == "llama":
+        return loaded.model.args.max_position_embeddings
+    return None
+
+
 class ContextTooLong(Exception):
-    pass
+    """The documents or the conversation do not fit a dense model's trained length."""
 
 
 @dataclass
@@ -59,10 +71,31 @@ class Conversation:
 
     @property
     def max_context(self) -> int | None:
-        """Trained length of a dense model without --sparse; None where the model reads any length."""
-        if self.loaded.family == "llama" and self.loaded.sparse is None:
-            return self.loaded.model.args.max_position_embeddings
+        """Trained length of a dense model as trained; None where the model reads any length."""
+        if self.loaded.long_context == "dense":
+            return trained_length(self.loaded)
         return None
+
+    def use_model(self, loaded: LoadedModel) -> None:
+        """Read with `loaded` instead (the same weights with the long-context extension on): only before
+        anything is read, since the cache starts again."""
+        if self.cache.position:
+            raise RuntimeError("the model can only change before the reading starts")
+        self.loaded = loaded
+        self.cache = loaded.new_cache()
+
+    def clone(self) -> Conversation:
+        """An independent copy: the engine state is copied tensor by tensor (a Lightning state cannot be
+        rewound, so branching means copying), the transcript and the queued reading too."""
+        from salachat.engine.cache import ModelCache
+
+        twin = copy.copy(self)
+        tensors, meta = self.cache.state()
+        twin.cache = ModelCache.from_state({name: t.clone() for name, t in tensors.items()}, meta)
+        twin.cache.extra = dict(self.cache.extra)
+        twin.turns = [Turn(t.question, t.answer, dict(t.stats)) for t in self.turns]
+        twin.pending_ids = list(self.pending_ids)
+        return twin
 
     def _messages(self, next_question: str | None) -> list[dict]:
         messages = [{"role": "system", "content": self.system_prompt}]
@@ -92,7 +125,7 @@ class Conversation:
         if limit is not None and self.cache.position + new_tokens > limit:
             raise ContextTooLong(
                 f"{self.cache.position + new_tokens} tokens do not fit the model's {limit}-token context: "
-                "add --sparse to read past it, or use a MiniCPM-SALA model"
+                "add --sparse to read past it with the long-context extension, or use a MiniCPM-SALA model"
             )
 
     def set_documents(self, documents_text: str) -> int:
@@ -112,7 +145,7 @@ class Conversation:
         self,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
-        on_chunk: Callable[["Conversation"], None] | None = None,
+        on_chunk: Callable[[Conversation], None] | None = None,
     ) -> None:
         """Feed the queued reading into the cache, chunk by chunk; resumable after Cancelled."""
         total = len(self.pending_ids) + self.cache.position
@@ -136,12 +169,13 @@ class Conversation:
     def ask(
         self,
         question: str,
-        sampling: Sampling = Sampling(),
+        sampling: Sampling | None = None,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
         stats: Stats | None = None,
     ) -> Iterator[str]:
         """Stream the answer to `question`. Reads any unread part of the documents first."""
+        sampling = sampling if sampling is not None else Sampling()
         if self.pending_ids:
             self.read(progress, should_stop)
         full = self.tokenizer.apply_chat_template(self._messages(question), add_generation_prompt=True)
