@@ -192,6 +192,19 @@ class SparseKVCache:
                 raise ValueError(f"sparse KV cache: saved {name} disagrees with its keys (corrupt state?)")
         return cache
 
+    @classmethod
+    def restored(cls, meta: dict, k1: torch.Tensor, k2: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor) -> SparseKVCache:
+        """The cache saved with `meta` and compressed keys `k1`, `k2`, around device buffers `keys`, `values`
+        [Hkv, >= length, D] that the caller fills before first use (a lazily resumed session streams them in:
+        salachat/sessions/lazy.py). The compressed keys are the saved ones, vouched for by their checksums."""
+        params = SparseParams(**{k: int(meta[k]) for k in (
+            "block_size", "kernel_size", "kernel_stride", "init_blocks", "local_blocks", "topk", "dense_len")})
+        cache = cls(keys.shape[0], keys.shape[2], params, keys.dtype, keys.device)
+        cache.keys, cache.values, cache._length = keys, values, int(meta["length"])
+        cache.k1, cache._n1, cache.k2, cache._n2 = k1, k1.shape[1], k2, k2.shape[1]
+        return cache
+
 
 def default_sparse_params_for(trained_length: int) -> SparseParams:
     """InfLLM-V2 settings for a dense Llama reading past its trained length: MiniCPM-SALA's geometry, with
