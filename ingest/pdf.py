@@ -4,62 +4,86 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import BinaryIO, Self
 
 from pypdf import PdfReader
 from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
 
 from .document import Document, Segment
-from .errors import IngestError
+from .errors import Damaged, Empty, IngestError, Protected
+from .stream import Budget, estimate_tokens
 
 Progress = Callable[[str, int, int], None]
+# What pypdf raises on damaged files besides its own errors.
+_BROKEN = (PyPdfError, KeyError, ValueError, TypeError, AttributeError, IndexError, OSError, EOFError, zlib.error,
+           struct.error, RecursionError, OverflowError, AssertionError)
 
 
-def read_pdf(data: bytes, path: str, content_hash: str, password: str | None = None,
-             progress: Progress | None = None) -> Document:
-    reader = _open(data, path, password)
+def read_pdf(data: bytes | BinaryIO, path: str, content_hash: str, password: str | None = None,
+             progress: Progress | None = None, *, budget: Budget | None = None,
+             size_bytes: int | None = None) -> Document:
+    """`data` is the PDF's bytes or a seekable binary file (read lazily by pypdf, never whole)."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    size = size_bytes if size_bytes is not None else _stream_size(stream)
+    reader = _open(stream, path, password)
     try:
         page_count = len(reader.pages)
-    except (PyPdfError, KeyError, ValueError, TypeError, AttributeError) as error:
+    except _BROKEN as error:
         raise _damaged(path, error) from None
     if page_count == 0:
-        raise IngestError(path, "has no pages", hint="check that the PDF opens in a viewer")
+        raise Empty(path, "has no pages", hint="check that the PDF opens in a viewer")
     segments: list[Segment] = []
     empty_pages: list[int] = []
+    tokens = 0
     for number in range(1, page_count + 1):
         text = _page_text(reader, number, path)
         if not text.strip():
             empty_pages.append(number)
         segments.append(Segment(anchor=f"p.{number}", text=text, page=number))
+        if budget is not None:
+            tokens += estimate_tokens(text)
+            budget.check(path, tokens, number, page_count, size)
         if progress:
             progress(path, number, page_count)
     if len(empty_pages) == page_count:
-        raise IngestError(path, f"has no text layer on any of its {page_count} pages (a scanned document?)",
+        raise Empty(path, f"has no text layer on any of its {page_count} pages (a scanned document?)",
                           hint="run OCR on it first (e.g. `ocrmypdf in.pdf out.pdf`) and pass the result")
     title, meta = _metadata(reader, path)
-    meta.update(pages=page_count, encrypted=reader.is_encrypted, pages_without_text_list=empty_pages[:50])
+    meta.update(pages=page_count, encrypted=reader.is_encrypted, pages_without_text_list=empty_pages[:50],
+                bytes=size)
     return Document(source=path, kind="pdf", title=title, segments=segments, content_hash=content_hash,
                     meta=meta, pages_without_text=len(empty_pages))
 
 
-def _open(data: bytes, path: str, password: str | None) -> PdfReader:
-    if not data.lstrip()[:5].startswith(b"%PDF"):
-        raise IngestError(path, "is not a PDF (it does not start with %PDF)",
-                          hint="check the file, or rename it to its real type")
+def _stream_size(stream: BinaryIO) -> int:
+    stream.seek(0, io.SEEK_END)
+    size = stream.tell()
+    stream.seek(0)
+    return size
+
+
+def _open(stream: BinaryIO, path: str, password: str | None) -> PdfReader:
+    head = stream.read(1024)
+    stream.seek(0)
+    if not head.lstrip()[:5].startswith(b"%PDF"):
+        raise Damaged(path, "is not a PDF (it does not start with %PDF)",
+                      hint="check the file, or rename it to its real type")
     try:
         with _PypdfComplaints():
-            reader = PdfReader(io.BytesIO(data), strict=False)
+            reader = PdfReader(stream, strict=False)
             if reader.is_encrypted:
                 _decrypt(reader, path, password)
     except IngestError:
         raise
     except DependencyError:
-        raise IngestError(path, "is AES-encrypted and pypdf needs the 'cryptography' package to open it",
+        raise Protected(path, "is AES-encrypted and pypdf needs the 'cryptography' package to open it",
                           hint="run `pip install cryptography` and try again") from None
-    except (PyPdfError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+    except _BROKEN as error:
         raise _damaged(path, error) from None
     return reader
 
@@ -70,9 +94,9 @@ def _decrypt(reader: PdfReader, path: str, password: str | None) -> None:
         if reader.decrypt(attempt):
             return
     if password:
-        raise IngestError(path, "the password given does not open this PDF",
+        raise Protected(path, "the password given does not open this PDF",
                           hint="check the password passed with --password")
-    raise IngestError(path, "is password-protected", hint="pass its password with --password")
+    raise Protected(path, "is password-protected", hint="pass its password with --password")
 
 
 def _page_text(reader: PdfReader, number: int, path: str) -> str:
@@ -80,15 +104,15 @@ def _page_text(reader: PdfReader, number: int, path: str) -> str:
         with _PypdfComplaints() as pypdf_said:
             text = reader.pages[number - 1].extract_text() or ""
     except FileNotDecryptedError:
-        raise IngestError(path, "is password-protected", hint="pass its password with --password") from None
+        raise Protected(path, "is password-protected", hint="pass its password with --password") from None
     except DependencyError:
-        raise IngestError(path, "needs the 'cryptography' package to decrypt",
+        raise Protected(path, "needs the 'cryptography' package to decrypt",
                           hint="run `pip install cryptography` and try again") from None
     except Exception as error:  # noqa: BLE001 - pypdf raises many kinds on damaged content streams
-        raise IngestError(path, f"this page could not be read ({type(error).__name__}: {error})",
+        raise Damaged(path, f"this page could not be read ({type(error).__name__}: {error})",
                           page=number, hint=_REPAIR_HINT) from None
     if not text.strip() and pypdf_said.complaints:
-        raise IngestError(path, f"this page could not be read ({pypdf_said.complaints[0]})", page=number,
+        raise Damaged(path, f"this page could not be read ({pypdf_said.complaints[0]})", page=number,
                           hint=_REPAIR_HINT)
     # NUL and other C0 controls come from broken font maps; they only confuse the model.
     return text.translate(_PLAIN_TEXT)
@@ -118,7 +142,7 @@ def _metadata(reader: PdfReader, path: str) -> tuple[str, dict]:
 
 
 def _damaged(path: str, error: Exception) -> IngestError:
-    return IngestError(path, f"is damaged or not a valid PDF ({type(error).__name__}: {error})",
+    return Damaged(path, f"is damaged or not a valid PDF ({type(error).__name__}: {error})",
                        hint="repair it (e.g. `qpdf in.pdf out.pdf`) or export it again, then try again")
 
 

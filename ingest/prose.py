@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from .document import Document, Segment
+from .errors import Empty
 from .html_text import html_to_text
 from .textio import decode_text
 
@@ -18,12 +19,18 @@ _RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+:.])\1{2,}\s*$")
 
 
 def read_prose(data: bytes, path: str, kind: str, content_hash: str) -> Document:
+    """Bytes already in memory (the streaming reader in reader.py builds the same Document)."""
     text, encoding = decode_text(data, path)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
     title = ""
     if kind == "html":
         text, title, _ = html_to_text(text)
-    name = Path(path).name
+    return prose_document(text, path, kind, content_hash, encoding, title)
+
+
+def prose_document(text: str, path: str, kind: str, content_hash: str, encoding: str, title: str = "") -> Document:
+    """Decoded text (for HTML: the text extracted from it) cut into sections under "name:line" anchors."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    name = Path(path[:-3] if path.lower().endswith(".gz") else path).name
     lines = text.split("\n")
     starts = section_starts(lines, "markdown" if kind == "html" else kind)
     segments = []
@@ -33,7 +40,9 @@ def read_prose(data: bytes, path: str, kind: str, content_hash: str) -> Document
         if body.strip():
             segments.append(Segment(anchor=f"{name}:{start + 1}", text=body, path=name,
                                     line_start=start + 1, title=_heading(lines[start])))
-    title = title or _first_heading(lines, kind) or Path(path).stem
+    if not segments:
+        raise _empty(path, kind)
+    title = title or _first_heading(lines, kind) or Path(name).stem
     return Document(source=path, kind=kind, title=title, segments=segments, content_hash=content_hash,
                     meta={"encoding": encoding, "lines": len(lines)})
 
@@ -41,11 +50,22 @@ def read_prose(data: bytes, path: str, kind: str, content_hash: str) -> Document
 def read_code_file(data: bytes, path: str, content_hash: str) -> Document:
     """A single source file given on its own: numbered lines, as in a repository."""
     text, encoding = decode_text(data, path)
-    name = Path(path).name
+    return code_document(text, path, content_hash, encoding)
+
+
+def code_document(text: str, path: str, content_hash: str, encoding: str) -> Document:
+    name = Path(path[:-3] if path.lower().endswith(".gz") else path).name
     text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+    if not text.strip():
+        raise _empty(path, "code")
     segment = Segment(anchor=f"{name}:1", text=text, path=name, line_start=1, numbered=True)
     return Document(source=path, kind="code", title=name, segments=[segment], content_hash=content_hash,
                     meta={"encoding": encoding, "lines": text.count("\n") + 1})
+
+
+def _empty(path: str, kind: str) -> Empty:
+    what = "no text (only markup and whitespace)" if kind == "html" else "no text (only whitespace)"
+    return Empty(path, f"has {what}", hint="check that this is the right file and that it was saved fully")
 
 
 def section_starts(lines: list[str], kind: str) -> list[int]:

@@ -7,7 +7,7 @@ import unicodedata
 
 import charset_normalizer
 
-from .errors import IngestError
+from .errors import BadEncoding, Binary, IngestError
 
 _BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
     (codecs.BOM_UTF32_LE, "utf-32-le"),
@@ -16,6 +16,7 @@ _BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
     (codecs.BOM_UTF16_LE, "utf-16-le"),
     (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
+BOMS = _BOMS
 _SNIFF_BYTES = 8192
 # Control bytes that never occur in text files (tab, newlines, form feed and escape do).
 _BINARY_CONTROL = set(range(8)) | {11, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31}
@@ -41,7 +42,7 @@ def decode_text(data: bytes, path: str) -> tuple[str, str]:
             except UnicodeDecodeError as error:
                 raise _invalid(path, data, error.start + len(bom), encoding) from None
     if looks_binary(data):
-        raise IngestError(path, "looks like a binary file, not text (it contains NUL or control bytes)",
+        raise Binary(path, "looks like a binary file, not text (it contains NUL or control bytes)",
                           hint="pass the original document (PDF, EPUB, text) instead")
     try:
         return data.decode("utf-8"), "utf-8"
@@ -98,7 +99,7 @@ def _mostly_utf8(data: bytes) -> bool:
 
 def _invalid(path: str, data: bytes, offset: int, encoding: str) -> IngestError:
     line = data.count(b"\n", 0, offset) + 1
-    return IngestError(
+    return BadEncoding(
         path,
         f"is not valid {encoding.upper()} text (bad byte 0x{data[offset]:02x} at line {line}, byte {offset})",
         hint="the file is damaged or mixes encodings: fix or remove that byte, or re-save the file as UTF-8",

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import pytest
-
-from salachat.ingest import CITE_INSTRUCTION, Document, Segment, extract_citations, find_passage, render_prompt
+from salachat.ingest import (
+    CITE_INSTRUCTION,
+    Document,
+    Segment,
+    extract_citations,
+    find_passage,
+    render_prompt,
+)
 
 
 def _book() -> Document:

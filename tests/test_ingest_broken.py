@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from salachat.ingest import IngestError, read_paths
 
 BROKEN = Path(__file__).parent / "data" / "broken"
@@ -61,11 +60,14 @@ def test_unreadable_file_reports_permissions(monkeypatch, tmp_path):
     # Tests run as root, where chmod cannot deny reading: make the read itself fail.
     path = tmp_path / "private.txt"
     path.write_text("secret")
+    real_open = os.open
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied")
+    def denied(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(IngestError, match=r"private\.txt: permission denied; check the file's permissions$"):
         read_paths([path])
 
@@ -110,13 +112,14 @@ def test_the_broken_corpus_inside_a_repository_is_listed_not_fatal(tmp_path):
 
 
 def test_unexpected_failure_inside_a_reader_is_still_one_line(monkeypatch, tmp_path):
-    from salachat import ingest
     import salachat.ingest.reader  # noqa: F401
+
+    from salachat import ingest
 
     def explode(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(ingest.reader, "read_prose", explode)
+    monkeypatch.setattr(ingest.reader, "prose_document", explode)
     path = tmp_path / "notes.txt"
     path.write_text("hello")
     with pytest.raises(IngestError, match=r"notes\.txt: could not be read \(ZeroDivisionError: boom\); if the"):

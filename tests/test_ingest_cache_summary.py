@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-from salachat import ingest
-
 import salachat.ingest.reader  # noqa: F401
 from salachat.ingest import count_tokens, estimate_tokens, read_paths, render_prompt, summarize
 from salachat.ingest.synthetic_pdf import make_pdf
+
+from salachat import ingest
 
 
 def test_unchanged_pdf_is_served_from_the_cache_even_at_a_new_path(tmp_path, monkeypatch):

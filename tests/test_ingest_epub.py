@@ -7,7 +7,6 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import pytest
-
 from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")  # base-files: on every Debian system

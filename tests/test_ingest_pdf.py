@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pypdf
 import pytest
-
 from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
 from salachat.ingest.synthetic_pdf import make_pdf
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pathspec
 import pathspec.gitignore
 import pytest
-
 from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
 from salachat.ingest.repo import walk_repo
 
@@ -87,7 +86,7 @@ def test_vendored_generated_binary_secret_large_and_empty_files_are_skipped_with
     assert reasons["build/"] == "generated" and reasons["src/__pycache__/"] == "generated"
     assert reasons[".venv/"] == "virtual environment" and reasons[".git/"] == "version-control data"
     assert reasons["logo.png"] == "binary (.png)" and reasons["data.txt"] == "binary (NUL or control bytes)"
-    assert reasons[".env"] == "may hold secrets" and reasons["package-lock.json"] == "generated"
+    assert reasons[".env"] == "looks like a credential" and reasons["package-lock.json"] == "lock file (generated)"
     assert reasons["huge.txt"] == "larger than the 1,000-byte limit (2,000 bytes)"
     assert reasons["empty.py"] == "empty"
 

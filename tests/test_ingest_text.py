@@ -7,7 +7,6 @@ import itertools
 from pathlib import Path
 
 import pytest
-
 from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")  # base-files: on every Debian system
@@ -107,5 +106,6 @@ def test_single_source_file_gets_numbered_lines(tmp_path):
     path.write_text("import os\n\n\ndef main():\n    return os.getcwd()\n")
     doc = read_paths([path])[0]
     assert doc.kind == "code"
-    assert "### tool.py\n1| import os\n2|\n3|\n4| def main():\n5|     return os.getcwd()" in render_prompt([doc])
+    # The first line carries its number; the rest are found by counting on from it.
+    assert "### tool.py\n1| import os\n\n\ndef main():\n    return os.getcwd()" in render_prompt([doc])
     assert find_passage([doc], "tool.py:4", context_lines=0).text == "def main():"
