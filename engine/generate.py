@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-
 from salachat.engine.cache import ModelCache
 from salachat.engine.tokenizer import StreamDecoder, Tokenizer
 
@@ -88,18 +87,40 @@ def prefill(
     return logits
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+def penalise_repeats(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
+    """llama.cpp's repetition penalty: each distinct token of `recent` has a positive logit divided by
+    `penalty` and a negative one multiplied by it (so it always becomes less likely)."""
+    if penalty == 1.0 or not recent:
+        return logits
+    ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+           recent: list[int] | None = None) -> int:
+    """The next token. `recent`: the answer's tokens so far (the last `repeat_last_n` are penalised).
+
+    Order as llama.cpp's: repetition penalty, then (unless greedy) temperature, top-p and min-p."""
+    logits = logits.float()
+    if recent and sampling.repeat_last_n != 0:
+        window = recent if sampling.repeat_last_n < 0 else recent[-sampling.repeat_last_n :]
+        logits = penalise_repeats(logits, window, sampling.repeat_penalty)
     if sampling.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.min_p > 0:
+        probs = torch.where(probs >= sampling.min_p * probs.max(), probs, 0.0)
     if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+        sorted_probs, order = (probs / probs.sum()).sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the best token)
         keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
         sorted_probs = sorted_probs * keep
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
 def generate(
@@ -107,7 +128,7 @@ def generate(
     tokenizer: Tokenizer,
     prompt_ids: list[int],
     cache: ModelCache,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling | None = None,
     *,
     chunk_size: int = 512,
     progress: Progress | None = None,
@@ -120,6 +141,7 @@ def generate(
     turn can continue from it.
     """
     stats = stats if stats is not None else Stats()
+    sampling = sampling if sampling is not None else Sampling()
     stats.prompt_tokens = len(prompt_ids)
     device = next(model.parameters()).device
     generator = None
@@ -131,8 +153,10 @@ def generate(
     decoder = StreamDecoder(tokenizer)
     t1 = time.perf_counter()
     stats.stopped_by = "max_tokens"
+    answer: list[int] = []
     for step in range(sampling.max_tokens):
-        token = sample(logits.cpu(), sampling, generator)
+        token = sample(logits.cpu(), sampling, generator, answer)
+        answer.append(token)
         if step == 0:
             stats.first_token_seconds = time.perf_counter() - t0
         logits = model(torch.tensor([token], device=device), cache)[-1]

@@ -1,13 +1,213 @@
-"""Reading past a dense model's trained length: the parameters of the extension for one model.
+"""Reading past a dense RoPE model's trained length without training (InfLLM-style positions).
 
-`params_for(model)` returns the object `LoadedModel.sparse` holds; `model.new_cache(sparse=…)` builds the
-per-layer caches from it.
+No query-key distance the model attends over exceeds what it was trained on:
+- queries before `dense_len` (the trained length) attend every key at its true position: the dense model,
+  bit for bit;
+- past it, queries go in groups of `block_size` positions (aligned, like the key blocks). Group g starting
+  at position g0 attends its local span [g0 - window, p] at true relative distances (at most window +
+  block_size - 1), plus the initial block and `topk` selected blocks from before the span, all placed
+  `memory_distance` = window + block_size away: memory keys are kept unrotated (position 0) and the query
+  is rotated by that distance;
+- blocks are scored in that same frame: each block's representative keys (the means of every `rep_size`
+  unrotated keys) against the group's mean memory-frame query; a block counts by its best representative.
+
+docs/architecture.md ("Long context for RoPE models") gives the measurements behind the numbers.
+`params_for(model)` returns the object `LoadedModel.sparse` holds; `model.new_cache(sparse=…)` builds one
+`LongContextCache` per layer from it.
 """
 
 from __future__ import annotations
 
-from salachat.engine.sparse_cache import default_sparse_params_for
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+from salachat.engine.cache import register_cache
+from salachat.kernels import dense_attention, rope
+from salachat.kernels.long_context import block_reps_ref, extended_attention, rope_rows, select_memory_ref
 
 
-def params_for(model):
-    return default_sparse_params_for(model.args.max_position_embeddings)
+@dataclass(frozen=True)
+class LongContextParams:
+    block_size: int = 128
+    window: int = 4096  # local span before a query group, at true distances
+    init_blocks: int = 1  # the first tokens (system prompt, BOS): always attended, in the memory frame
+    topk: int = 16  # selected memory blocks per query group and KV head
+    rep_size: int = 32  # keys averaged into one representative
+    dense_len: int = 8192  # queries before this position attend densely (the trained length)
+
+    def __post_init__(self):
+        b = self.block_size
+        if self.window % b or self.window < b or b % self.rep_size or b % 16:
+            raise ValueError(f"long-context params: window {self.window} must be a multiple of block "
+                             f"{b}, block a multiple of 16 and of rep_size {self.rep_size}")
+
+    @property
+    def memory_distance(self) -> int:
+        return self.window + self.block_size
+
+    @property
+    def longest_distance(self) -> int:
+        """The farthest query-key distance past dense_len: the memory distance."""
+        return self.memory_distance
+
+    def layer_cache(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> LongContextCache:
+        return LongContextCache(n_kv_heads, head_dim, self, dtype, device)
+
+
+def params_for(model) -> LongContextParams:
+    """Settings for a dense Llama-family model: a 4K window (half the trained length for shorter models),
+    everything inside the trained length dense."""
+    trained = int(model.args.max_position_embeddings)
+    block = 128 if trained >= 2048 else 32
+    window = max(block, min(4096, trained // 2) // block * block)
+    return LongContextParams(block_size=block, window=window, rep_size=min(32, block),
+                             dense_len=trained)
+
+
+def trained_length(loaded) -> int | None:
+    """The context a dense model was trained on; None where the model reads any length (MiniCPM-SALA)."""
+    if loaded.family != "llama":
+        return None
+    return int(loaded.model.args.max_position_embeddings)
+
+
+def enable(loaded) -> None:
+    """Turn the extension on for a loaded Llama-family model (new caches use it)."""
+    loaded.sparse = params_for(loaded.model)
+
+
+def _grow(buffer: torch.Tensor, need: int, step: int) -> torch.Tensor:
+    if need <= buffer.shape[1]:
+        return buffer
+    target = max(need, buffer.shape[1] * 5 // 4)  # geometric: appending to 1M tokens copies O(L) bytes
+    capacity = (target + step - 1) // step * step
+    grown = buffer.new_empty(buffer.shape[0], capacity, buffer.shape[2])
+    grown[:, : buffer.shape[1]] = buffer
+    return grown
+
+
+@register_cache
+class LongContextCache:
+    """One attention layer's cache for the extension: every token's unrotated K and V, the rotated keys of
+    the dense part (positions before dense_len), and the representative keys of whole blocks."""
+
+    kind: ClassVar[str] = "long_context_kv"
+    places_positions: ClassVar[bool] = True
+
+    def __init__(self, n_kv_heads: int, head_dim: int, params: LongContextParams, dtype: torch.dtype, device):
+        self.params = params
+        empty = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.keys, self.values, self.rotated = empty, empty.clone(), empty.clone()
+        self.reps = torch.empty(n_kv_heads, 0, head_dim, dtype=torch.float32, device=device)
+        self._length = self._n_reps = 0
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor, rotated: torch.Tensor | None) -> None:
+        p = self.params
+        start, need = self._length, self._length + k.shape[1]
+        step = p.block_size * 16
+        self.keys, self.values = _grow(self.keys, need, step), _grow(self.values, need, step)
+        self.keys[:, start:need] = k
+        self.values[:, start:need] = v
+        if rotated is not None and rotated.shape[1]:
+            n = rotated.shape[1]
+            self.rotated = _grow(self.rotated, start + n, step)
+            self.rotated[:, start : start + n] = rotated
+        self._length = need
+        whole = need // p.block_size * p.block_size // p.rep_size
+        if whole > self._n_reps:
+            first = self._n_reps * p.rep_size
+            fresh = block_reps_ref(self.keys[:, first : whole * p.rep_size], p.rep_size)
+            self.reps = _grow(self.reps, whole, 256)
+            self.reps[:, self._n_reps : whole] = fresh
+            self._n_reps = whole
+
+    def _rotary_tables(self, rotary, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tables is None or self._tables[0].device != device:
+            positions = torch.arange(self.params.memory_distance + 1, device=device)
+            self._tables = rotary.cos_sin(positions)
+        return self._tables
+
+    def attend_unrotated(self, q, k, v, pos0: int, scale: float, rotary) -> torch.Tensor:
+        """Append k, v [Hkv, T, D] (unrotated); attention of q [H, T, D] at positions pos0.. as above."""
+        p = self.params
+        t = q.shape[1]
+        if pos0 != self._length:
+            raise ValueError(f"long-context cache holds {self._length} positions, the model is at {pos0}")
+        n_dense = min(max(p.dense_len - pos0, 0), t)
+        cos = sin = None
+        rotated = None
+        if n_dense:
+            cos, sin = rotary.cos_sin(torch.arange(pos0, pos0 + n_dense, device=q.device))
+            rotated = rope(k[:, :n_dense], cos, sin)
+        self._append(k, v, rotated)
+        parts = []
+        if n_dense:
+            end = pos0 + n_dense
+            q_rot = rope(q[:, :n_dense], cos, sin)
+            parts.append(dense_attention(q_rot, self.rotated[:, :end], self.values[:, :end], pos0, scale))
+        if n_dense < t:
+            parts.append(self._extended(q[:, n_dense:], pos0 + n_dense, scale, rotary))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _extended(self, q: torch.Tensor, start: int, scale: float, rotary) -> torch.Tensor:
+        p = self.params
+        heads, t, d = q.shape
+        hkv = self.keys.shape[0]
+        dev = q.device
+        cos_tab, sin_tab = self._rotary_tables(rotary, dev)
+        positions = torch.arange(start, start + t, device=dev)
+        first_group = start // p.block_size
+        row_group = positions // p.block_size - first_group
+        n_groups = int(row_group[-1]) + 1
+        group_first = (first_group + torch.arange(n_groups, device=dev)) * p.block_size
+        group_start = (group_first - p.window).clamp(min=0)
+        rel = positions - group_start[row_group]
+        q_loc = rope_rows(q, cos_tab[rel], sin_tab[rel])
+        q_mem = rope_rows(q, cos_tab[p.memory_distance][None], sin_tab[p.memory_distance][None])
+        # each group's mean memory-frame query over its rows and the heads of each KV group
+        sums = torch.zeros(hkv, n_groups, d, dtype=torch.float32, device=dev)
+        sums.index_add_(1, row_group, q_mem.float().reshape(hkv, heads // hkv, t, d).sum(1))
+        counts = torch.bincount(row_group, minlength=n_groups).clamp(min=1)
+        qbar = sums / counts[None, :, None]
+        n_before = group_start // p.block_size
+        reps_per_block = p.block_size // p.rep_size
+        n_blocks = int(n_before[-1])  # blocks any group of this call may take as memory
+        memory = select_memory_ref(qbar, self.reps[:, : n_blocks * reps_per_block], n_before, p.init_blocks,
+                                   p.topk, reps_per_block)
+        end = start + t
+        return extended_attention(q_loc, q_mem, self.keys[:, :end], self.values[:, :end], memory, row_group,
+                                  group_start, start, cos_tab, sin_tab, p.block_size, scale)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        n_rot = min(self._length, self.params.dense_len)
+        return {"keys": self.keys[:, : self._length], "values": self.values[:, : self._length],
+                "rotated": self.rotated[:, :n_rot], "reps": self.reps[:, : self._n_reps]}
+
+    def meta(self) -> dict:
+        return {"length": self._length, **asdict(self.params)}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LongContextCache:
+        params = LongContextParams(**{f.name: int(meta[f.name]) for f in fields(LongContextParams)})
+        keys, values, rotated = tensors["keys"], tensors["values"], tensors["rotated"]
+        length = int(meta["length"])
+        if keys.shape != values.shape or keys.dim() != 3 or keys.shape[1] != length:
+            raise ValueError(f"long-context cache tensors {tuple(keys.shape)}/{tuple(values.shape)} "
+                             f"do not match length {length}")
+        if rotated.shape[1] != min(length, params.dense_len) or rotated.shape[0::2] != keys.shape[0::2]:
+            raise ValueError(f"long-context cache: rotated keys {tuple(rotated.shape)} for length {length}")
+        cache = cls(keys.shape[0], keys.shape[2], params, keys.dtype, keys.device)
+        cache._append(keys, values, rotated)  # recomputes the representatives: a check on the saved ones
+        saved = tensors.get("reps")
+        if saved is not None:
+            mine = cache.reps[:, : cache._n_reps]
+            if saved.shape != mine.shape or not torch.allclose(saved.to(mine), mine, rtol=1e-4, atol=1e-5):
+                raise ValueError("long-context cache: saved representative keys disagree with its keys (corrupt?)")
+            cache.reps[:, : cache._n_reps] = saved.to(mine)  # bit for bit what the reading computed
+        return cache

@@ -1,0 +1,99 @@
+"""Attention past a RoPE model's trained length (InfLLM-style positions): the plain-PyTorch definitions.
+
+Keys are kept unrotated. Queries come in groups of `block` consecutive positions (the same aligned spans as
+the key blocks); group g attends
+- its local span [ls_g, p] at true relative distances: keys rotated by (j - ls_g), the query by (p - ls_g);
+- memory blocks (the initial block and the selected ones) as if they sat `memory_distance` away: keys
+  unrotated (position 0), the query rotated by `memory_distance`.
+Both parts share one softmax. Blocks are chosen by scoring their representative keys (means of `rep_size`
+unrotated keys) with the group's mean memory-frame query: the frame they are attended in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_reps_ref(keys: torch.Tensor, rep_size: int) -> torch.Tensor:
+    """Representative keys of whole blocks: keys [Hkv, n*B, D] (unrotated) → means of every `rep_size`
+    consecutive keys, [Hkv, n*B/rep_size, D] in fp32."""
+    h, n, d = keys.shape
+    return keys.float().view(h, n // rep_size, rep_size, d).mean(2)
+
+
+def select_memory_ref(qbar: torch.Tensor, reps: torch.Tensor, n_before: torch.Tensor, init_blocks: int,
+                      topk: int, reps_per_block: int) -> torch.Tensor:
+    """Memory blocks of each query group: [Hkv, G, init_blocks + topk] int32, -1 where unused.
+
+    qbar [Hkv, G, D] fp32: each group's mean memory-frame query (over its rows and the heads of a KV
+    group); reps [Hkv, R, D]: representative keys of the first R / reps_per_block blocks; n_before [G]: the
+    blocks that end at or before the group's local span (only those may be memory). Each block scores by
+    its best representative; the initial blocks are always in."""
+    hkv, groups, _ = qbar.shape
+    n_blocks = reps.shape[1] // reps_per_block
+    out = torch.full((hkv, groups, init_blocks + topk), -1, dtype=torch.int32, device=qbar.device)
+    blocks = torch.arange(init_blocks, device=qbar.device)
+    out[:, :, :init_blocks] = torch.where(blocks[None, :] < n_before[:, None], blocks[None, :], -1).int()
+    k = min(topk, max(n_blocks - init_blocks, 0))
+    if k == 0:
+        return out
+    scores = torch.einsum("hgd,hrd->hgr", qbar, reps.float()).view(hkv, groups, n_blocks, reps_per_block)
+    scores = scores.amax(-1)
+    block = torch.arange(n_blocks, device=qbar.device)
+    allowed = (block[None, :] >= init_blocks) & (block[None, :] < n_before[:, None])  # [G, n_blocks]
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    best, idx = scores.topk(k, dim=-1)
+    idx = torch.where(best > float("-inf"), idx, -1)
+    # ascending block order (unused last): the order keys are read in does not change the result
+    idx = torch.where(idx < 0, n_blocks, idx).sort(-1).values
+    out[:, :, init_blocks : init_blocks + k] = torch.where(idx >= n_blocks, -1, idx).int()
+    return out
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rotate_half RoPE of x [..., T, D] by per-row cos, sin [T, D] (fp32), in x's dtype."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def extended_attention_ref(q_loc: torch.Tensor, q_mem: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           memory: torch.Tensor, row_group: torch.Tensor, group_start: torch.Tensor, pos0: int,
+                           cos: torch.Tensor, sin: torch.Tensor, block: int, scale: float) -> torch.Tensor:
+    """Attention of queries at pos0.. (rows of q_loc/q_mem [H, T, D]) over unrotated keys/values [Hkv, L, D].
+
+    q_loc is rotated by (p - ls) where ls = group_start[row_group[row]], q_mem by the memory distance;
+    memory [Hkv, G, M] lists each group's memory blocks (-1: none); cos, sin [P, D] are the model's
+    rotary tables for relative positions 0..P-1. Returns [H, T, D] in q's dtype."""
+    heads, _, d = q_loc.shape
+    hkv = keys.shape[0]
+    per = heads // hkv
+    out = torch.empty_like(q_loc)
+    kv_idx = torch.arange(hkv, device=keys.device)[:, None]
+    for g in range(memory.shape[1]):
+        rows = (row_group == g).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        ls, end = int(group_start[g]), pos0 + r1
+        k_loc = rope_rows(keys[:, ls:end], cos[: end - ls], sin[: end - ls]).float()
+        v_loc = values[:, ls:end].float()
+        blocks = memory[:, g].long()  # [Hkv, M]
+        valid = blocks >= 0
+        span = blocks.clamp(min=0)[:, :, None] * block + torch.arange(block, device=keys.device)
+        span = span.flatten(1)  # [Hkv, M*B] token indices
+        k_mem = keys[kv_idx, span].float()
+        v_mem = values[kv_idx, span].float()
+        key_ok = valid[:, :, None].expand(-1, -1, block).flatten(1)  # [Hkv, M*B]
+        ql = q_loc[:, r0:r1].float().reshape(hkv, per * (r1 - r0), d)
+        qm = q_mem[:, r0:r1].float().reshape(hkv, per * (r1 - r0), d)
+        s_loc = ql @ k_loc.transpose(1, 2) * scale
+        qpos = (pos0 + torch.arange(r0, r1, device=keys.device)).repeat(per)
+        causal = torch.arange(ls, end, device=keys.device)[None, :] <= qpos[:, None]
+        s_loc = s_loc.masked_fill(~causal[None], float("-inf"))
+        s_mem = (qm @ k_mem.transpose(1, 2) * scale).masked_fill(~key_ok[:, None, :], float("-inf"))
+        p = torch.softmax(torch.cat([s_mem, s_loc], dim=-1), dim=-1)
+        o = p @ torch.cat([v_mem, v_loc], dim=1)
+        out[:, r0:r1] = o.view(heads, r1 - r0, d).to(out.dtype)
+    return out
