@@ -9,19 +9,13 @@ from typing import Any
 
 from .document import Document
 from .render import render_prompt
+from .stream import estimate_tokens
 
 Encode = Callable[[str], list[int]]
 # Defaults are placeholders for the CLI to replace with the loaded model's figures:
 # 128 KiB is the fp16 KV cache of a Llama-3-8B token (2 x 32 layers x 8 KV heads x 128 x 2 bytes).
 DEFAULT_BYTES_PER_TOKEN = 131_072
 DEFAULT_TOKENS_PER_SECOND = 2_000.0
-
-
-def estimate_tokens(text: str) -> int:
-    """A tokenizer-free estimate: about 4 characters a token for Latin script and code, one token per
-    CJK character. Good to within ~25% on English prose for Llama-3-class vocabularies."""
-    wide = sum(1 for char in text if ord(char) >= 0x2E80)
-    return (len(text) - wide + 3) // 4 + wide
 
 
 def count_tokens(docs: list[Document], tokenizer_encode: Encode) -> int:
