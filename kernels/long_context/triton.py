@@ -17,7 +17,7 @@ import triton.language as tl
 def _extended_kernel(QL, QM, K, V, O, MEM, TILE_ROW0, TILE_ROWS, TILE_GROUP, GROUP_START, COS, SIN,
                      pos0, n_mem, scale, sqh, sqt, skh, skt, smh, smg,
                      PER: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BQ: tl.constexpr,
-                     BK: tl.constexpr):
+                     BK: tl.constexpr, BM: tl.constexpr):
     tile, h = tl.program_id(0), tl.program_id(1)
     kvh = h // PER
     row0 = tl.load(TILE_ROW0 + tile)
@@ -42,8 +42,8 @@ def _extended_kernel(QL, QM, K, V, O, MEM, TILE_ROW0, TILE_ROWS, TILE_GROUP, GRO
     for i in range(n_mem):
         b = tl.load(MEM + kvh * smh + group * smg + i)
         if b >= 0:
-            for j in range(0, BLOCK, BK):
-                keys = b * BLOCK + j + tl.arange(0, BK)
+            for j in range(0, BLOCK, BM):
+                keys = b * BLOCK + j + tl.arange(0, BM)
                 k = tl.load(k_base + keys[:, None] * skt + cols[None, :])
                 v = tl.load(v_base + keys[:, None] * skt + cols[None, :])
                 s = tl.dot(qm, tl.trans(k)) * scale
@@ -108,5 +108,5 @@ def extended_attention_triton(q_loc, q_mem, keys, values, memory, row_group, gro
                            group_start.to(torch.int32).contiguous(), cos, sin, pos0, memory.shape[2], scale,
                            q_loc.stride(0), q_loc.stride(1), keys.stride(0), keys.stride(1),
                            memory.stride(0), memory.stride(1),
-                           PER=heads // hkv, D=d, BLOCK=block, BQ=bq, BK=bk)
+                           PER=heads // hkv, D=d, BLOCK=block, BQ=bq, BK=bk, BM=min(bk, block))
     return out

@@ -1,0 +1,77 @@
+"""The long-context attention kernel against its PyTorch reference (CPU: Triton's interpreter at small
+shapes; GPU: `pytest -m gpu` at larger ones), for GQA group sizes 1, 3, 4, 7 and head dims 64 and 128."""
+
+import pytest
+import torch
+
+from salachat.kernels.long_context import block_reps_ref, extended_attention, rope_rows, select_memory_ref
+
+
+def _call(kv_heads, per, head_dim, pos0, t, block, window, topk, dtype, device, seed=0):
+    """The arguments LongContextCache gives the kernel for t queries at pos0 over pos0 + t keys."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    heads, length = kv_heads * per, pos0 + t
+    q = torch.randn(heads, t, head_dim, generator=g).to(dtype).to(device)
+    keys = torch.randn(kv_heads, length, head_dim, generator=g).to(dtype).to(device)
+    values = torch.randn(kv_heads, length, head_dim, generator=g).to(dtype).to(device)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.arange(window + block + 1, device=device).float()[:, None] * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    positions = torch.arange(pos0, length, device=device)
+    row_group = positions // block - pos0 // block
+    n_groups = int(row_group[-1]) + 1
+    group_start = ((pos0 // block + torch.arange(n_groups, device=device)) * block - window).clamp(min=0)
+    rel = positions - group_start[row_group]
+    q_loc = rope_rows(q, cos[rel], sin[rel])
+    q_mem = rope_rows(q, cos[window + block][None], sin[window + block][None])
+    sums = torch.zeros(kv_heads, n_groups, head_dim, device=device)
+    sums.index_add_(1, row_group, q_mem.float().reshape(kv_heads, per, t, head_dim).sum(1))
+    n_before = group_start // block
+    n_blocks = int(n_before[-1])
+    reps = block_reps_ref(keys[:, : n_blocks * block], block // 4)
+    memory = select_memory_ref(sums, reps, n_before, 1, topk, 4)
+    return (q_loc, q_mem, keys, values, memory, row_group, group_start, pos0, cos, sin, block,
+            head_dim**-0.5)
+
+
+def _check(args, atol):
+    ref = extended_attention(*args, impl="ref").float()
+    fast = extended_attention(*args, impl="triton").float()
+    err = (ref - fast).abs().max().item()
+    rms = ((ref - fast).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    assert err < atol and rms < atol, f"max-abs {err:.2e}, rel-RMS {rms:.2e}"
+
+
+@pytest.mark.parametrize("per", [1, 3, 4, 7], ids=lambda p: f"group{p}")
+@pytest.mark.parametrize("head_dim,pos0,t", [(64, 0, 100), (64, 200, 50), (64, 245, 1), (128, 200, 50)],
+                         ids=["d64-start", "d64-chunk", "d64-decode", "d128-chunk"])
+def test_extended_attention_triton_matches_reference(per, head_dim, pos0, t):
+    # block 16, window 32: memory blocks, a sliding local span, groups split across the call, a lone query
+    args = _call(2, per, head_dim, pos0, t, block=16, window=32, topk=3, dtype=torch.float32, device="cpu")
+    assert (args[4][:, -1] >= 0).sum() > 1  # the last group really reads selected memory blocks
+    _check(args, 2e-4)
+
+
+def test_selection_takes_the_block_whose_representative_matches_and_never_the_local_span():
+    kv, d = 1, 8
+    reps = torch.zeros(kv, 10 * 2, d)  # 10 blocks, 2 representatives each
+    reps[0, 2 * 6 + 1, 0] = 5.0  # block 6 holds the matching key
+    reps[0, 2 * 8, 0] = 9.0  # block 8 matches better, but lies in the local span of group 0
+    qbar = torch.zeros(kv, 2, d)
+    qbar[..., 0] = 1.0
+    n_before = torch.tensor([8, 10])
+    memory = select_memory_ref(qbar, reps, n_before, init_blocks=1, topk=1, reps_per_block=2)
+    assert memory[0, 0].tolist() == [0, 6]
+    assert memory[0, 1].tolist() == [0, 8]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per", [1, 3, 4, 7], ids=lambda p: f"group{p}")
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("pos0,t", [(0, 4096), (20000, 2000), (65535, 1)], ids=["dense", "chunk", "decode"])
+def test_extended_attention_triton_matches_reference_on_gpu(per, head_dim, pos0, t):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    args = _call(3, per, head_dim, pos0, t, block=128, window=4096, topk=16, dtype=torch.bfloat16,
+                 device="cuda")
+    _check(args, 2e-2)
