@@ -22,7 +22,7 @@ from salachat.kernels.lightning.triton import lightning_attention_triton
 from salachat.kernels.pointwise.reference import rms_norm_ref, rope_ref
 from salachat.kernels.pointwise.triton import rms_norm_triton, rope_triton
 from salachat.kernels.sparse.triton_attention import block_sparse_attention_triton, union_of_selections
-from salachat.kernels.sparse.triton_select import select_blocks_triton
+from salachat.kernels.sparse.triton_select import flash_geometry, select_blocks_triton
 
 SMALL = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2, topk=3, dense_len=0)
 
@@ -66,15 +66,47 @@ def test_lightning_kernel_reads_strided_heads_first_views():
     assert torch.allclose(got, want, atol=2e-5)
 
 
-# positions before and after the first level-2 key (p = 31 at kernel 8), lengths off block edges, decode
+# positions before and after the first level-2 key (p = 31 at kernel 8), lengths off block edges, decode;
+# GQA groups 1, 2, 3, 4, 7, 8, 16 (3 and 7 are padded to a power of two inside the kernels)
+@pytest.mark.parametrize("scorer", ["flash", "tile"])
 @pytest.mark.parametrize("h, hkv, length, t", [(4, 2, 300, 40), (8, 2, 200, 1), (2, 2, 150, 150), (16, 1, 333, 33),
-                                               (4, 2, 20, 20), (4, 4, 97, 7)])
-def test_block_selection_kernel_equals_reference(h, hkv, length, t):
+                                               (4, 2, 20, 20), (4, 4, 97, 7), (9, 3, 300, 37), (7, 1, 260, 1),
+                                               (3, 1, 500, 70), (14, 2, 700, 5)])
+def test_block_selection_kernel_equals_reference(h, hkv, length, t, scorer):
     q, k, _ = _sparse_inputs(h, hkv, length, t, 16, seed=length + t)
     k1 = compress_keys(k, SMALL.kernel_size, SMALL.kernel_stride)
     k2 = compress_keys(k, 4 * SMALL.kernel_size, 4 * SMALL.kernel_stride)
-    got = select_blocks_triton(q, k1, k2, length - t, SMALL, 0.3)
+    got = select_blocks_triton(q, k1, k2, length - t, SMALL, 0.3, scorer=scorer)
     assert torch.equal(got, select_blocks_ref(q, k1, k2, length - t, SMALL, 0.3))
+
+
+# the flash scorer carries a chunk shared by two blocks across tiles and splits: small tiles and several
+# splits put those edges everywhere; geometries with no look-back, two chunks a block, and one it does not
+# cover (kernel 3x the stride: the tile scorer takes it)
+@pytest.mark.parametrize("params", [
+    SMALL,
+    SparseParams(block_size=16, kernel_size=4, kernel_stride=4, init_blocks=1, local_blocks=0, topk=3, dense_len=0),
+    SparseParams(block_size=8, kernel_size=8, kernel_stride=4, init_blocks=2, local_blocks=1, topk=2, dense_len=0),
+    SparseParams(block_size=16, kernel_size=12, kernel_stride=4, init_blocks=1, local_blocks=2, topk=3, dense_len=0),
+])
+@pytest.mark.parametrize("h, hkv, length, t, block_tile, block_splits", [
+    (3, 1, 300, 40, 2, None), (9, 3, 333, 1, 2, 3), (7, 1, 161, 17, 1, None), (4, 2, 400, 30, 2, 4),
+])
+def test_block_selection_across_tile_and_split_edges(params, h, hkv, length, t, block_tile, block_splits):
+    q, k, _ = _sparse_inputs(h, hkv, length, t, 16, seed=length + t)
+    k1 = compress_keys(k, params.kernel_size, params.kernel_stride)
+    k2 = compress_keys(k, 4 * params.kernel_size, 4 * params.kernel_stride)
+    got = select_blocks_triton(q, k1, k2, length - t, params, 0.3, block_tile=block_tile, block_splits=block_splits)
+    assert torch.equal(got, select_blocks_ref(q, k1, k2, length - t, params, 0.3))
+
+
+def test_flash_scorer_applies_to_the_geometries_it_covers():
+    assert flash_geometry(SparseParams()) == (4, 1)  # MiniCPM-SALA: 64-token blocks, chunks of 32 every 16
+    assert flash_geometry(SparseParams(block_size=16, kernel_size=12, kernel_stride=4)) is None
+    with pytest.raises(ValueError, match="flash scorer"):
+        q, k, _ = _sparse_inputs(4, 2, 100, 1, 16)
+        p = SparseParams(block_size=16, kernel_size=12, kernel_stride=4, local_blocks=2, topk=3, dense_len=0)
+        select_blocks_triton(q, compress_keys(k, 12, 4), compress_keys(k, 48, 16), 99, p, 0.3, scorer="flash")
 
 
 def test_block_selection_kernel_breaks_ties_toward_the_lower_block_like_the_reference():
@@ -120,7 +152,8 @@ def test_union_of_selections_lists_each_block_once_with_the_queries_that_chose_i
 
 @pytest.mark.parametrize("h, hkv, length, t, d", [(4, 2, 300, 40, 16), (8, 2, 200, 1, 32), (2, 2, 150, 150, 16),
                                                   (16, 1, 333, 33, 16), (16, 1, 333, 1, 16), (16, 1, 40, 1, 16),
-                                                  (4, 4, 97, 7, 16)])
+                                                  (4, 4, 97, 7, 16), (9, 3, 300, 37, 16), (9, 3, 300, 1, 16),
+                                                  (7, 1, 260, 21, 16), (7, 1, 260, 1, 16)])
 def test_block_sparse_attention_kernel_matches_reference(h, hkv, length, t, d):
     q, k, v = _sparse_inputs(h, hkv, length, t, d, seed=length * t)
     k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)

@@ -20,24 +20,26 @@ import triton.language as tl
 def _block_sparse_kernel(
     Q, K, V, O, PART_LSE, UNION, BITS, COUNT, BLOCK_POS, T, length, q_pos0, scale,
     sqh, sqt, skh, skt, svh, svt, soh, sot, s_uh, s_ut,
-    GROUP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, GPAD: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
     HAS_BLOCK_POS: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
 ):
     """SLOTS > 0 (decode, one query a tile): UNION is the selection itself, SLOTS wide, -1 padded, every
-    listed block chosen by the query; no union, bitmask or count is built on the host."""
+    listed block chosen by the query; no union, bitmask or count is built on the host. The group is padded
+    to GPAD heads (a power of two, as tl.arange needs); the padded rows load nothing and store nothing."""
     tile, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = tl.arange(0, GROUP * BQ)
-    head = g * GROUP + rows // BQ
+    rows = tl.arange(0, GPAD * BQ)
+    hrow = rows // BQ
+    head = g * GROUP + tl.minimum(hrow, GROUP - 1)
     local = rows % BQ
     qi = tile * BQ + local
-    valid = qi < T
+    valid = (qi < T) & (hrow < GROUP)
     pos = q_pos0 + qi
     offs_d = tl.arange(0, D)
     offs_b = tl.arange(0, BLOCK)
     q = tl.load(Q + head[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :], mask=valid[:, None], other=0.0)
-    m = tl.full((GROUP * BQ,), -1.0e30, tl.float32)  # finite: a row that sees nothing yet must not make NaN
-    l_sum = tl.zeros((GROUP * BQ,), tl.float32)
-    acc = tl.zeros((GROUP * BQ, D), tl.float32)
+    m = tl.full((GPAD * BQ,), -1.0e30, tl.float32)  # finite: a row that sees nothing yet must not make NaN
+    l_sum = tl.zeros((GPAD * BQ,), tl.float32)
+    acc = tl.zeros((GPAD * BQ, D), tl.float32)
     if SLOTS > 0:
         count = SLOTS
     else:
@@ -92,9 +94,11 @@ def _merge_splits_kernel(PART, PART_LSE, O, rows, splits, SPLITS: tl.constexpr, 
 
 
 def _tile_queries(group: int, t: int) -> int:
+    """Queries a program: a power of two, with at least 16 rows (the smallest tensor-core tile) in all."""
+    gpad = triton.next_power_of_2(group)
     if t == 1:
-        return max(1, 16 // group)
-    return min(16, max(1, 64 // group))
+        return max(1, 16 // gpad)
+    return min(16, max(1, 64 // gpad))
 
 
 def union_of_selections(idx: torch.Tensor, bq: int):
@@ -153,7 +157,7 @@ def block_sparse_attention_triton(q, k, v, idx, q_pos0: int, block_size: int, sc
         q, k, v, out, part_lse, union, bits, count, positions, t, length, q_pos0, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(-3), out.stride(-2),
         union.stride(0), union.stride(1),
-        GROUP=group, BQ=bq, D=d, BLOCK=block_size, HAS_BLOCK_POS=block_pos is not None, SPLITS=splits,
+        GROUP=group, GPAD=triton.next_power_of_2(group), BQ=bq, D=d, BLOCK=block_size, HAS_BLOCK_POS=block_pos is not None, SPLITS=splits,
         PRECISION=precision, SLOTS=slots,
     )
     if splits == 1:
