@@ -81,6 +81,19 @@ def create_app(runner: Runner, model_id: str, *, api_key: str | None = None,
                 return await _whole_answer(job, name)
             finally:
                 watcher.cancel()
+        # the status line waits for the model thread to accept the request (a missing session is a 404, not
+        # an error inside a 200 stream); a request waiting in the queue waits here
+        try:
+            first: Event = await job.events.get()
+        except BaseException:
+            watcher.cancel()
+            job.cancel()
+            raise
+        if first.kind != "started":
+            watcher.cancel()
+            if first.kind == "error":
+                return error_response(first.error)
+            return Response(status_code=499)
         return StreamingResponse(_stream(job, name, chat.include_usage, watcher), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -155,6 +168,8 @@ async def _whole_answer(job: Job, model: str) -> Response:
         event: Event = await job.events.get()
         if event.kind == "piece":
             pieces.append(event.text)
+        elif event.kind in ("started", "progress"):
+            continue
         elif event.kind == "error":
             return error_response(event.error)
         elif event.kind == "cancelled":

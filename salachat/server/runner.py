@@ -20,7 +20,7 @@ from salachat.server.states import StateStore
 
 @dataclass
 class Event:
-    kind: str  # "progress" | "piece" | "done" | "error" | "cancelled"
+    kind: str  # "started" | "progress" | "piece" | "done" | "error" | "cancelled"
     text: str = ""
     done: int = 0  # progress: tokens read so far of `total`
     total: int = 0
@@ -123,6 +123,7 @@ class Runner:
         try:
             checkout = self.states.checkout(request)
             session = checkout.session
+            job.send(Event("started"))  # the request is valid: a stream may start
             if session.pending_tokens:
                 job.send(Event("progress", done=0, total=session.pending_tokens))
                 session.read(progress, should_stop)
