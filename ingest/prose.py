@@ -13,7 +13,7 @@ from .errors import Empty
 from .html_text import html_to_text
 from .textio import decode_text
 
-MAX_SECTION_LINES = 60  # a marker at least this often keeps citations precise in headingless text
+MAX_SECTION_LINES = 60  # a marker about this often (at most twice as far) keeps citations precise
 _MD_HEADING = re.compile(r"^#{1,6}\s+\S")
 _RST_UNDERLINE = re.compile(r"^([=\-~^\"'`#*+:.])\1{2,}\s*$")
 
@@ -73,8 +73,10 @@ def section_starts(lines: list[str], kind: str) -> list[int]:
     headings = _heading_lines(lines, kind)
     starts = [0]
     for number in range(1, len(lines)):
-        if number in headings or (number - starts[-1] >= MAX_SECTION_LINES and not lines[number - 1].strip()
-              and lines[number].strip()):
+        since = number - starts[-1]
+        # Cut at a paragraph break once a section is long; text without breaks is cut regardless.
+        if number in headings or since >= 2 * MAX_SECTION_LINES or (
+                since >= MAX_SECTION_LINES and not lines[number - 1].strip() and lines[number].strip()):
             starts.append(number)
     return starts
 
