@@ -15,7 +15,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVE = [sys.executable, "-m", "salachat.server"]
+SERVE = [sys.executable, "-m", "salachat", "serve"]
 KEY = "sk-test-7f3a"
 DOCUMENTS = ("The lighthouse on Skerry Point was kept by Ada Quill from 1871 to 1903. "
              "Her brother Tomas ran the ferry to the mainland. The lamp burned whale oil until 1880, then kerosene.")
@@ -95,6 +95,10 @@ def test_streamed_and_whole_answers_are_the_same_greedy_answer(server):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
     # the same request again starts from the documents' reading kept by the first
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+    stop = " " + text.split()[2]
+    cut = client.chat.completions.create(model=server.model, messages=messages, max_tokens=24, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
 
 
 def test_second_turn_continues_from_the_state_of_the_first(server):
