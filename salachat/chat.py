@@ -254,7 +254,7 @@ class ChatSession:
 
         folder = _session_folder(name)
         manifest = read_manifest(folder)
-        if loaded is None:
+        if loaded is None or (model is None and not _same_weights(loaded, manifest)):
             loaded = _model_for(manifest, model, device)
         if _saved_long_context(manifest) == "extended":
             loaded = with_long_context(loaded)
@@ -459,6 +459,13 @@ def _saved_quant(manifest: dict) -> str | None:
         return model["quant"]
     flags = str(model.get("fingerprint", "")).split("+")[1:]
     return next((f for f in flags if f in ("int8", "nf4")), None)
+
+
+def _same_weights(loaded, manifest: dict) -> bool:
+    """Whether `loaded` is the model (weights and quantisation) a session was read with."""
+    saved = manifest.get("model", {})
+    base = str(saved.get("fingerprint", "")).split("+")[0]
+    return loaded.fingerprint.split("+")[0] == base and loaded.quant == _saved_quant(manifest)
 
 
 def _model_for(manifest: dict, model: str | None, device: str):

@@ -48,7 +48,8 @@ class Interrupted(UserError):
 
 # (module, class name, exit code). Order matters: a subclass before its base.
 TABLE: list[tuple[str, str, int]] = [
-    ("salachat.sessions.store", "SessionSaveError", FAILED),  # a full disk, not a bad session
+    ("salachat.sessions.manifest", "SessionSaveError", FAILED),  # a full disk, not a bad session
+    ("salachat.sessions.store", "SessionSaveError", FAILED),
     ("salachat.sessions.manifest", "SessionError", NO_SESSION),
     ("salachat.conversation", "ContextTooLong", BAD_INPUT),
     ("salachat.ingest.errors", "IngestError", BAD_INPUT),

@@ -23,14 +23,44 @@ def _missing(what: str, how: str):
     pytest.skip(f"{what} is not installed: {how}")
 
 
+def _installed_default_model() -> str | None:
+    """The default model where `salachat models pull` put it, found before any test moves the data folder."""
+    if os.environ.get("SALACHAT_TEST_MODEL") is not None:
+        return os.environ["SALACHAT_TEST_MODEL"] or None
+    try:
+        try:
+            from salachat import models
+        except ImportError:  # before salachat.models existed
+            from salachat.engine import registry as models
+        found = models.locate(models.DEFAULT_MODEL)
+    except Exception:  # noqa: BLE001 - a broken data folder means: not installed
+        return None
+    return str(found) if found else None
+
+
+INSTALLED_MODEL = _installed_default_model()
+
+
+@pytest.fixture(autouse=True)
+def private_data_folder(tmp_path, monkeypatch):
+    """Every test gets its own empty data folder and no config file: none reads or writes the user's."""
+    from salachat import config
+    from salachat.paths import set_data_dir
+
+    monkeypatch.setenv("SALACHAT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SALACHAT_CONFIG", str(tmp_path / "config.toml"))
+    set_data_dir(None)
+    config.reset()
+    yield tmp_path / "home"
+    set_data_dir(None)
+    config.reset()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from salachat.engine import registry
-
-    path = os.environ.get("SALACHAT_TEST_MODEL") or registry.locate("smollm2")
-    if not path:
+    if not INSTALLED_MODEL:
         _missing("the default model", "run `salachat models pull smollm2`")
-    return Path(path)
+    return Path(INSTALLED_MODEL)
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,10 @@ def sync(test):
     return run
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    from salachat.paths import set_data_dir
-
-    monkeypatch.setenv("SALACHAT_HOME", str(tmp_path / "home"))
-    set_data_dir(None)
-    return tmp_path / "home"
+@pytest.fixture
+def home(private_data_folder):
+    """The test's own data folder (conftest keeps every test out of the real one)."""
+    return private_data_folder
 
 
 @pytest.fixture

@@ -12,13 +12,10 @@ from salachat.tui.screens import SessionsScreen
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample.pdf"
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    from salachat.paths import set_data_dir
-
-    monkeypatch.setenv("SALACHAT_HOME", str(tmp_path / "home"))
-    set_data_dir(None)
-    return tmp_path / "home"
+@pytest.fixture
+def home(private_data_folder):
+    """The test's own data folder (conftest keeps every test out of the real one)."""
+    return private_data_folder
 
 
 def save_session(loaded, name: str) -> int:

@@ -11,13 +11,10 @@ SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample.pdf"
 SIZE = (100, 28)
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    from salachat.paths import set_data_dir
-
-    monkeypatch.setenv("SALACHAT_HOME", str(tmp_path / "home"))
-    set_data_dir(None)
-    return tmp_path / "home"
+@pytest.fixture
+def home(private_data_folder):
+    """The test's own data folder (conftest keeps every test out of the real one)."""
+    return private_data_folder
 
 
 async def settle(pilot):

@@ -1,29 +1,56 @@
-"""The chat window: a conversation with documents, the model running in thread workers.
+"""The chat window: a face over salachat.chat.ChatSession, the model running in thread workers.
 
-The event loop only draws: loading the model, reading and generating run in thread workers (workers.py)
-that hand their progress back with `call_from_thread`. Stopping (Escape) sets a flag the engine polls
-between reading chunks and between tokens, so a stop is prompt and leaves the cache consistent (and, with
-a session, saved).
+The event loop only draws: loading the model, reading and generating run in thread workers that call the
+ChatSession and hand their progress back with `call_from_thread`. Stopping (Escape) sets a flag the engine
+polls between reading chunks and between tokens, so a stop is prompt and leaves the state consistent (and,
+with a session, saved). All user and document text is shown as text (rich.text.Text), never as markup.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
+from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Footer, Header, Input, Markdown
 
-from salachat.tui.screens import PassageScreen, SessionsScreen
+from salachat.tui.screens import ConfirmScreen, PassageScreen, SessionsScreen
 from salachat.tui.widgets import Answer, Citations, ReadingBar, SidePanel
-from salachat.tui.workers import Chat, Options
 
 __all__ = ["Answer", "Options", "SalaChat"]
 
-STREAM_FPS = 20  # answer updates a second while it streams
+STREAM_FPS = 20  # answer and side-panel updates a second while the model works
+
+
+@dataclass
+class Options:
+    """What `salachat chat` / `salachat resume ID` asked for (ChatSession.open's arguments)."""
+
+    paths: list[Path] = field(default_factory=list)
+    session: str | None = None  # save as (or continue) this session
+    model: str | None = None
+    device: str = "auto"
+    quant: str | None = None
+    dtype: object = None  # torch.dtype or None (the device's default)
+    long_context: str = "auto"
+    system_prompt: str | None = None
+    password: str | None = None
+    sampling: object = None  # engine.generate.Sampling; None: from max_tokens and temperature
+    max_tokens: int = 512
+    temperature: float = 0.0
+    chunk_size: int | None = None  # tokens per reading step (None: the engine's default for the device)
+
+    def make_sampling(self):
+        from salachat.engine.generate import Sampling
+
+        return self.sampling if self.sampling is not None else Sampling(temperature=self.temperature,
+                                                                        max_tokens=self.max_tokens)
 
 
 class SalaChat(App[int]):
@@ -32,22 +59,29 @@ class SalaChat(App[int]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+o", "sessions", "Sessions"),
+        Binding("ctrl+n", "passage", "Cited passage"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    def __init__(self, options: Options, loaded=None, clock=time.perf_counter):
+    def __init__(self, options: Options, loaded=None, clock=time.perf_counter, open_chat=None):
+        """`open_chat(options, session)` replaces ChatSession.open/resume (tests drive a scripted engine)."""
         super().__init__()
-        self.chat = Chat(options, loaded)
+        self.options = options
+        self.loaded = loaded  # a model opened once (tests); else the first open loads it
+        self.open_chat = open_chat
+        self.chat = None  # the salachat.chat.ChatSession, once opened
         self.clock = clock
         self.stop_requested = False
         self.busy = False
         self.history: list[str] = []
         self.history_at = 0
         self.passages: list = []
+        self.passage_at = 0
+        self._side_at = 0.0
 
     @property
     def conversation(self):
-        return self.chat.conversation
+        return self.chat.conversation if self.chat is not None else None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -65,7 +99,7 @@ class SalaChat(App[int]):
         self.query_one("#question", Input).focus()
         self.start()
 
-    def set_status(self, text: str) -> None:
+    def set_status(self, text: str | Text) -> None:
         self.query_one(SidePanel).set_status(text)
 
     def add_message(self, who: str, text: str) -> Answer:
@@ -75,56 +109,104 @@ class SalaChat(App[int]):
 
     def show_reading(self, done: int, total: int, elapsed: float) -> None:
         self.query_one(ReadingBar).show(done, total, elapsed)
+        now = self.clock()
+        if now - self._side_at >= 1 / STREAM_FPS or done >= total:  # the side panel follows the reading
+            self._side_at = now
+            self.update_side()
 
     def hide_reading(self) -> None:
         self.query_one(ReadingBar).hide()
         self.update_side()
 
     def update_side(self) -> None:
-        if self.conversation is None:
+        if self.chat is None:
             return
         side = self.query_one(SidePanel)
-        side.show_documents(self.chat.document_lines, self.conversation.document_tokens)
+        side.show_documents([str(line) for line in self.chat.document_lines], self.chat.context().document_tokens)
         side.show_context(self.chat.context())
         self.sub_title = self.chat.session_name or ""
 
     def show_citations(self, answer: str) -> None:
-        from salachat.documents import cited_passages
-
-        documents = self.chat.documents
-        self.passages = cited_passages(documents, answer) if documents is not None else []
+        self.passages = self.chat.cited_passages(answer) if self.chat is not None else []
+        self.passage_at = 0
         self.query_one(Citations).show(self.passages)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id and event.button.id.startswith("cite-"):
             self.push_screen(PassageScreen(self.passages[int(event.button.id.removeprefix("cite-"))]))
 
-    def _fail(self, error: BaseException) -> None:
-        """One red line in the status, never a traceback (UserErrors already say what to do next)."""
-        from salachat.errors import UserError
+    def action_passage(self) -> None:
+        """Ctrl+N: the last answer's cited passages, one after the other."""
+        if not self.passages:
+            self.set_status("the last answer cites no passage")
+            return
+        passage = self.passages[self.passage_at % len(self.passages)]
+        self.passage_at += 1
+        self.push_screen(PassageScreen(passage))
 
-        text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-        self.call_from_thread(self.set_status, f"[red]{text}[/red]")
+    def _fail(self, error: BaseException) -> None:
+        """One red line in the status, never a traceback: the same line the command line prints."""
+        from salachat.errors import classify
+
+        self.call_from_thread(self.set_status, Text(classify(error).message, style="red"))
+
+    def _progress(self):
+        start = self.clock()
+
+        def progress(done: int, total: int, _elapsed: float) -> None:
+            self.call_from_thread(self.show_reading, done, total, self.clock() - start)
+
+        return progress
+
+    def _open(self, session: str | None):
+        from salachat.chat import ChatSession
+
+        options = self.options
+        if self.open_chat is not None:
+            return self.open_chat(options, session)
+        if session is not None:
+            return ChatSession.resume(session, model=options.model, device=options.device,
+                                      chunk_size=options.chunk_size, loaded=self._loaded_for_resume())
+        return ChatSession.open(paths=options.paths, session=options.session, model=options.model,
+                                device=options.device, quant=options.quant, dtype=options.dtype,
+                                long_context=options.long_context, system_prompt=options.system_prompt,
+                                password=options.password, chunk_size=options.chunk_size, loaded=self.loaded,
+                                on_note=lambda line: self.call_from_thread(self.set_status, Text(line)))
+
+    def _loaded_for_resume(self):
+        return self.loaded if self.loaded is not None else (self.chat.loaded if self.chat is not None else None)
 
     @work(thread=True, exclusive=True, group="model")
     def start(self, session: str | None = None) -> None:
-        """Load the model, open the documents or the session, and read what is unread."""
+        """Open the documents or the session (loading the model first) and read what is unread."""
+        from salachat.engine.generate import Cancelled
+
         self.busy, self.stop_requested = True, False
         try:
             self.call_from_thread(self.set_status, "loading …")
-            self.chat.open(session)
+            chat = self._open(session if session is not None else (
+                self.options.session if not self.options.paths else None))
+            if self.loaded is None and self.open_chat is None and chat.loaded.long_context != "extended":
+                self.loaded = chat.loaded  # the next session opened reuses the model
+            self.chat = chat
             self.call_from_thread(self._show_transcript)
             self.call_from_thread(self.update_side)
-            start = self.clock()
-
-            def progress(done: int, total: int, _elapsed: float) -> None:
-                self.call_from_thread(self.show_reading, done, total, self.clock() - start)
-
+            for line in chat.notes:
+                self.call_from_thread(self.set_status, Text(line))
+            if not chat.pending_tokens:
+                name = chat.session_name
+                self.call_from_thread(self.set_status, Text(f"session {name}: ready" if name else "ready"))
+                return
             try:
-                status = self.chat.read(progress, should_stop=lambda: self.stop_requested)
+                chat.read(self._progress(), should_stop=lambda: self.stop_requested)
+            except Cancelled:
+                resume = f"; `salachat resume {chat.session_name}` continues" if chat.session_name else ""
+                self.call_from_thread(self.set_status, Text(
+                    f"reading stopped at {chat.conversation.tokens_in_context:,} tokens{resume}"))
+                return
             finally:
                 self.call_from_thread(self.hide_reading)
-            self.call_from_thread(self.set_status, status)
+            self.call_from_thread(self.set_status, Text(f"read {chat.context().document_tokens:,} tokens: ask away"))
         except Exception as e:  # noqa: BLE001 - the window shows one line and stays usable
             self._fail(e)
         finally:
@@ -133,7 +215,7 @@ class SalaChat(App[int]):
     def _show_transcript(self) -> None:
         log = self.query_one("#log", VerticalScroll)
         log.remove_children()
-        for turn in self.conversation.turns:
+        for turn in self.chat.turns:
             self.add_message("question", turn.question)
             self.add_message("answer", turn.answer)
 
@@ -144,15 +226,24 @@ class SalaChat(App[int]):
 
         self.busy, self.stop_requested = True, False
         try:
-            if self.conversation is None:
-                self.call_from_thread(self.set_status, "[red]no model loaded: see the line above[/red]")
+            chat = self.chat
+            if chat is None:
+                self.call_from_thread(self.set_status, Text("no model loaded: see the line above", style="red"))
                 return
-            self.call_from_thread(self.set_status, "answering … (Esc stops)")
+            reading = chat.pending_tokens > 0
+            self.call_from_thread(self.set_status, "reading first … (Esc stops)" if reading else
+                                  "answering … (Esc stops)")
             widget = self.call_from_thread(self.add_message, "answer", "")
             stream = self.call_from_thread(Markdown.get_stream, widget)
             stats, text, unsent, sent_at = Stats(), "", "", self.clock()
             try:
-                for piece in self.chat.ask(question, should_stop=lambda: self.stop_requested, stats=stats):
+                pieces = chat.ask(question, self.options.make_sampling(), progress=self._progress(),
+                                  should_stop=lambda: self.stop_requested, stats=stats)
+                for piece in pieces:
+                    if reading:  # the reading that came first is done
+                        reading = False
+                        self.call_from_thread(self.hide_reading)
+                        self.call_from_thread(self.set_status, "answering … (Esc stops)")
                     text, unsent = text + piece, unsent + piece
                     # a round trip to the event loop per token would slow the model on a busy CPU: at most
                     # STREAM_FPS updates a second
@@ -162,9 +253,16 @@ class SalaChat(App[int]):
             except Cancelled:
                 pass
             finally:
+                if reading:
+                    self.call_from_thread(self.hide_reading)
                 if unsent:
                     self.call_from_thread(stream.write, unsent)
                 self.call_from_thread(stream.stop)
+            if chat.pending_tokens:  # stopped while still reading: no question was asked
+                resume = f"; `salachat resume {chat.session_name}` continues" if chat.session_name else ""
+                self.call_from_thread(self.set_status, Text(
+                    f"reading stopped at {chat.conversation.tokens_in_context:,} tokens{resume}"))
+                return
             rate = stats.to_dict().get("decode_tokens_per_second")
             stopped = " (stopped)" if stats.stopped_by == "cancelled" else ""
             self.call_from_thread(self.set_status, f"answered{stopped}" + (f" · {rate:.1f} tok/s" if rate else ""))
@@ -212,13 +310,27 @@ class SalaChat(App[int]):
         await self.workers.wait_for_complete()
         self.exit(0)
 
+    @property
+    def unsaved(self) -> bool:
+        """A conversation with questions that no session keeps."""
+        return self.chat is not None and self.chat.session_name is None and bool(self.chat.turns)
+
     def action_sessions(self) -> None:
-        def opened(name: str | None) -> None:
-            if not name:
-                return
+        def switch(name: str) -> None:
             if self.busy:
                 self.set_status("busy: Esc stops, then open the session")
                 return
             self.start(name)
+
+        def opened(name: str | None) -> None:
+            if not name:
+                return
+            if not self.unsaved:
+                switch(name)
+                return
+            questions = len(self.chat.turns)
+            self.push_screen(ConfirmScreen(f"This chat ({questions} questions) is not saved. Drop it and open "
+                                           f"session {name}?"),
+                             lambda yes: switch(name) if yes else self.set_status("kept this chat"))
 
         self.push_screen(SessionsScreen(), opened)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
@@ -19,7 +20,7 @@ class PromptScreen(ModalScreen[str | None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, title: str, value: str = ""):
+    def __init__(self, title: str | Text, value: str = ""):
         super().__init__()
         self.title_text, self.value = title, value
 
@@ -30,6 +31,24 @@ class PromptScreen(ModalScreen[str | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question: y or Enter say yes, n or Escape no."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("y,enter", "dismiss(True)", "Yes", priority=True),
+        Binding("n,escape", "dismiss(False)", "No", priority=True),
+    ]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(Text(self.question), id="confirm-question")
+            yield Label("y / Enter: yes    n / Esc: no")
 
 
 class PassageScreen(ModalScreen[None]):
@@ -43,7 +62,7 @@ class PassageScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(f"[b]{self.passage.source}[/b]  [{self.passage.anchor}]", id="passage-title")
+            yield Label(Text.assemble((self.passage.source, "bold"), f"  [{self.passage.anchor}]"), id="passage-title")
             with VerticalScroll():
                 yield Static(self.passage.text, id="passage-text", markup=False)
 
@@ -75,10 +94,15 @@ class SessionsScreen(ModalScreen[str | None]):
         table.clear()
         for name, manifest, error in list_sessions(sessions_dir()):
             if manifest is None:
-                table.add_row(name, "-", f"unreadable: {error}", "", key=name)
+                table.add_row(Text(name), "-", Text(f"unreadable: {error}"), "", key=name)
                 continue
-            docs = ", ".join(d.get("source", "?").rsplit("/", 1)[-1] for d in manifest.get("documents", []))
-            table.add_row(name, f"{manifest.get('tokens', 0):,}", docs or "-",
+            try:
+                docs = ", ".join(str(d.get("source", "?")).rsplit("/", 1)[-1] for d in manifest.get("documents", []))
+                tokens = f"{int(manifest.get('tokens', 0)):,}"
+            except (TypeError, ValueError, AttributeError):  # a malformed manifest is one row, not a crash
+                table.add_row(Text(name), "-", Text("unreadable: malformed manifest"), "", key=name)
+                continue
+            table.add_row(Text(name), tokens, Text(docs or "-"),
                           str(manifest.get("updated", ""))[:16].replace("T", " "), key=name)
         if not table.row_count:
             self.query_one("#sessions-status", Static).update("No saved sessions yet: `--session NAME` saves one.")
@@ -100,9 +124,9 @@ class SessionsScreen(ModalScreen[str | None]):
             return
         try:
             remove_session(session_folder(sessions_dir(), name))
-            self.query_one("#sessions-status", Static).update(f"deleted {name}")
+            self.query_one("#sessions-status", Static).update(Text(f"deleted {name}"))
         except SessionError as e:
-            self.query_one("#sessions-status", Static).update(str(e))
+            self.query_one("#sessions-status", Static).update(Text(str(e)))
         self.refresh_rows()
 
     def action_rename(self) -> None:
@@ -115,9 +139,9 @@ class SessionsScreen(ModalScreen[str | None]):
                 return
             try:
                 rename_session(sessions_dir(), old, new)
-                self.query_one("#sessions-status", Static).update(f"renamed {old} → {new}")
+                self.query_one("#sessions-status", Static).update(Text(f"renamed {old} → {new}"))
             except SessionError as e:
-                self.query_one("#sessions-status", Static).update(str(e))
+                self.query_one("#sessions-status", Static).update(Text(str(e)))
             self.refresh_rows()
 
-        self.app.push_screen(PromptScreen(f"Rename {old} to:", old), done)
+        self.app.push_screen(PromptScreen(Text(f"Rename {old} to:"), old), done)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Label, Markdown, ProgressBar, Static
 
-from salachat.tui.workers import Context
+from salachat.chat import Context
 
 
 class Answer(Markdown):
@@ -40,7 +41,7 @@ class Citations(Horizontal):
 
     def show(self, passages: list) -> None:
         self.remove_children()
-        self.mount_all(Button(f"[{p.anchor}]", id=f"cite-{i}", compact=True) for i, p in enumerate(passages))
+        self.mount_all(Button(Text(f"[{p.anchor}]"), id=f"cite-{i}", compact=True) for i, p in enumerate(passages))
 
 
 class SidePanel(Vertical):
@@ -56,14 +57,17 @@ class SidePanel(Vertical):
 
     def show_documents(self, lines: list[str], tokens: int) -> None:
         text = "\n".join(lines) if lines else "none"
-        self.query_one("#docs", Static).update(text + (f"\nin all {tokens:,} tokens" if tokens else ""))
+        self.query_one("#docs", Static).update(Text(text + (f"\nin all {tokens:,} tokens" if tokens else "")))
 
     def show_context(self, context: Context) -> None:
         limit = context.limit
         self.query_one("#gauge", ProgressBar).update(total=limit or max(context.tokens, 1), progress=context.tokens)
-        self.query_one("#context", Static).update(
-            f"{context.tokens:,} tokens" + (f" of {limit:,}" if limit else "")
-            + f"\nstate {context.state_bytes / 2**20:,.1f} MiB ({context.device})")
+        mode = {"extended": ", long-context extension", "native": ""}.get(context.long_context, "")
+        reading = f"\n{context.pending_tokens:,} to read" if context.pending_tokens else ""
+        self.query_one("#context", Static).update(Text(
+            f"{context.tokens:,} tokens" + (f" of {limit:,}" if limit else "") + reading
+            + f"\nstate {context.state_bytes / 2**20:,.1f} MiB ({context.device}{mode})"))
 
-    def set_status(self, text: str) -> None:
-        self.query_one("#status", Static).update(text)
+    def set_status(self, text: str | Text) -> None:
+        """Plain strings are the window's own words; user and document text comes as Text."""
+        self.query_one("#status", Static).update(Text(text) if isinstance(text, str) else text)
