@@ -55,11 +55,19 @@ SECRET_FILES = {
 SECRET_SUFFIXES = {".pem", ".key", ".p12", ".pfx", ".jks", ".keystore", ".ppk", ".kdbx", ".tfstate", ".tfvars",
                    ".ovpn", ".age"}
 SECRET_PATHS = (".docker/config.json", ".kube/config", ".config/gcloud/", ".config/gh/hosts.yml")
-# Text that is a credential wherever it sits: private keys and the token formats of the big services.
-_SECRET_TEXT = re.compile(
-    r"-----BEGIN [A-Z0-9 ]{0,20}PRIVATE KEY(?: BLOCK)?-----|\baws_secret_access_key\s*[=:]\s*\S"
-    r"|\bgh[pousr]_[A-Za-z0-9]{36}\b|\bgithub_pat_[A-Za-z0-9_]{60,}|\bxox[abprs]-[A-Za-z0-9-]{10,}"
-    r"|\bsk-(?:proj-)?[A-Za-z0-9_-]{32,}|\bAKIA[0-9A-Z]{16}\b", re.IGNORECASE)
+# Text that is a credential wherever it sits: private keys and the token formats of the big services. Each
+# pattern runs only where a plain substring test finds its fixed part (one regex over all of them took
+# 0.45 s per MB of source).
+_SECRET_TEXT = [
+    (("PRIVATE KEY",), re.compile(r"-----BEGIN [A-Z0-9 ]{0,20}PRIVATE KEY(?: BLOCK)?-----")),
+    (("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+     re.compile(r"\baws_secret_access_key\s*[=:]\s*\S", re.IGNORECASE)),
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36}\b")),
+    (("github_pat_",), re.compile(r"\bgithub_pat_[A-Za-z0-9_]{60,}")),
+    (("xox",), re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),
+    (("sk-",), re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_-]{32,}")),
+    (("AKIA",), re.compile(r"\bAKIA[0-9A-Z]{16}\b")),
+]
 # Markup that draws a picture: thousands of tokens of coordinates and nothing to read (in one small real
 # repository, SVG logos were 38 % of the tokens).
 IMAGE_MARKUP_SUFFIXES = {".svg", ".svgz", ".eps", ".ai", ".drawio", ".dia", ".excalidraw"}
@@ -229,7 +237,7 @@ def _file_problem(entry: os.DirEntry, relative: str, max_file_bytes: int) -> tup
 
 def text_problem(relative: str, text: str) -> str | None:
     """Why a decoded file is not read, judged by its content: a credential inside, or minified lines."""
-    if _SECRET_TEXT.search(text):
+    if any(any(hint in text for hint in hints) and pattern.search(text) for hints, pattern in _SECRET_TEXT):
         return CREDENTIAL + " (it holds a private key or an access token)"
     lines = text.count("\n") + 1
     longest = max(map(len, text.split("\n"))) if len(text) > LONG_LINE else 0
