@@ -1,4 +1,6 @@
-"""Load a model by name, GGUF file or Hugging Face folder, onto a device, optionally quantised."""
+"""Load a model from a path (a GGUF file or a Hugging Face folder) onto a device, optionally quantised.
+
+What a model *name* means is the product's business (salachat/models.py); the engine takes paths."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from salachat.engine import registry
 from salachat.engine.tokenizer import Tokenizer
 
 
@@ -31,6 +31,7 @@ class LoadedModel:
     asks_for_citations: bool = True  # whether the system prompt tells the model to cite anchors
     kv_gpu_gb: float | None = None  # sparse layers' K/V kept on the device; the rest in host memory
     quant: str | None = None  # "int8" | "nf4" | None, as loaded
+    architecture: str = ""  # "llama", "qwen2", "qwen3", "minicpm_sala"
 
     @property
     def long_context(self) -> str:
@@ -74,51 +75,50 @@ def _file_fingerprint(path: Path, extra: bytes = b"") -> str:
     return h.hexdigest()[:32]
 
 
-def resolve_spec(spec: str | None) -> Path:
-    spec = spec or registry.DEFAULT_MODEL
-    if spec in registry.KNOWN_MODELS:
-        try:
-            return registry.resolve(spec)
-        except registry.ModelNotInstalled as e:
-            raise ModelLoadError(str(e)) from None
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise ModelLoadError(
-            f"model {spec!r} is neither a known model ({', '.join(registry.KNOWN_MODELS)}) nor an existing path"
-        )
-    return path
+def _as_path(path: str | os.PathLike) -> Path:
+    if path is None:
+        raise ModelLoadError("no model path given: resolve a model name with salachat.models.resolve first")
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ModelLoadError(f"{resolved}: no such model file or folder")
+    return resolved
 
 
 def load_model(
-    spec: str | None = None,
+    path: str | os.PathLike,
     device: str = "auto",
     dtype: torch.dtype | None = None,
     quant: str | None = None,
     sparse: bool = False,
     kv_gpu_gb: float | None = None,
 ) -> LoadedModel:
-    """`kv_gpu_gb` (default: $SALACHAT_KV_GPU_GB) bounds the device memory of the sparse layers' K/V: older
-    blocks stay in pinned host memory and are fetched when selected (engine/kv_offload.py)."""
+    """Load the model at `path`. A GGUF file on the CPU keeps its Q8_0/Q4_0/Q4_1 weights quantised (matmuls
+    on the packed weights, engine/qlinear.py) unless `dtype` asks for them dequantised; elsewhere weights
+    are `dtype` (default bf16 on CUDA, fp32 on the CPU). `kv_gpu_gb` (default: $SALACHAT_KV_GPU_GB) bounds
+    the device memory of the sparse layers' K/V: older blocks stay in pinned host memory and are fetched
+    when selected (engine/kv_offload.py)."""
     if kv_gpu_gb is None and os.environ.get("SALACHAT_KV_GPU_GB"):
         try:
             kv_gpu_gb = float(os.environ["SALACHAT_KV_GPU_GB"])
         except ValueError:
-            raise ModelLoadError(f"SALACHAT_KV_GPU_GB={os.environ['SALACHAT_KV_GPU_GB']!r} is not a number of GB") from None
-    path = resolve_spec(spec)
+            raise ModelLoadError(
+                f"SALACHAT_KV_GPU_GB={os.environ['SALACHAT_KV_GPU_GB']!r} is not a number of GB") from None
+    path = _as_path(path)
     dev = pick_device(device)
+    from salachat.engine.threads import configure_threads
+
+    configure_threads()
+    keep_quantised = dtype is None and dev.type == "cpu" and quant is None
     dtype = dtype or default_dtype(dev)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        loaded = _load_gguf(path, dev, dtype)
-    elif path.is_dir():
-        loaded = _load_hf_folder(path, dev, dtype)
-    else:
-        raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face checkpoint folder")
-    loaded.model_id = spec or registry.DEFAULT_MODEL
-    known = registry.KNOWN_MODELS.get(loaded.model_id)
-    if known is None and path.is_file():  # a known model's file passed by path is still that model
-        known = next((k for k in registry.KNOWN_MODELS.values() if k.filename == path.name), None)
-    if known is not None:
-        loaded.asks_for_citations = known.follows_citation_instructions
+    try:
+        if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)):
+            loaded = _load_gguf(path, dev, dtype, keep_quantised)
+        elif path.is_dir():
+            loaded = _load_hf_folder(path, dev, dtype)
+        else:
+            raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face checkpoint folder")
+    except MemoryError:
+        raise ModelLoadError(f"{path}: not enough memory to load this model") from None
     if quant:
         from salachat.engine.quant import quantize_linears
 
@@ -131,7 +131,6 @@ def load_model(
         from salachat.engine.long_context import params_for
 
         loaded.sparse = params_for(loaded.model)
-        loaded.fingerprint += "+sparse"
     if kv_gpu_gb is not None:
         loaded.kv_gpu_gb = kv_gpu_gb
         try:
@@ -141,26 +140,53 @@ def load_model(
     return loaded
 
 
-def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    from salachat.engine.gguf_file import GGUFError, GGUFFile
+def _llama_family(config: dict, source: str):
     from salachat.engine.models.llama import LlamaArgs, LlamaForCausalLM
 
     try:
+        return LlamaForCausalLM, LlamaArgs.from_config(config)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{source}: {e}") from None
+
+
+# config.json model_type (or GGUF general.architecture) → the function giving (model class, args)
+FAMILIES = {"llama": _llama_family, "qwen2": _llama_family, "qwen3": _llama_family, "minicpm_sala": None}
+
+
+def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quantised: bool) -> LoadedModel:
+    from salachat.engine.gguf_file import GGUFError, GGUFFile
+    from salachat.engine.qlinear import QuantLinear
+
+    try:
         gguf = GGUFFile.open(path)
-        config = gguf.llama_config() if gguf.architecture == "llama" else None
-        if config is None:
-            raise GGUFError(f"{path.name}: GGUF architecture {gguf.architecture!r} is not supported (only llama)")
+        config = gguf.hf_config()
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-        tensors = gguf.tensors(dtype=torch.float32)
+    except (GGUFError, ValueError, TypeError) as e:
+        raise ModelLoadError(str(e)) from None
+    cls, args = _llama_family(config, str(path))
+    with torch.device("meta"):
+        names = list(cls(args).state_dict())
+    keep = QuantLinear.fits if keep_quantised else (lambda info: False)
+    try:
+        tensors = gguf.tensors(names, args.num_hidden_layers, keep=keep)
     except (GGUFError, ValueError) as e:
         raise ModelLoadError(str(e)) from None
-    args = LlamaArgs.from_config(config)
-    model = _build(LlamaForCausalLM, args, tensors, device, dtype, str(path))
+    rope_freqs = tensors.pop("rope_freqs", None)
+    model = _build(cls, args, tensors, device, dtype, str(path))
+    if rope_freqs is not None:
+        try:
+            model.scale_rope_frequencies(rope_freqs)
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
     fingerprint = _file_fingerprint(path, json.dumps(config, sort_keys=True).encode())
-    return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype)
+    return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype, architecture=config["model_type"])
 
 
-def _build(cls, args, tensors: dict[str, torch.Tensor], device, dtype, source: str):
+def _build(cls, args, tensors: dict[str, object], device, dtype, source: str):
+    """The model on `device` with the checkpoint's tensors; a tensor given as (packed bytes, GGUF info) makes
+    its linear layer a quantised one."""
+    from salachat.engine.qlinear import QuantEmbedding, QuantLinear
+
     with torch.device("meta"):
         model = cls(args)
     expected = dict(model.state_dict())
@@ -168,16 +194,42 @@ def _build(cls, args, tensors: dict[str, torch.Tensor], device, dtype, source: s
         expected.pop("lm_head.weight", None)
     missing = [name for name in expected if name not in tensors]
     if missing:
-        raise ModelLoadError(f"{source}: checkpoint lacks tensor {missing[0]}" + (f" (+{len(missing)-1} more)" if len(missing) > 1 else ""))
+        raise ModelLoadError(f"{source}: checkpoint lacks tensor {missing[0]}"
+                             + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    plain = {}
     for name, ref in expected.items():
-        if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise ModelLoadError(
-                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}"
-            )
-    model.load_state_dict({k: tensors[k].to(dtype) for k in expected}, strict=False, assign=True)
+        value = tensors[name]
+        shape = tuple(value[1].shape) if isinstance(value, tuple) else tuple(value.shape)
+        if shape != tuple(ref.shape):
+            raise ModelLoadError(f"{source}: tensor {name} has shape {shape}, expected {tuple(ref.shape)}")
+        if isinstance(value, tuple):
+            _set_quantised(model, name.removesuffix(".weight"), value)
+        else:
+            plain[name] = value.to(dtype)
+    model.load_state_dict(plain, strict=False, assign=True)
+    embed = model.model.embed_tokens
     if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head = QuantLinear.from_gguf(*tensors["model.embed_tokens.weight"]) if isinstance(
+            embed, QuantEmbedding) else model.lm_head
+        if not isinstance(embed, QuantEmbedding):
+            model.lm_head.weight = embed.weight
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise ModelLoadError(f"{source}: checkpoint lacks tensor {leftover[0]}")
     return model.to(device).eval()
+
+
+def _set_quantised(model, module_name: str, value) -> None:
+    from salachat.engine.qlinear import QuantEmbedding, QuantLinear
+
+    raw, info = value
+    parent, _, child = module_name.rpartition(".")
+    current = model.get_submodule(module_name)
+    if isinstance(current, torch.nn.Embedding):
+        layer = QuantEmbedding(raw, info.qtype.name, info.shape[1])
+    else:
+        layer = QuantLinear.from_gguf(raw, info, bias=current.bias is not None)
+    setattr(model.get_submodule(parent), child, layer)
 
 
 def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -188,48 +240,54 @@ def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
     except (ValueError, OSError) as e:
         raise ModelLoadError(str(e)) from None
     model_type = checkpoint.config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelLoadError(
+            f"{path}/config.json: model_type {model_type!r} is not supported ({', '.join(FAMILIES)})")
     extra_stops = checkpoint.config.get("eos_token_id") or []
-    extra_stops = tuple(extra_stops if isinstance(extra_stops, list) else [extra_stops])
-    tokenizer = Tokenizer.from_hf_folder(path, extra_stop_ids=extra_stops)
+    extra_stops = extra_stops if isinstance(extra_stops, list) else [extra_stops]
+    extra_stops = tuple(i for i in extra_stops if isinstance(i, int) and not isinstance(i, bool))
+    try:
+        tokenizer = Tokenizer.from_hf_folder(path, extra_stop_ids=extra_stops)
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(str(e)) from None
     config_bytes = json.dumps(checkpoint.config, sort_keys=True).encode()
     weight_files = sorted(checkpoint.weight_files)
     fingerprint = hashlib.sha256(
         b"".join(_file_fingerprint(f, config_bytes).encode() for f in weight_files)
     ).hexdigest()[:32]
-    if model_type == "llama":
-        from salachat.engine.models.llama import LlamaArgs, LlamaForCausalLM
-
-        try:
-            args = LlamaArgs.from_config(checkpoint.config)
-        except (ValueError, TypeError) as e:
-            raise ModelLoadError(f"{path}/config.json: {e}") from None
-        tensors = checkpoint.load_tensors()
-        model = _build(LlamaForCausalLM, args, tensors, device, dtype, str(path))
-        return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype)
     if model_type == "minicpm_sala":
         from salachat.engine.models.sala import load_sala
 
         try:
             model = load_sala(checkpoint, device, dtype)
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ModelLoadError(f"{path}: {e}") from None
-        return LoadedModel(model, tokenizer, str(path), fingerprint, "minicpm_sala", device, dtype)
-    raise ModelLoadError(f"{path}/config.json: model_type {model_type!r} is not supported (llama, minicpm_sala)")
-
-
-def load_tokenizer(spec: str | None = None) -> tuple[Tokenizer, int]:
-    """The model's tokenizer and its state bytes per token of context, without loading the weights."""
-    path = resolve_spec(spec)
+        return LoadedModel(model, tokenizer, str(path), fingerprint, "minicpm_sala", device, dtype,
+                           architecture="minicpm_sala")
+    cls, args = FAMILIES[model_type](checkpoint.config, f"{path}/config.json")
     try:
-        if path.is_file() and path.suffix.lower() == ".gguf":
+        tensors = checkpoint.load_tensors()
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(str(e)) from None
+    model = _build(cls, args, tensors, device, dtype, str(path))
+    return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype, architecture=model_type)
+
+
+def load_tokenizer(path: str | os.PathLike) -> tuple[Tokenizer, int]:
+    """The model's tokenizer and its state bytes per token of context, without loading the weights."""
+    path = _as_path(path)
+    try:
+        if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)):
             from salachat.engine.gguf_file import GGUFFile
 
             gguf = GGUFFile.open(path)
-            return Tokenizer.from_gguf_metadata(gguf.metadata), kv_bytes_per_token(gguf.llama_config(), 4)
+            return Tokenizer.from_gguf_metadata(gguf.metadata), kv_bytes_per_token(gguf.hf_config(), 4)
         if path.is_dir():
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            from salachat.engine.hf import read_hf_folder
+
+            config = read_hf_folder(path).config
             return Tokenizer.from_hf_folder(path), kv_bytes_per_token(config, 2)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, TypeError, KeyError, ZeroDivisionError) as e:
         raise ModelLoadError(str(e)) from None
     raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face checkpoint folder")
 
@@ -245,3 +303,51 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
     if config.get("model_type") == "minicpm_sala":
         layers = sum(1 for kind in config.get("mixer_types", []) if kind == "minicpm4")
     return layers * 2 * kv * head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    architecture: str
+    size_bytes: int
+    quant: str | None
+    context_length: int | None
+
+
+def inspect_model(path: str | os.PathLike) -> ModelSummary:
+    """What a model file or folder holds, read from its header or config.json, without its weights;
+    ModelLoadError if salachat cannot run it."""
+    path = _as_path(path)
+    try:
+        if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)):
+            from salachat.engine.gguf_file import GGUFFile
+
+            gguf = GGUFFile.open(path)
+            config = gguf.hf_config()
+            Tokenizer.check_gguf_metadata(gguf.metadata)
+            return ModelSummary(config["model_type"], path.stat().st_size, gguf.main_quant_type(),
+                                config.get("max_position_embeddings"))
+        if path.is_dir():
+            from salachat.engine.hf import read_hf_folder
+
+            checkpoint = read_hf_folder(path)
+            model_type = checkpoint.config.get("model_type")
+            if model_type not in FAMILIES:
+                raise ModelLoadError(f"{path}/config.json: model_type {model_type!r} is not supported "
+                                     f"({', '.join(FAMILIES)})")
+            dtype = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
+            context = checkpoint.config.get("max_position_embeddings")
+            return ModelSummary(model_type, sum(f.stat().st_size for f in checkpoint.weight_files),
+                                dtype if isinstance(dtype, str) else None,
+                                context if isinstance(context, int) else None)
+    except (ValueError, OSError, TypeError) as e:
+        raise ModelLoadError(str(e)) from None
+    raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face checkpoint folder")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    """Ollama keeps GGUF weights as blobs named by their digest, without a .gguf suffix."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

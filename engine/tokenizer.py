@@ -6,12 +6,16 @@ import json
 from pathlib import Path
 
 import jinja2.sandbox
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # llama.cpp's pre-tokenizer names → (split digits one by one first, split regex)
@@ -24,6 +28,7 @@ _PRE_TOKENIZERS = {
     "codeshell": (True, GPT2_SPLIT),
     "llama-bpe": (False, LLAMA3_SPLIT),
     "llama3": (False, LLAMA3_SPLIT),
+    "qwen2": (False, QWEN2_SPLIT),
 }
 # Tokens that end a turn in the chat formats we know; added to the stop set when the vocabulary has them.
 TURN_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<end_of_turn>")
@@ -92,16 +97,36 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=True)
 
-    @classmethod
-    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+    @staticmethod
+    def check_gguf_metadata(meta: dict) -> None:
+        """TokenizerError unless the GGUF's vocabulary is one we build (cheap: no tokenizer is built)."""
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise TokenizerError(
-                f"GGUF tokenizer model {kind!r} is not supported yet (byte-level BPE 'gpt2' is)"
-            )
+        if kind not in ("gpt2", "llama"):
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' and "
+                                 "SentencePiece 'llama' are)")
         pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in _PRE_TOKENIZERS:
+        if kind == "gpt2" and pre not in _PRE_TOKENIZERS:
             raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(_PRE_TOKENIZERS)})")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise TokenizerError("GGUF tokenizer.ggml.tokens is missing or not a list of strings")
+        for key in ("tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            value = meta.get(key, [])
+            if not isinstance(value, list):
+                raise TokenizerError(f"GGUF {key} is not a list")
+        merges = meta.get("tokenizer.ggml.merges", [])
+        if not all(isinstance(m, str) and " " in m for m in merges):
+            raise TokenizerError("GGUF tokenizer.ggml.merges holds an entry that is not 'left right'")
+        types = meta.get("tokenizer.ggml.token_type", [])
+        if types and (len(types) != len(tokens) or not all(isinstance(t, int) for t in types)):
+            raise TokenizerError("GGUF tokenizer.ggml.token_type does not give one whole number per token")
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> Tokenizer:
+        cls.check_gguf_metadata(meta)
+        if meta.get("tokenizer.ggml.model") == "llama":
+            return cls._from_gguf_sentencepiece(meta)
+        pre = meta.get("tokenizer.ggml.pre", "default")
         split_digits, split_regex = _PRE_TOKENIZERS[pre]
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
@@ -121,20 +146,57 @@ class Tokenizer:
         ]
         backend.add_special_tokens(specials)
 
+        return cls._from_gguf_backend(backend, meta)
+
+    @classmethod
+    def _from_gguf_backend(cls, backend, meta: dict) -> Tokenizer:
+        tokens = meta["tokenizer.ggml.tokens"]
+
         def token(key):
             i = meta.get(key)
-            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
+        template = meta.get("tokenizer.chat_template")
         return cls(
             backend,
             bos_token=token("tokenizer.ggml.bos_token_id"),
             eos_token=token("tokenizer.ggml.eos_token_id"),
             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-            chat_template=meta.get("tokenizer.chat_template"),
+            chat_template=template if isinstance(template, str) else None,
         )
 
     @classmethod
-    def from_hf_folder(cls, folder: str | Path, extra_stop_ids: tuple[int, ...] = ()) -> "Tokenizer":
+    def _from_gguf_sentencepiece(cls, meta: dict) -> Tokenizer:
+        """llama.cpp's "llama" vocabulary (SentencePiece BPE: ▁ for spaces, <0xNN> byte fallback, scores for
+        merge priority) as a `tokenizers` BPE, the way transformers converts SentencePiece models: the merges
+        are every split of a piece into two pieces, the piece with the higher score merged first."""
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        if len(scores) != len(tokens):
+            raise TokenizerError("GGUF tokenizer.ggml.scores does not give one score per token")
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges = []
+        for piece, i in vocab.items():
+            if types[i] != 1:  # only normal pieces come from merges
+                continue
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in vocab and right in vocab:
+                    merges.append((scores[i], vocab[left], vocab[right], left, right))
+        merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+        unk = next((t for t, kind in zip(tokens, types) if kind == 2), None)
+        backend = _HFTokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges],
+                                          unk_token=unk, fuse_unk=True, byte_fallback=True))
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                             decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                    for i, t in enumerate(types) if t in (_GGUF_CONTROL, _GGUF_USER_DEFINED)])
+        return cls._from_gguf_backend(backend, meta)
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | Path, extra_stop_ids: tuple[int, ...] = ()) -> Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 from gguf.quants import dequantize
-
 from salachat.engine.gguf_file import GGUFError, GGUFFile, unpermute_rope_rows
 
 
@@ -24,9 +23,8 @@ def test_metadata_and_tensors_equal_ggufreader(smollm2_path):
 def test_truncated_gguf_names_the_file(tmp_path, smollm2_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(smollm2_path.read_bytes()[: 5 << 20])
-    gguf = GGUFFile.open(broken)  # the header is intact; the tensors are not
-    with pytest.raises(GGUFError, match="truncated"):
-        gguf.tensors()
+    with pytest.raises(GGUFError, match="truncated"):  # the header is intact; the tensors are not
+        GGUFFile.open(broken)
     header_only = tmp_path / "header.gguf"
     header_only.write_bytes(smollm2_path.read_bytes()[:300_000])
     with pytest.raises(GGUFError, match="header.gguf"):

@@ -1,15 +1,24 @@
-"""Llama-family decoder (SmolLM2, Llama 2/3, TinyLlama …) in plain PyTorch, one sequence at a time."""
+"""Llama-family decoder (SmolLM2, Llama 2/3.x, TinyLlama, Qwen2/2.5, Qwen3 …) in plain PyTorch, one sequence
+at a time."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from salachat.engine.cache import KVCache, ModelCache
 from torch import nn
 
 from salachat import kernels
-from salachat.engine.cache import KVCache, ModelCache
+
+# model_type → (q/k/v biases by default, q/k RMSNorm per head). Qwen2 differs from Llama by its attention
+# biases, Qwen3 by its per-head q/k norms: two flags, not two model files.
+FAMILY_FLAGS = {"llama": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
+_LIMITS = {"hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+           "num_attention_heads": 1024, "num_key_value_heads": 1024, "vocab_size": 1 << 22, "head_dim": 1024,
+           "max_position_embeddings": 1 << 30}
 
 
 @dataclass(frozen=True)
@@ -25,23 +34,85 @@ class LlamaArgs:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    # RoPE scaling: "default", "linear" (positions divided by factor) or "llama3" (Llama 3.1's per-band rule)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
 
     @classmethod
-    def from_config(cls, config: dict) -> "LlamaArgs":
-        if config.get("model_type") != "llama":
-            raise ValueError(f"config model_type is {config.get('model_type')!r}, expected 'llama'")
-        if config.get("rope_scaling"):
-            raise ValueError("rope_scaling in config.json is not supported yet for Llama checkpoints")
-        values = dict(config)
-        values.setdefault("num_key_value_heads", config.get("num_attention_heads"))
-        if not values.get("head_dim"):
-            values["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    def from_config(cls, config: dict) -> LlamaArgs:
+        """Args from an HF config.json dict (either transformers' `rope_scaling` + `rope_theta` or 5.x's
+        `rope_parameters`); ValueError with the key at fault for anything out of shape."""
+        if not isinstance(config, dict):
+            raise TypeError("config is not a JSON object")
+        model_type = config.get("model_type")
+        if model_type not in FAMILY_FLAGS:
+            raise ValueError(f"config model_type is {model_type!r}, expected one of {', '.join(FAMILY_FLAGS)}")
+        default_bias, qk_norm = FAMILY_FLAGS[model_type]
+        values = {k: v for k, v in config.items() if v is not None}
+        values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
+        if not values.get("head_dim") and _positive_int(values, "hidden_size") and _positive_int(
+                values, "num_attention_heads"):
+            values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+        values.setdefault("attention_bias", default_bias)
+        values["qk_norm"] = qk_norm
+        rope = values.get("rope_scaling") or values.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise TypeError("rope_scaling is not an object")
+        if "rope_theta" not in values and "rope_theta" in rope:
+            values["rope_theta"] = rope["rope_theta"]
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
+        values["rope_type"] = rope_type
+        if rope_type != "default":
+            values["rope_factor"] = rope.get("factor", 1.0)
+        if rope_type == "llama3":
+            for key, field in [("low_freq_factor", "rope_low_freq_factor"), ("high_freq_factor",
+                               "rope_high_freq_factor"), ("original_max_position_embeddings",
+                                                          "rope_original_max_position")]:
+                if key not in rope:
+                    raise ValueError(f"llama3 rope_scaling lacks {key}")
+                values[field] = rope[key]
         names = {f.name for f in fields(cls)}
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        missing = [n for n in required if n not in values]
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
         if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}")
-        return cls(**{k: v for k, v in values.items() if k in names})
+            raise ValueError(f"config lacks {', '.join(missing)}")
+        args = cls(**{k: v for k, v in values.items() if k in names})
+        args.check()
+        return args
+
+    def check(self) -> None:
+        for name, limit in _LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ValueError(f"{name} = {value!r} is not a whole number between 1 and {limit}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} is odd: RoPE pairs dimensions")
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} = {value!r} is not a positive number")
+        if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+        if isinstance(self.rope_original_max_position, bool) or not isinstance(
+                self.rope_original_max_position, int) or self.rope_original_max_position <= 0:
+            raise ValueError("original_max_position_embeddings is not a positive whole number")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} = {getattr(self, name)!r} is not true or false")
+
+
+def _positive_int(values: dict, key: str) -> bool:
+    value = values.get(key)
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 class RMSNorm(nn.Module):
@@ -68,15 +139,38 @@ class Rotary:
         self.inv_freq = inv_freq.float()
 
     @classmethod
-    def plain(cls, head_dim: int, theta: float) -> "Rotary":
+    def plain(cls, head_dim: int, theta: float) -> Rotary:
         # on the CPU explicitly: models are built under a meta-device context
         return cls(1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)))
+
+    @classmethod
+    def for_args(cls, args: LlamaArgs) -> Rotary:
+        inv_freq = cls.plain(args.head_dim, args.rope_theta).inv_freq
+        if args.rope_type == "linear":
+            inv_freq = inv_freq / args.rope_factor
+        elif args.rope_type == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, args)
+        return cls(inv_freq)
+
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq.to(positions.device)
         angles = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat([angles, angles], dim=-1)
         return emb.cos(), emb.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths longer than the original context / low_freq_factor are stretched
+    by `factor`, shorter than it / high_freq_factor kept, and the band between interpolated smoothly."""
+    factor, low, high = args.rope_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    old = args.rope_original_max_position
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -88,16 +182,23 @@ class Attention(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        if args.qk_norm:  # Qwen3: RMSNorm over each head's channels, one weight shared by the heads
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
 
     def forward(self, x, cos, sin, cache, pos0: int, rotary: Rotary) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim).transpose(0, 1)
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if getattr(cache, "places_positions", False):
             # the long-context extension keeps keys unrotated and decides each query-key distance itself
             out = cache.attend_unrotated(q, k, v, pos0, self.head_dim**-0.5, rotary)
@@ -147,9 +248,18 @@ class LlamaForCausalLM(nn.Module):
         self.args = args
         self.model = LlamaModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.rotary = Rotary.plain(args.head_dim, args.rope_theta)
+        self.rotary = Rotary.for_args(args)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def scale_rope_frequencies(self, factors: torch.Tensor) -> None:
+        """GGUF's `rope_freqs` tensor: llama.cpp divides each RoPE frequency by its factor (how Llama 3.1's
+        scaling reaches a GGUF file)."""
+        plain = Rotary.plain(self.args.head_dim, self.args.rope_theta).inv_freq
+        if tuple(factors.shape) != tuple(plain.shape) or not bool(torch.isfinite(factors).all() & (factors > 0).all()):
+            raise ValueError(f"rope_freqs has shape {tuple(factors.shape)} or non-positive values; expected "
+                             f"{tuple(plain.shape)} positive factors")
+        self.rotary = Rotary(plain / factors.float().cpu())
 
     def new_cache(self, sparse=None) -> ModelCache:
         """A dense KV cache per layer; with `sparse`, the long-context caches it builds (`sparse.layer_cache`),

@@ -1,0 +1,142 @@
+"""GGUF weights kept quantised in memory on the CPU, with matmuls on the packed weights.
+
+torch's CPU int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`, group-wise: w = (q - 8) * scale + zero
+for 4-bit q, one scale and zero per group of 32 inputs) holds GGUF's 4-bit kinds exactly up to the scales'
+bf16 rounding:
+
+- Q4_0 (w = d (q - 8)): scale d, zero 0;
+- Q4_1 (w = d q + m): scale d, zero m + 8 d;
+- Q8_0 (w = d q, 8-bit q) as two 4-bit halves, q = 16 hi + lo with hi + 8 and lo in 0..15:
+  w = 16 d (hi + 8 - 8) + d (lo - 8) + 8 d: a pack with scale 16 d, zero 0, plus one with scale d, zero 8 d.
+
+Measured on a 2-core AMX CPU (bench/ask_cpu.py has the end-to-end figures): for one token the int4 kernel
+reads 5x fewer bytes than fp32 and beats a dense bf16 or fp32 matrix-vector product; for a prompt's
+hundreds of tokens a dense bf16 matmul (AMX) on weights dequantised for the call is faster, so prefill
+takes that path. torch's int8 kernel (`_weight_int8pack_mm`) has one scale per output row, which GGUF's
+per-32 block scales do not fit without requantising, and measured slower than both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+GROUP = 32
+PREFILL_ROWS = 16  # from this many tokens on, dequantise once and use a dense bf16 matmul
+
+
+def unpack_blocks(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF blocks [rows, row_bytes] → (q [rows, cols] int, scale [rows, cols/32], zero [rows, cols/32]) in
+    fp32, with w = (q - 8) * scale + zero for 4-bit q (and w = d q, zero unused, for Q8_0's 8-bit q)."""
+    rows = raw.shape[0]
+    block = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
+    blocks = raw.reshape(rows, -1, block)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
+    if qtype == "Q8_0":
+        q = blocks[..., 2:].contiguous().view(torch.int8).to(torch.int32)
+        return q.reshape(rows, -1), d, torch.zeros_like(d)
+    nibbles = blocks[..., 2:] if qtype == "Q4_0" else blocks[..., 4:]
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).to(torch.int32)  # low nibbles are elements 0..15
+    if qtype == "Q4_0":
+        zero = torch.zeros_like(d)
+    else:
+        zero = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d
+    return q.reshape(rows, -1), d, zero
+
+
+def dequantize_reference(raw: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The definition, in fp32: what the packed matmul must equal."""
+    q, scale, zero = unpack_blocks(raw, qtype)
+    rows, cols = q.shape
+    g = q.reshape(rows, -1, GROUP).float()
+    if qtype == "Q8_0":
+        return (g * scale[..., None]).reshape(rows, cols)
+    return ((g - 8) * scale[..., None] + zero[..., None]).reshape(rows, cols)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W held as one or two int4 packs (bf16 scales and zeros)."""
+
+    def __init__(self, in_features: int, out_features: int, packs: list[tuple[torch.Tensor, torch.Tensor]],
+                 qtype: str, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        for i, (packed, scales_zeros) in enumerate(packs):
+            self.register_buffer(f"packed{i}", packed)
+            self.register_buffer(f"scales_zeros{i}", scales_zeros)
+        self.n_packs = len(packs)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @staticmethod
+    def fits(info) -> bool:
+        """The kernel packs output rows by 64 and inputs by groups of 32."""
+        return (info.qtype.name in PACKED_TYPES and len(info.shape) == 2 and info.shape[0] % 64 == 0
+                and info.shape[1] % GROUP == 0)
+
+    @classmethod
+    def from_gguf(cls, raw: torch.Tensor, info, bias: bool = False) -> QuantLinear:
+        """From a GGUF tensor's raw blocks; the bias (if any) is loaded afterwards under `.bias`."""
+        qtype = info.qtype.name
+        out_features, in_features = info.shape
+        q, scale, zero = unpack_blocks(raw, qtype)
+        if qtype == "Q8_0":
+            hi = torch.div(q, 16, rounding_mode="floor")
+            halves = [(hi + 8, 16 * scale, torch.zeros_like(scale)), (q - 16 * hi, scale, 8 * scale)]
+        else:
+            halves = [(q, scale, zero)]
+        packs = []
+        for nibbles, s, z in halves:
+            packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
+            packs.append((packed, torch.stack([s.T, z.T], dim=-1).to(torch.bfloat16).contiguous()))
+        b = torch.zeros(out_features) if bias else None
+        return cls(in_features, out_features, packs, qtype, b)
+
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """W (for prefill's dense matmul), read back from the packs. torch's CPU int4 layout: per block of 64
+        output rows, bytes [in_features][32], byte (k, j) holding rows j (low nibble) and j + 32 (high)."""
+        n, k = self.out_features, self.in_features
+        weight = None
+        for i in range(self.n_packs):
+            blocks = getattr(self, f"packed{i}").view(n // 64, k, 32)
+            q = torch.cat([blocks & 0xF, blocks >> 4], dim=2).transpose(1, 2).reshape(n, k // GROUP, GROUP)
+            scales_zeros = getattr(self, f"scales_zeros{i}").float()
+            scale, zero = scales_zeros[..., 0].T[..., None], scales_zeros[..., 1].T[..., None]
+            w = (q.float() - 8) * scale + zero
+            weight = w if weight is None else weight + w
+        return weight.reshape(n, k).to(dtype)
+
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for i in range(self.n_packs):
+            y = torch._weight_int4pack_mm_for_cpu(x, getattr(self, f"packed{i}"), GROUP,
+                                                  getattr(self, f"scales_zeros{i}"))
+            out = y if out is None else out + y
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if x2.shape[0] >= PREFILL_ROWS:
+            y = x2 @ self.dequantized().T
+        else:
+            y = self._packed_mm(x2)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings kept as GGUF blocks; looked-up rows are dequantised (exactly, in fp32)."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, embedding_dim: int):
+        super().__init__()
+        self.register_buffer("raw", raw)
+        self.qtype, self.embedding_dim = qtype, embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_reference(self.raw[ids.reshape(-1)], self.qtype).reshape(*ids.shape, self.embedding_dim)
