@@ -9,6 +9,7 @@ import io
 import posixpath
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote
@@ -16,7 +17,7 @@ from xml.etree import ElementTree
 
 from .document import Document, Segment
 from .errors import BadEncoding, Damaged, Empty, IngestError, Protected, TooLarge
-from .html_text import declared_charset, html_to_text
+from .html_text import HtmlText, declared_charset
 from .stream import Budget, _decoder, choose_encoding, estimate_tokens, human_bytes
 
 _CONTAINER = "META-INF/container.xml"
@@ -50,15 +51,14 @@ def read_epub(data: bytes | BinaryIO, path: str, content_hash: str, *, budget: B
         for done, href in enumerate(spine, start=1):
             if href not in names:
                 continue  # a spine entry missing from the zip: readers skip it too
-            markup = _member(book, href, path, MAX_CHAPTER_BYTES, f"chapter {href}")
-            inflated += len(markup)
-            if inflated > MAX_BOOK_BYTES:
-                raise TooLarge(path, f"its chapters decompress to more than {human_bytes(MAX_BOOK_BYTES)}",
-                               hint="this is not a plausible book: " + _HINT, size_bytes=inflated)
-            text, head_title, headings = html_to_text(_decode_chapter(markup, f"{path} ({href})"))
-            del markup
+            def check(chapter_chars: int, done: int = done, before: int = tokens) -> None:
+                if budget is not None:  # what this chapter has given so far counts, as it is inflated
+                    budget.check(path, before + chapter_chars // 4, done, len(spine), size_bytes or 0)
+
+            text, head_title, headings, size = _chapter(book, href, path, MAX_BOOK_BYTES - inflated, check)
+            inflated += size
+            tokens += estimate_tokens(text)
             if budget is not None:
-                tokens += estimate_tokens(text)
                 budget.check(path, tokens, done, len(spine), size_bytes or 0)
             if not text.strip():
                 continue
@@ -83,6 +83,53 @@ def chapter_sizes(data: BinaryIO, path: str) -> list[tuple[str, int]]:
             return [(href, book.getinfo(href).file_size) for href in spine if href in names]
     except _ZIP_BROKEN as error:
         raise Damaged(path, f"is not a valid EPUB ({error})", hint=_HINT) from None
+
+
+def _chapter(book: zipfile.ZipFile, href: str, path: str, book_left: int,
+             check: Callable[[int], None]) -> tuple[str, str, list[str], int]:
+    """(text, <title>, headings, bytes inflated) of one chapter, inflated, decoded and parsed a megabyte at
+    a time: never the whole chapter in memory, and `check` sees the text grow."""
+    where = f"{path} ({href})"
+    cap = min(MAX_CHAPTER_BYTES, book_left)
+    reader = HtmlText()
+    decoder = None
+    head = b""
+    size = 0
+    try:
+        declared = book.getinfo(href).file_size
+        with book.open(href) as member:
+            while True:
+                chunk = member.read(1 << 20)
+                size += len(chunk)
+                if size > cap:
+                    problem = (f"chapter {href} decompresses to more than {human_bytes(cap)}"
+                               if cap == MAX_CHAPTER_BYTES else
+                               f"its chapters decompress to more than {human_bytes(MAX_BOOK_BYTES)}")
+                    raise TooLarge(path, problem, hint="this is not a plausible book: " + _HINT, size_bytes=size)
+                if decoder is None:
+                    head += chunk
+                    if chunk and len(head) < 4096:
+                        continue
+                    encoding, skip = choose_encoding(head, not chunk or len(head) >= declared, where,
+                                                     declared_charset(head))
+                    decoder, chunk = _decoder(encoding), head[skip:]
+                try:
+                    reader.feed(decoder.decode(chunk, final=not chunk))
+                except UnicodeDecodeError as error:
+                    raise BadEncoding(where, f"is not valid {encoding.upper()} text (bad byte near byte "
+                                      f"{size - len(chunk) + error.start:,})", hint=_HINT) from None
+                check(reader.chars)
+                if not chunk:
+                    break
+    except KeyError:
+        raise Damaged(path, f"is not a valid EPUB ({href} is missing)", hint=_HINT) from None
+    except RuntimeError as error:  # zipfile: "File ... is encrypted, password required for extraction"
+        raise Protected(path, f"is an encrypted zip archive ({error})", hint="use a DRM-free copy of the book") \
+            from None
+    except _ZIP_BROKEN as error:
+        raise Damaged(path, f"is not a valid EPUB ({href}: {error})", hint=_HINT) from None
+    text, title, headings = reader.close()
+    return text, title, headings, size
 
 
 def _decode_chapter(markup: bytes, where: str) -> str:

@@ -572,3 +572,13 @@ def test_real_entry_point_gives_one_line_and_exit_3_or_reads(name, tmp_path):
         assert result.returncode == 3, (result.returncode, result.stdout, result.stderr)
         lines = result.stderr.strip().split("\n")
         assert len(lines) == 1 and case.says in lines[0] and result.stdout == "", (result.stdout, result.stderr)
+
+
+def test_all_chapters_together_are_capped_after_decompression(tmp_path, monkeypatch):
+    from salachat.ingest import epub
+
+    monkeypatch.setattr(epub, "MAX_BOOK_BYTES", 3 << 20)
+    chapters = [b"<html><body><p>" + b"   " * (400_000) + b"</p></body></html>"] * 4  # 1.2 MB of spaces each
+    path = _epub(tmp_path / "wide.epub", chapters)
+    with pytest.raises(TooLarge, match="its chapters decompress to more than 3.1 MB"):
+        read_paths([path])
