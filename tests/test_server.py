@@ -118,6 +118,17 @@ def test_second_turn_continues_from_the_state_of_the_first(server):
     assert second.usage.model_extra["salachat"] == {"state": "memory"}
 
 
+def test_a_document_sent_as_the_system_prompt_is_read_once(server):
+    system = "Answer from these notes.\n\n" + "\n".join([DOCUMENTS] * 15)  # 2,600 characters, no block
+    client = server.client()
+    first = client.chat.completions.create(model=server.model, max_tokens=4, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": "Who ran the ferry?"}])
+    second = client.chat.completions.create(model=server.model, max_tokens=4, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": "What did the lamp burn?"}])
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens > 0.9 * first.usage.prompt_tokens
+
+
 def test_a_branch_from_kept_documents_answers_as_a_fresh_reading_does(server, keyed_server):
     first = [{"role": "user", "content": with_documents("When did the lamp change fuel?")}]
     server.client().chat.completions.create(model=server.model, messages=first, max_tokens=8)

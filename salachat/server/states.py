@@ -5,7 +5,8 @@ exactly what the state has read. The server keeps states at the message boundari
 from, each a ChatSession (salachat.chat) keyed by what it holds: (system prompt, documents, exchanges).
 
 - After reading a request's documents, a fork is kept: every later question about those documents starts
-  from it (forking copies the state; the reading is the expensive part).
+  from it (forking copies the state; the reading is the expensive part). A long system prompt without a
+  documents block (a client that sends the document there) is read and kept the same way.
 - After an answer, the conversation itself is kept: the next turn of that conversation continues it. It is
   taken, not copied, when continued (another branch from the same history would re-read only the turns,
   not the documents, since the documents' fork is still kept).
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from salachat.server.protocol import ApiError, ChatRequest
 
 Key = tuple  # (system prompt or None, documents, ((question, answer), …))
+SYSTEM_PROMPT_READING_CHARS = 2000  # about 500 tokens of prose: a system prompt this long is read and kept apart
 
 
 @dataclass
@@ -102,7 +104,9 @@ class StateStore:
 
         system_prompt, documents, exchanges = key
         conversation = Conversation(self.loaded, system_prompt=system_prompt)
-        if documents:
+        # clients that put the document in the system prompt: its reading is kept like a documents block's
+        long_system = not documents and len(system_prompt or "") >= SYSTEM_PROMPT_READING_CHARS
+        if documents or long_system:
             try:
                 tokens = conversation.set_documents(documents)
             except ContextTooLong:
@@ -114,7 +118,7 @@ class StateStore:
                 # as ChatSession.open does: documents past a dense model's trained length turn the extension on
                 conversation = Conversation(with_long_context(self.loaded), system_prompt=system_prompt)
                 conversation.set_documents(documents)
-        return Checkout(ChatSession(conversation), key, list(exchanges), fresh_documents=bool(documents))
+        return Checkout(ChatSession(conversation), key, list(exchanges), fresh_documents=bool(documents) or long_system)
 
     # what is kept after a request
 
