@@ -1,0 +1,207 @@
+"""Each family computes what transformers computes with the same weights: Llama 3.x (llama3 RoPE scaling),
+Qwen2 (attention biases), Qwen3 (q/k norms), from an HF safetensors folder and from a GGUF file written with
+the gguf package, dequantised and kept quantised."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+sys.path.insert(0, str(Path(__file__).parent))
+from sala_tiny import _write_tokenizer  # noqa: E402
+
+from salachat.engine.loader import load_model  # noqa: E402
+
+VOCAB, HIDDEN, HEADS, KV, HEAD_DIM, FFN, LAYERS = 320, 64, 4, 2, 32, 128, 2
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def reference_config(family: str):
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM, rms_norm_eps=1e-5,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+    if family == "llama3":
+        return transformers.LlamaConfig(**common, rope_parameters={"rope_theta": 10000.0, **LLAMA3})
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    return transformers.Qwen3Config(**common, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+
+
+def reference_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cls = {"llama3": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "qwen3": transformers.Qwen3ForCausalLM}[family]
+    model = cls(reference_config(family)).eval()
+    with torch.no_grad():  # norms and biases away from their init values, so that a missing one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+IDS = torch.randint(0, VOCAB, (100,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+def test_hf_folder_equals_transformers(tmp_path, family):
+    reference = reference_model(family)
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    _write_tokenizer(tmp_path, VOCAB)
+    loaded = load_model(tmp_path, device="cpu", dtype=torch.float32)
+    ours = loaded.model(IDS, loaded.new_cache())
+    assert (ours - logits(reference, IDS)).abs().max().item() < 1e-4
+    assert loaded.architecture == {"llama3": "llama"}.get(family, family)
+
+
+def test_llama3_scaling_is_not_a_no_op(tmp_path):
+    """The same weights without the scaling compute something else: the test above would catch its loss."""
+    scaled = reference_model("llama3")
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{k: v for k, v in reference_config("llama3").to_dict().items() if k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings")})).eval()
+    plain.load_state_dict(scaled.state_dict())
+    assert (logits(plain, IDS) - logits(scaled, IDS)).abs().max().item() > 1e-3  # 10x the tolerance above
+
+
+SHORT = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+         "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+       "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in TOP:
+        return TOP[hf]
+    parts = hf.split(".")
+    return f"blk.{parts[2]}.{SHORT['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's q/k row permutation for the llama architecture, written from its description."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors() -> np.ndarray:
+    """convert_hf_to_gguf.py's rope_freqs for llama3 scaling, written from its description."""
+    inv = 1.0 / (10000.0 ** (np.arange(0, HEAD_DIM, 2, dtype=np.float64) / HEAD_DIM))
+    old, low, high, factor = 64, 1.0, 4.0, 8.0
+    factors = []
+    for freq in inv:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def write_gguf(path, family: str, qtype_name: str, seed: int = 0):
+    """A tiny checkpoint as llama.cpp's converter writes it; returns transformers fed what the file holds."""
+    reference = reference_model(family, seed)
+    arch = "llama" if family == "llama3" else family
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(512)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV)
+    writer.add_key_length(HEAD_DIM)
+    writer.add_value_length(HEAD_DIM)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2" if arch != "llama" else "llama-bpe")
+    writer.add_token_list([f"t{i}" for i in range(VOCAB)])
+    writer.add_token_merges([])
+    writer.add_token_types([1] * VOCAB)
+    if family == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors())
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    held = {}
+    for name, tensor in reference.state_dict().items():
+        w = tensor.numpy().astype(np.float32)
+        heads = HEADS if "q_proj.weight" in name else KV if "k_proj.weight" in name else 0
+        stored = llama_cpp_permute(w, heads) if arch == "llama" and heads else w
+        if w.ndim == 2 and qtype_name != "F32":
+            q = gguf.quants.quantize(stored, qtype)
+            writer.add_tensor(gguf_name(name), q, raw_shape=q.shape, raw_dtype=qtype)
+            back = gguf.quants.dequantize(q, qtype).astype(np.float32)
+            if arch == "llama" and heads:  # the inverse permutation, by its definition
+                back = back.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+            held[name] = torch.from_numpy(back)
+        else:
+            writer.add_tensor(gguf_name(name), stored)
+            held[name] = tensor
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reference.load_state_dict(held)
+    return reference
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_1"])
+def test_gguf_dequantised_equals_transformers(tmp_path, family, qtype):
+    reference = write_gguf(tmp_path / "m.gguf", family, qtype)
+    loaded = load_model(tmp_path / "m.gguf", device="cpu", dtype=torch.float32)
+    ours = loaded.model(IDS, loaded.new_cache())
+    assert (ours - logits(reference, IDS)).abs().max().item() < 1e-4
+
+
+def rel_rms(a, b):
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_kept_quantised_follows_transformers(tmp_path, family, qtype):
+    """Packed weights (bf16 activations into the int4 kernel): within bf16 rounding of the exact network, for
+    a prompt (the dense path) and token by token (the packed kernel)."""
+    from salachat.engine.qlinear import QuantLinear
+
+    reference = write_gguf(tmp_path / "m.gguf", family, qtype)
+    loaded = load_model(tmp_path / "m.gguf", device="cpu")
+    assert any(isinstance(m, QuantLinear) for m in loaded.model.modules())
+    expected = logits(reference, IDS)
+    assert rel_rms(loaded.model(IDS, loaded.new_cache()), expected) < 0.03
+    cache = loaded.new_cache()
+    loaded.model(IDS[:90], cache)
+    steps = torch.cat([loaded.model(IDS[i : i + 1], cache) for i in range(90, 100)])
+    assert rel_rms(steps, expected[90:]) < 0.03
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_packed_matmul_equals_its_reference(qtype):
+    """QuantLinear, both paths, against dequantising the GGUF blocks by gguf's own code."""
+    from salachat.engine.gguf_file import TensorInfo
+    from salachat.engine.qlinear import QuantLinear, dequantize_reference
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((192, 96)).astype(np.float32)
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    raw = gguf.quants.quantize(w, kind)
+    exact = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    assert torch.equal(dequantize_reference(torch.from_numpy(raw), qtype), exact)
+    layer = QuantLinear.from_gguf(torch.from_numpy(raw), TensorInfo("w", (192, 96), kind, 0))
+    assert (layer.dequantized(torch.float32) - exact).abs().max().item() <= 0.01 * exact.abs().max().item()
+    for rows in (1, 3, 40):
+        x = torch.from_numpy(rng.standard_normal((rows, 96)).astype(np.float32))
+        assert rel_rms(layer(x), x @ exact.T) < 0.01, rows
