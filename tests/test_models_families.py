@@ -12,9 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).parent))
-from sala_tiny import _write_tokenizer  # noqa: E402
-
-from salachat.engine.loader import load_model  # noqa: E402
+from sala_tiny import _write_tokenizer
+from salachat.engine.loader import load_model
 
 VOCAB, HIDDEN, HEADS, KV, HEAD_DIM, FFN, LAYERS = 320, 64, 4, 2, 32, 128, 2
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -22,9 +21,10 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 
 
 def reference_config(family: str):
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM, rms_norm_eps=1e-5,
-                  max_position_embeddings=512, tie_word_embeddings=False)
+    common = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN,
+              "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV,
+              "head_dim": HEAD_DIM, "rms_norm_eps": 1e-5, "max_position_embeddings": 512,
+              "tie_word_embeddings": False}
     if family == "llama3":
         return transformers.LlamaConfig(**common, rope_parameters={"rope_theta": 10000.0, **LLAMA3})
     if family == "qwen2":
