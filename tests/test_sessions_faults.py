@@ -46,6 +46,7 @@ def _save_session(loaded, folder: Path, turns: int = 1) -> Conversation:
     for i in range(turns):
         "".join(conversation.ask(f"question {i}?", Sampling(max_tokens=3)))
         writer.save(conversation)
+    writer.close()  # as when the process that saved it ends: another salachat may open it now
     return conversation
 
 
@@ -236,13 +237,14 @@ def test_first_save_killed_before_its_manifest_can_start_over(tiny, tmp_path):
 
 
 def test_a_session_open_for_writing_is_refused_to_a_second_writer(tiny, tmp_path):
-    _save_session(tiny, tmp_path / "s")  # this process now holds the session's lock
+    _save_session(tiny, tmp_path / "s")
+    SessionWriter(tmp_path / "s")  # this process now holds the session's lock
     second = ("import sys, pathlib\nfrom salachat.sessions import SessionWriter, SessionError\n"
               "try:\n    SessionWriter(pathlib.Path(sys.argv[1]))\nexcept SessionError as e:\n    print(e)")
     other = subprocess.run([sys.executable, "-c", second, str(tmp_path / "s")], check=False,
                            capture_output=True, text=True, cwd=HERE.parent)
     assert "is open in another salachat" in other.stdout, other.stderr
-    SessionWriter(tmp_path / "s")  # the same process may open it again
+    SessionWriter(tmp_path / "s")  # the same process may open it again (the writers share the lock)
 
 
 @pytest.mark.parametrize("size", [0, 999, 1000, 2500, 4000])

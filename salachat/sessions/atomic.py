@@ -11,6 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# Sessions hold the whole text of what was read (decrypted PDFs included): private whatever the umask
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 PIECE = 64 << 20  # checksums are a sha256 over the sha256 of each 64 MiB piece: verifying hashes pieces in parallel
 TREE_PREFIX = "tree64m:"
 
@@ -33,8 +36,11 @@ class PieceHash:
                 self.digests.append(self.piece.digest())
                 self.piece, self.filled = hashlib.sha256(), 0
 
+    def piece_digests(self) -> list[bytes]:
+        return self.digests + ([self.piece.digest()] if self.filled or not self.digests else [])
+
     def hexdigest(self) -> str:
-        return tree_checksum(self.digests + ([self.piece.digest()] if self.filled or not self.digests else []))
+        return tree_checksum(self.piece_digests())
 
 
 def write_chunk(f, data) -> None:
@@ -50,12 +56,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> tuple[str, int]:
-    """Write the chunks to `path` atomically; return (checksum, size in bytes) of what was written."""
+def _private_opener(path, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes | memoryview],
+                 pieces: list[bytes] | None = None) -> tuple[str, int]:
+    """Write the chunks to `path` atomically; return (checksum, size in bytes) of what was written. `pieces`,
+    if given, receives the sha256 of each PIECE (a lazy load verifies a piece on its own against them)."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     digest, size = PieceHash(), 0
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", opener=_private_opener) as f:
+            os.fchmod(f.fileno(), FILE_MODE)  # a leftover .tmp of another mode keeps its mode through O_CREAT
             for chunk in chunks:
                 digest.update(chunk)
                 write_chunk(f, chunk)
@@ -67,7 +80,16 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> tuple[str,
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    if pieces is not None:
+        pieces[:] = digest.piece_digests()
     return digest.hexdigest(), size
+
+
+def private_dir(folder: Path) -> None:
+    """Create `folder` (and missing parents) if needed and make it 0700."""
+    folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o777 != DIR_MODE:
+        os.chmod(folder, DIR_MODE)
 
 
 def piece_digests(path: Path, pieces: list[int]) -> list[bytes]:

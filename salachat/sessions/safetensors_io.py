@@ -8,6 +8,8 @@ through `atomic.write_atomic` and its sha256, and reading our own gives a lazy c
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,19 +51,55 @@ def _stream(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Itera
             yield view[begin : begin + CHUNK]
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-    """Atomically write a safetensors file; returns (sha256, bytes)."""
-    return write_atomic(path, _stream(tensors, metadata or {}))
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 pieces: list[bytes] | None = None):
+    """Atomically write a safetensors file; returns (sha256, bytes); `pieces` receives the piece digests."""
+    return write_atomic(path, _stream(tensors, metadata or {}), pieces)
+
+
+MAX_HEADER = 100 << 20  # a session file's header names a few hundred tensors: kilobytes
+
+
+def read_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file, each entry
+    checked against the file: a known dtype, a shape of whole numbers, offsets inside the data that hold
+    exactly that shape. ValueError names what is wrong."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path.name} is too short for a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(size - 8, MAX_HEADER):
+            raise ValueError(f"{path.name}: header of {length:,} bytes in a file of {size:,}")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, RecursionError):
+            raise ValueError(f"{path.name}: unreadable header") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: unreadable header")  # noqa: TRY004 (callers catch ValueError: bad data)
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    for name, info in header.items():
+        if (not isinstance(info, dict) or info.get("dtype") not in FROM_NAME or not isinstance(info.get("shape"), list)
+                or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2):
+            raise ValueError(f"{path.name}: malformed entry for {name!r}")
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        if not all(type(d) is int and d >= 0 for d in shape) or not all(type(o) is int for o in (begin, end)):
+            raise ValueError(f"{path.name}: malformed entry for {name!r}")
+        itemsize = FROM_NAME[info["dtype"]].itemsize
+        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * itemsize or begin % itemsize:
+            raise ValueError(f"{path.name}: {name!r} does not fit its place in the file")
+    return 8 + length, header
 
 
 def load_tensors_mmap(path: Path) -> dict[str, torch.Tensor]:
     """Tensors as copy-on-write views of a memory map: pages are read from disk only when touched."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
+    start, header = read_header(path)
+    if start == path.stat().st_size:  # no data at all (np.memmap refuses an empty map)
+        return {name: torch.empty(info["shape"], dtype=FROM_NAME[info["dtype"]]) for name, info in header.items()}
     mapped = np.memmap(path, dtype=np.uint8, mode="c")
-    data = torch.from_numpy(mapped[8 + length :])
+    data = torch.from_numpy(mapped[start:])
     tensors = {}
     for name, info in header.items():
         begin, end = info["data_offsets"]
