@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .document import Document
 
-READER_VERSION = 1
+READER_VERSION = 2  # 2: EPUB chapters decoded in their declared encodings
 MAX_CACHE_BYTES = 1024**3
 
 
@@ -34,7 +34,7 @@ def load(cache_dir: Path | None, key: str, source: str) -> Document | None:
     try:
         doc = Document.from_dict(json.loads(path.read_text(encoding="utf-8")))
         os.utime(path)  # recently used: evicted last
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None  # missing or damaged entry: read the input again
     doc.source = source  # the same bytes may live at another path now
     doc.meta["cached"] = True

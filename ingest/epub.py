@@ -30,7 +30,7 @@ _ZIP_BROKEN = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib
 
 
 def read_epub(data: bytes | BinaryIO, path: str, content_hash: str, *, budget: Budget | None = None,
-              size_bytes: int | None = None) -> Document:
+              size_bytes: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> Document:
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
         book = zipfile.ZipFile(stream)
@@ -60,6 +60,8 @@ def read_epub(data: bytes | BinaryIO, path: str, content_hash: str, *, budget: B
             tokens += estimate_tokens(text)
             if budget is not None:
                 budget.check(path, tokens, done, len(spine), size_bytes or 0)
+            if progress:
+                progress(path, done, len(spine))
             if not text.strip():
                 continue
             number = len(segments) + 1

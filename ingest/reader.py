@@ -78,6 +78,8 @@ def open_input(path: str | Path) -> Input | Path:
         raise PermissionDenied(source, "permission denied", hint="check the file's permissions") from None
     except OSError as error:  # a symbolic-link loop, a name too long ...
         raise NotFound(source, f"cannot be opened ({error.strerror})", hint="check the path") from None
+    except ValueError:  # a NUL character in the name
+        raise NotFound(source, "is not a valid path (it contains a NUL character)", hint="check the path") from None
     if stat.S_ISDIR(info.st_mode):
         if not os.access(location, os.R_OK | os.X_OK):
             raise PermissionDenied(source, "permission denied", hint="check the folder's permissions")
@@ -123,9 +125,8 @@ def _read_packaged(inp: Input, kind: str, password: str | None, progress: Progre
             doc = read_pdf(handle, inp.source, content_hash, password, progress, budget=budget,
                            size_bytes=inp.size)
         else:
-            doc = read_epub(handle, inp.source, content_hash, budget=budget, size_bytes=inp.size)
-            if progress:
-                progress(inp.source, 1, 1)
+            doc = read_epub(handle, inp.source, content_hash, budget=budget, size_bytes=inp.size,
+                            progress=progress)
     if not (kind == "pdf" and doc.meta.get("encrypted") and password):
         cache.store(cache_dir, cache.file_key(content_hash, kind), doc)  # never a protected PDF's text
     return doc
@@ -148,7 +149,7 @@ def _read_text(inp: Input, kind: str, progress: Progress | None, budget: Budget,
             pieces.append(piece)
             tokens += estimate_tokens(piece)
         budget.check(inp.source, tokens, inp.bytes_read, total if total and total >= inp.bytes_read else None,
-                     inp.size)
+                     inp.size, compressed_to=total if inp.compressed else None)
     title = ""
     if html is not None:
         text, title, _ = html.close()

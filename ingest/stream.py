@@ -76,7 +76,8 @@ class Budget:
     def __post_init__(self) -> None:
         self.limit = min(self.limit or DEFAULT_MAX_TOKENS, HARD_MAX_TOKENS)
 
-    def check(self, source: str, tokens: int, done: int, total: int | None, size_bytes: int) -> None:
+    def check(self, source: str, tokens: int, done: int, total: int | None, size_bytes: int,
+              compressed_to: int | None = None) -> None:
         """Refuse once `tokens` of this document (after `done` of `total` units) cannot fit. The estimate
         of the whole is extrapolated from the part read, so the refusal comes early with a real figure."""
         if self.used + tokens <= self.limit:
@@ -85,13 +86,16 @@ class Budget:
             whole, about = tokens * total // done, "about"
         else:
             whole, about = tokens, "at least" if total is None or done < (total or 0) else "about"
-        raise self.refusal(source, whole, size_bytes, about)
+        raise self.refusal(source, whole, size_bytes, about, compressed_to)
 
-    def refusal(self, source: str, tokens: int, size_bytes: int, about: str = "about") -> TooLarge:
+    def refusal(self, source: str, tokens: int, size_bytes: int, about: str = "about",
+                compressed_to: int | None = None) -> TooLarge:
         others = f" (with {self.used:,} tokens of the documents before it)" if self.used else ""
         ceiling = " (salachat's ceiling)" if self.limit == HARD_MAX_TOKENS else ""
         return TooLarge(
-            source, f"is too long to read: {human_bytes(size_bytes)}, {about} {tokens:,} tokens{others}, "
+            source, f"is too long to read: {human_bytes(size_bytes)}"
+            + (f" ({human_bytes(compressed_to)} decompressed)" if compressed_to else "")
+            + f", {about} {tokens:,} tokens{others}, "
             f"more than the {self.limit:,} tokens the model can read{ceiling}",
             hint="pass a part of it (split the file, or pass a subfolder) or use a model with a longer context",
             size_bytes=size_bytes, tokens=tokens, limit=self.limit)

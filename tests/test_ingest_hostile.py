@@ -217,6 +217,22 @@ def _encrypted_member(path: Path) -> Path:
     return path
 
 
+def _pdf_bomb(path: Path) -> Path:
+    """A one-page PDF whose content stream inflates from 250 KB to 100 MB."""
+    from pypdf.generic import NameObject, StreamObject
+
+    writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(make_pdf(["hello"]))))
+    packer = zlib.compressobj(9)
+    stream = StreamObject()
+    stream._data = b"".join(packer.compress(b"BT /F1 11 Tf (x) Tj ET\n" * 45_000) for _ in range(100))
+    stream._data += packer.flush()
+    stream[NameObject("/Filter")] = NameObject("/FlateDecode")
+    writer.pages[0][NameObject("/Contents")] = writer._add_object(stream)
+    with path.open("wb") as handle:
+        writer.write(handle)
+    return path
+
+
 def _copy(source: Path, folder: Path) -> Path:
     if not source.exists():
         pytest.skip(f"{source} is missing: run `apt-get install -y bzip2-doc`")
@@ -250,6 +266,7 @@ CASES = [
     Case("pdf_too_long", _file("long.pdf", make_pdf(["word " * 400] * 30)), TooLarge, "is too long to read",
          max_tokens=2_000),
     Case("pdf_gz_ok", _file("report.pdf.gz", gzip.compress(PDF)), None, "Page 2 of a report"),
+    Case("pdf_flate_bomb", _made(lambda f: _pdf_bomb(f / "bomb.pdf")), Damaged, "Limit reached while decompressing"),
     # gzip
     Case("gz_truncated", _file("t.txt.gz", gzip.compress(os.urandom(3000).hex().encode())[:3000]), Damaged,
          "is not a valid gzip file"),
@@ -546,6 +563,31 @@ def test_damaged_books_and_pdfs_never_escape_as_another_exception(tmp_path, flip
         read_paths([path])
     except IngestError as error:
         assert "\n" not in str(error)
+
+
+# Codecs a page or chapter may declare, each with a script it can hold.
+DECLARED = {"utf-8": "ÄñЖλ中", "iso-8859-1": "ÄÖÜßéàç", "windows-1252": "ÄéŠœŸ", "cp1251": "ЖЩЮжщю",
+            "koi8-r": "ЖЩЮжщю", "iso-8859-7": "ΑΒΓαβγλ", "shift_jis": "日本語かな", "gb2312": "中文字符",
+            "euc-kr": "한국어글", "utf-16-le": "ÄЖλ中😀", "utf-16-be": "ÄЖλ中😀"}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(codec=st.sampled_from(sorted(DECLARED)), data=st.data(), how=st.sampled_from(["xml", "meta"]),
+       container=st.sampled_from(["html", "epub"]))
+def test_declared_encodings_are_honoured_for_any_text_they_can_hold(tmp_path, codec, data, how, container):
+    letters = st.sampled_from(list(DECLARED[codec] + "abcXYZ"))
+    words = data.draw(st.lists(st.text(letters, min_size=1, max_size=8), min_size=1, max_size=12))
+    body = " ".join(words)
+    if codec.startswith("utf-16"):
+        how = "xml"  # a UTF-16 page without a BOM is recognised by its XML declaration's bytes
+    markup = _xhtml(body, codec, how)
+    if container == "epub":
+        path = _epub(tmp_path / "book.epub", [markup])
+    else:
+        path = tmp_path / "page.xhtml"
+        path.write_bytes(markup)
+    text = read_paths([path])[0].segments[-1].text
+    assert body in text, (codec, how, body, text)
 
 
 CLI_CASES = ["pdf_truncated_half", "pdf_password", "gz_bomb", "epub_chapter_bomb", "epub_bad_opf_xml",
