@@ -1,14 +1,21 @@
 """End-to-end speed of the 9B MiniCPM-SALA config on one GPU, against dense baselines measured in the same run.
 
-Random bf16 weights (speed does not need the real ones). For each context length: prefill time (chunked, as
-salachat reads), decode ms/token (mean of 64 tokens after the prefill), peak GPU memory. Models:
-  sala        the hybrid: 24 Lightning layers + 8 InfLLM-V2 sparse layers (kernels on CUDA)
-  sala-dense  baseline 1: the same model with every sparse layer forced to dense attention (SDPA)
-  dense       baseline 2: a dense Transformer of the same size, all 32 layers GQA softmax attention (SDPA)
-A run past --time-cap seconds or out of memory is reported as such. Also: device-to-device copy bandwidth and
-the decode memory-bandwidth bound; with --quant nf4, weight bytes and decode speed of the quantised model.
+Random bf16 weights (speed does not need the real ones). For each context length: prefill time, decode
+ms/token (mean of 64 tokens after 3 warm-up tokens), peak GPU memory. Models:
+  sala        the hybrid: 24 Lightning layers + 8 InfLLM-V2 sparse layers (kernels on CUDA), read in chunks
+              (each of --chunks is timed; the best is the hybrid's figure)
+  sala-dense  the same model with every sparse layer forced to dense attention
+  dense       the baseline: a dense Transformer of the same size, all 32 layers GQA softmax attention, read as
+              fast as this GPU reads it: in one shot (one causal flash-attention call a layer) where memory
+              allows, else in the largest chunks that fit (each half the last that ran out of memory)
+Prefill computes the logits of the last token only (what reading needs; all the logits of a 16K-token chunk
+are 4.8 GB). A run past --time-cap seconds or out of memory is reported as such. Also: device-to-device copy
+bandwidth and the decode bandwidth bound. --quant nf4|int8 quantises the SALA models' linear layers;
+--kv-gpu-gb keeps that much of the sparse layers' K/V on the GPU (the rest in host memory, as the CLI's
+option does); --memory-cap-gb caps this process's GPU memory (torch.cuda.set_per_process_memory_fraction),
+set before the model is built, so the cap holds the whole run.
 
-    python bench/e2e.py --models sala sala-dense dense --contexts 32768 131072 262144 --out bench/results/e2e.json
+    python bench/e2e.py --models sala dense --contexts 262144 --chunks 16384 32768 65536 --out bench/results/e2e.json
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ def build(name: str, device: str):
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02)
+    model.lm_head = LastRowHead(model.lm_head)  # (a tied head stays tied: the wrapped module is the same)
     return model.eval()
 
 
@@ -120,6 +128,44 @@ def cache_read_bytes_per_token(cache) -> int:
     return total
 
 
+class LastRowHead(torch.nn.Module):
+    """The LM head applied to the last row only: reading needs the last token's logits alone."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h[-1:])
+
+
+def forward_last(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """One chunk through the model; the logits of its last token."""
+    return model(ids, cache)[-1]
+
+
+class OverTime(Exception):
+    pass
+
+
+def read(model, ids: torch.Tensor, cache, chunk: int, deadline: float) -> torch.Tensor:
+    logits = None
+    for begin in range(0, ids.shape[0], chunk):
+        if time.perf_counter() > deadline:
+            raise OverTime(begin)
+        logits = forward_last(model, ids[begin : begin + chunk], cache)
+    return logits
+
+
+def profile_table(prof, path: Path, what: str) -> None:
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    path.write_text(f"{what}\nCUDA kernels: {kernels}, GPU time {gpu_us / 1e3:.2f} ms\n\n{table}")
+    print(f"profile → {path}: {kernels} kernels, {gpu_us / 1e3:.2f} ms of GPU time")
+
+
 def profile_decode(model, cache, token, path: Path) -> None:
     """Where a decode step's time goes: the profiler's table for 3 steps (CUDA kernels and CPU ops)."""
     from torch.profiler import ProfilerActivity, profile
@@ -128,36 +174,74 @@ def profile_decode(model, cache, token, path: Path) -> None:
         for _ in range(3):
             token = model(token, cache)[-1].argmax().view(1)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-    path.write_text(f"CUDA kernel launches in 3 decode steps: {kernels}\n\n{table}")
-    print(f"decode profile → {path}: {kernels / 3:.0f} kernel launches per token")
+    profile_table(prof, path, f"3 decode steps at {cache.position} tokens")
 
 
-def run_one(model, context: int, chunk: int, decode_tokens: int, time_cap: float, device: str,
-            profile_to: Path | None = None) -> dict:
-    from salachat.engine.generate import Cancelled, prefill
+def profile_prefill_chunk(model, cache, chunk: int, vocab: int, path: Path) -> None:
+    """One more prefill chunk at the end of the context, profiled."""
+    from torch.profiler import ProfilerActivity, profile
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(vocab // 100, vocab - 1, (chunk,), device="cuda")
+    start = cache.position
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        forward_last(model, ids, cache)
+        torch.cuda.synchronize()
+    profile_table(prof, path, f"one prefill chunk of {chunk} tokens at positions {start}..{cache.position - 1}")
+
+
+def fresh_cache(model, kv_gpu_gb: float | None):
     cache = model.new_cache()
+    if kv_gpu_gb is not None:
+        from salachat.engine.sparse_cache import limit_device_kv
+
+        limit_device_kv(cache, kv_gpu_gb)
+    return cache
+
+
+def run_one(model, context: int, chunks: list[int], decode_tokens: int, time_cap: float, device: str,
+            kv_gpu_gb: float | None = None, profile_to: Path | None = None, smallest: int = 1024) -> dict:
+    """Read `context` random tokens in each of `chunks` (a chunk that runs out of memory is tried again in
+    halves, down to `smallest`), keep the best prefill; then decode from that cache."""
     vocab = model.model.embed_tokens.num_embeddings
     ids = torch.randint(vocab // 100, vocab - 1, (context,), device=device)
-    start = time.perf_counter()
-
-    def too_slow() -> bool:
-        return time.perf_counter() - start > time_cap
-
-    try:
-        logits = prefill(model, ids, cache, chunk_size=chunk, should_stop=too_slow)
-        sync(device)
-    except Cancelled:
-        return {"status": f"over time cap ({time_cap:.0f} s) after {cache.position} tokens",
-                "prefill_tokens_done": cache.position, "seconds_so_far": time.perf_counter() - start}
-    except torch.OutOfMemoryError:
-        del cache
-        return {"status": "out of memory in prefill"}
-    prefill_s = time.perf_counter() - start
+    tried, best = {}, None
+    queue = list(chunks)
+    while queue:
+        chunk = queue.pop(0)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        cache = fresh_cache(model, kv_gpu_gb)
+        start = time.perf_counter()
+        try:
+            logits = read(model, ids, cache, chunk, start + time_cap)
+            sync(device)
+        except OverTime as e:
+            tried[chunk] = f"over the {time_cap:.0f} s cap after {e.args[0]} tokens"
+            del cache
+            continue
+        except torch.OutOfMemoryError:
+            tried[chunk] = "out of memory"
+            del cache
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            smaller = chunk // 2
+            if smaller >= smallest and smaller not in chunks and smaller not in tried:
+                queue.insert(0, smaller)
+            continue
+        seconds = time.perf_counter() - start
+        tried[chunk] = seconds
+        if best is None or seconds < best[0]:
+            if best is not None:
+                del best
+            best = (seconds, chunk, cache, logits)
+        else:
+            del cache
+        gc.collect()
+    if best is None:
+        return {"status": "; ".join(f"chunk {c}: {r}" for c, r in tried.items()), "chunks_tried": tried}
+    prefill_s, chunk, cache, logits = best
+    del best
     token = logits.argmax().view(1)
     try:
         for _ in range(3):  # warm-up steps
@@ -168,46 +252,75 @@ def run_one(model, context: int, chunk: int, decode_tokens: int, time_cap: float
             token = model(token, cache)[-1].argmax().view(1)
         sync(device)
         decode_ms = (time.perf_counter() - t) / decode_tokens * 1000
-        if profile_to is not None:
-            profile_decode(model, cache, token, profile_to)
     except torch.OutOfMemoryError:
-        return {"status": "out of memory in decode", "prefill_seconds": prefill_s}
+        return {"status": "out of memory in decode", "prefill_seconds": prefill_s, "chunk": chunk,
+                "chunks_tried": tried}
     result = {
-        "status": "ok", "prefill_seconds": prefill_s, "prefill_tokens_per_second": context / prefill_s,
-        "decode_ms_per_token": decode_ms, "prefill_plus_decode_seconds": prefill_s + decode_ms * decode_tokens / 1000,
+        "status": "ok", "chunk": chunk, "chunks_tried": tried, "prefill_seconds": prefill_s,
+        "prefill_tokens_per_second": context / prefill_s, "decode_ms_per_token": decode_ms,
+        "prefill_plus_decode_seconds": prefill_s + decode_ms * decode_tokens / 1000,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None,
         "state_bytes": cache_read_bytes_per_token(cache),
     }
+    if profile_to is not None:
+        profile_decode(model, cache, token, profile_to.with_name(profile_to.name + "_decode_profile.txt"))
+        profile_prefill_chunk(model, cache, min(chunks), vocab,
+                              profile_to.with_name(profile_to.name + "_prefill_chunk_profile.txt"))
     del cache
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["sala", "sala-dense", "dense"])
-    parser.add_argument("--contexts", nargs="+", type=int, default=[32768, 131072, 262144, 524288, 1048576])
-    parser.add_argument("--chunk", type=int, default=16384)
+    parser.add_argument("--models", nargs="+", default=["sala", "dense"], choices=["sala", "sala-dense", "dense"])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[32768, 262144, 1048576])
+    parser.add_argument("--chunks", nargs="+", type=int, default=[16384],
+                        help="prefill chunk sizes for the SALA models (each is timed, the best kept)")
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--time-cap", type=float, default=300.0)
-    parser.add_argument("--quant", default=None, help="also measure the sala model quantised (nf4|int8)")
-    parser.add_argument("--quant-context", type=int, default=32768)
+    parser.add_argument("--time-cap", type=float, default=300.0, help="seconds for one prefill")
+    parser.add_argument("--quant", default=None, choices=["nf4", "int8"], help="quantise the SALA models")
+    parser.add_argument("--kv-gpu-gb", type=float, default=None,
+                        help="GPU memory for the sparse layers' K/V (the rest in host memory)")
+    parser.add_argument("--memory-cap-gb", type=float, default=None, help="cap this process's GPU memory")
     parser.add_argument("--out", default="bench/results/e2e.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script runs")
-    parser.add_argument("--profile", action="store_true", help="profile decode at the longest context (CUDA)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a decode step and a prefill chunk at the longest context (CUDA)")
     args = parser.parse_args()
     global SMOKE
     SMOKE = args.smoke
     device = "cpu" if args.smoke else "cuda"
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke test)"
-    report = {"device": name, "torch": torch.__version__, "chunk": args.chunk,
+    report = {"device": name, "torch": torch.__version__, "chunks": args.chunks, "quant": args.quant,
+              "kv_gpu_gb": args.kv_gpu_gb, "memory_cap_gb": args.memory_cap_gb,
               "decode_tokens": args.decode_tokens, "time_cap_seconds": args.time_cap, "runs": {}}
     report["copy_bandwidth_bytes_per_second"] = bw = copy_bandwidth(device)
     print(f"{report['device']}: device-to-device copy {bw / 1e12:.2f} TB/s")
+    if args.memory_cap_gb and device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total))
+        print(f"GPU memory capped at {args.memory_cap_gb} GiB of {total / 2**30:.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
-        model = build(name, device)
-        wbytes = weight_bytes(model)
+        sala = name.startswith("sala")
+        try:
+            model = build(name, device)
+            if args.quant and sala:
+                from salachat.engine.quant import quantize_linears
+
+                quantize_linears(model, args.quant, skip=("lm_head", "lm_head.head"))  # the head stays bf16
+                name = f"{name}-{args.quant}"
+        except torch.OutOfMemoryError:
+            report["runs"][name] = {"status": "out of memory while building the model", "contexts": {}}
+            print(name, "does not fit: out of memory while building the model")
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        from salachat.engine.quant import weight_bytes as stored_bytes
+
+        wbytes = stored_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers())
         report["runs"][name] = {"weight_bytes": wbytes, "contexts": {}}
         failed = False
         for context in args.contexts:
@@ -216,8 +329,11 @@ def main() -> None:
                 continue
             profile_to = None
             if args.profile and device == "cuda" and context == args.contexts[-1]:
-                profile_to = out.with_name(f"{out.stem}_{name}_{context}_decode_profile.txt")
-            r = run_one(model, context, args.chunk, args.decode_tokens, args.time_cap, device, profile_to)
+                profile_to = out.with_name(f"{out.stem}_{name}_{context}")
+            # the baseline reads in one shot where memory allows, then in halves down to the smallest chunk
+            chunks = args.chunks if sala else [context]
+            r = run_one(model, context, chunks, args.decode_tokens, args.time_cap, device,
+                        args.kv_gpu_gb if sala else None, profile_to, smallest=min(args.chunks))
             if r["status"] == "ok":
                 bound_ms = (wbytes + r["state_bytes"]) / bw * 1000
                 r["decode_bound_ms"] = bound_ms
@@ -230,15 +346,6 @@ def main() -> None:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-        if args.quant and name == "sala":
-            from salachat.engine.quant import quantize_linears
-
-            quantize_linears(model, args.quant)
-            qbytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
-            r = run_one(model, args.quant_context, args.chunk, args.decode_tokens, args.time_cap, device)
-            r["weight_bytes"] = qbytes
-            report["runs"][f"sala-{args.quant}"] = {"weight_bytes": qbytes, "contexts": {args.quant_context: r}}
-            print(f"sala-{args.quant}", args.quant_context, json.dumps(r), flush=True)
         del model
         gc.collect()
         if device == "cuda":
@@ -248,15 +355,24 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'model':<12} {'context':>9} {'prefill s':>10} {'tok/s':>9} {'decode ms':>10} {'x bound':>8} {'peak GiB':>9}  status")
+    dense = report["runs"].get("dense", {}).get("contexts", {})
+    print(f"\n{'model':<14} {'context':>9} {'chunk':>7} {'prefill s':>10} {'decode ms':>10} {'x bound':>8} "
+          f"{'+64 s':>8} {'vs dense':>9} {'peak GiB':>9}  status")
     for name, run in report["runs"].items():
         for context, r in run["contexts"].items():
-            if r["status"] == "ok":
-                peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-                print(f"{name:<12} {int(context):>9} {r['prefill_seconds']:>10.1f} {r['prefill_tokens_per_second']:>9.0f} "
-                      f"{r['decode_ms_per_token']:>10.2f} {r.get('decode_ratio_to_bound', 0):>8.2f} {peak:>9}  ok")
-            else:
-                print(f"{name:<12} {int(context):>9} {'-':>10} {'-':>9} {'-':>10} {'-':>8} {'-':>9}  {r['status']}")
+            if r["status"] != "ok":
+                print(f"{name:<14} {int(context):>9} {'-':>7} {'-':>10} {'-':>10} {'-':>8} {'-':>8} {'-':>9} {'-':>9}"
+                      f"  {r['status']}")
+                continue
+            peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+            base = dense.get(context, {})
+            ratio = "-"
+            if name != "dense" and base.get("status") == "ok":
+                ratio = f"{base['prefill_plus_decode_seconds'] / r['prefill_plus_decode_seconds']:.2f}x"
+                r["speedup_vs_dense"] = base["prefill_plus_decode_seconds"] / r["prefill_plus_decode_seconds"]
+            print(f"{name:<14} {int(context):>9} {r['chunk']:>7} {r['prefill_seconds']:>10.1f} "
+                  f"{r['decode_ms_per_token']:>10.2f} {r.get('decode_ratio_to_bound', 0):>8.2f} "
+                  f"{r['prefill_plus_decode_seconds']:>8.1f} {ratio:>9} {peak:>9}  ok")
 
 
 if __name__ == "__main__":

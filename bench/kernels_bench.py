@@ -99,6 +99,15 @@ def bench_lightning(lengths, sweep: bool) -> list[dict]:
     return rows
 
 
+def select_flop(t: int, length: int, p: SparseParams) -> float:
+    """Matrix FLOP of the selection for t queries ending at `length`: every query head against every visible
+    level-1 and level-2 compressed key (2 D FLOP each), the causal part of the chunk counted as half."""
+    n1 = length / p.kernel_stride
+    n2 = length / (4 * p.kernel_stride)
+    keys = (n1 + n2) * (1 - 0.5 * t / length)
+    return 2.0 * D * H * t * keys
+
+
 def bench_sparse(contexts, chunk: int, with_reference: bool) -> list[dict]:
     from salachat.kernels.sparse.triton_attention import block_sparse_attention_triton
     from salachat.kernels.sparse.triton_select import select_blocks_triton
@@ -114,11 +123,15 @@ def bench_sparse(contexts, chunk: int, with_reference: bool) -> list[dict]:
             q = torch.randn(H, t, D, device="cuda", dtype=torch.bfloat16)
             pos0 = length - t
             idx = select_blocks_triton(q, k1, k2, pos0, p, scale)
-            row = {"op": "sparse_prefill" if t > 1 else "sparse_decode", "context": length, "queries": t,
-                   "select_ms": timed(lambda: select_blocks_triton(q, k1, k2, pos0, p, scale), repeat=3 if t > 1 else 20),
-                   "attend_ms": timed(lambda: block_sparse_attention_triton(q, k, v, idx, pos0, 64, scale),
-                                      repeat=3 if t > 1 else 20),
-                   "dense_sdpa_ms": timed(lambda: dense_attention(q, k, v, pos0, scale), repeat=3 if t > 1 else 20)}
+            reps = 3 if t > 1 else 20
+            row = {"op": "sparse_prefill" if t > 1 else "sparse_decode", "context": length, "queries": t}
+            for scorer in ("flash", "tile"):  # the flash scorer is the default; the tile scorer is the older one
+                row[f"select_{scorer}_ms"] = timed(lambda: select_blocks_triton(q, k1, k2, pos0, p, scale, scorer=scorer),
+                                                   repeat=reps)
+            row["select_ms"] = row["select_flash_ms"]
+            row["select_tflops"] = select_flop(t, length, p) / row["select_ms"] / 1e9  # top-k time included
+            row["attend_ms"] = timed(lambda: block_sparse_attention_triton(q, k, v, idx, pos0, 64, scale), repeat=reps)
+            row["dense_sdpa_ms"] = timed(lambda: dense_attention(q, k, v, pos0, scale), repeat=reps)
             row["sparse_ms"] = row["select_ms"] + row["attend_ms"]
             row["speedup_vs_dense"] = row["dense_sdpa_ms"] / row["sparse_ms"]
             if with_reference and length <= 131072:
@@ -131,6 +144,35 @@ def bench_sparse(contexts, chunk: int, with_reference: bool) -> list[dict]:
     return rows
 
 
+def sweep_select(length: int, queries: int) -> list[dict]:
+    """Flash scorer configurations for one query tile at the end of a `length` context, and the top-k alone."""
+    from salachat.kernels.sparse.triton_select import _top_blocks, select_blocks_triton
+
+    p, scale = SparseParams(), D**-0.5
+    k = torch.randn(HKV_SPARSE, length, D, device="cuda", dtype=torch.bfloat16)
+    k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, 4 * p.kernel_size, 4 * p.kernel_stride)
+    q = torch.randn(H, queries, D, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for r, w, s in [(rr, ww, ss) for rr in (64, 128, 256) for ww in (4, 8) for ss in (2, 3)]:
+        try:
+            ms = timed(lambda: select_blocks_triton(q, k1, k2, length - queries, p, scale, rows=r, num_warps=w,
+                                                    num_stages=s))
+        except Exception as e:  # noqa: BLE001 - a config can exceed registers or shared memory; say so
+            print(f"  select rows={r} warps={w} stages={s}: {type(e).__name__}")
+            continue
+        row = {"op": "select_sweep", "context": length, "queries": queries, "rows": r, "num_warps": w,
+               "num_stages": s, "ms": ms, "tflops": select_flop(queries, length, p) / ms / 1e9}
+        rows.append(row)
+        print(row)
+    n_blocks = length // p.block_size
+    keys = torch.randint(-(2**62), 2**62, (HKV_SPARSE, queries, n_blocks), device="cuda", dtype=torch.int64)
+    row = {"op": "select_topk_only", "context": length, "queries": queries,
+           "ms": timed(lambda: _top_blocks(keys, p.selected, 1024))}
+    rows.append(row)
+    print(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lightning-lengths", nargs="+", type=int, default=[32768, 131072])
@@ -138,17 +180,24 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16384, help="queries per prefill call (the engine's chunk)")
     parser.add_argument("--sweep", action="store_true", help="try lightning kernel configurations")
     parser.add_argument("--reference", action="store_true", help="also time the sparse PyTorch reference")
+    parser.add_argument("--select-sweep", type=int, default=0, metavar="CONTEXT",
+                        help="also sweep the flash scorer's configurations at this context (4096 queries)")
     parser.add_argument("--out", default="bench/results/kernels.json")
     args = parser.parse_args()
-    rows = bench_lightning(args.lightning_lengths, args.sweep) + bench_sparse(args.sparse_contexts, args.chunk, args.reference)
+    rows = sweep_select(args.select_sweep, 4096) if args.select_sweep else []
+    lengths = [t for t in args.lightning_lengths if t > 0]  # 0: no Lightning rows
+    rows += (bench_lightning(lengths, args.sweep) if lengths else []) + bench_sparse(args.sparse_contexts, args.chunk, args.reference)
     print("\n| op | size | triton / sparse ms | baseline ms |")
     print("|---|---|---|---|")
     for r in rows:
+        if r["op"].startswith("select_"):
+            continue
         if r["op"].startswith("lightning"):
             base = ", ".join(f"{k[:-3]} {r[k]:.3f}" for k in r if k.endswith("_ms") and k != "triton_ms")
             print(f"| {r['op']} | T={r['tokens']} | {r['triton_ms']:.3f} | {base} |")
         else:
-            print(f"| {r['op']} | L={r['context']}, T={r['queries']} | {r['sparse_ms']:.3f} (select {r['select_ms']:.3f}) "
+            print(f"| {r['op']} | L={r['context']}, T={r['queries']} | {r['sparse_ms']:.3f} (select {r['select_ms']:.3f}"
+                  f" = {r['select_tflops']:.0f} TFLOP/s; tile scorer {r['select_tile_ms']:.3f}) "
                   f"| dense {r['dense_sdpa_ms']:.3f} ({r['speedup_vs_dense']:.1f}x) |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -135,6 +135,18 @@ class OffloadedKV:
         call fetched are still on the device (consecutive decode steps select mostly the same blocks); only
         the others cross the bus, gathered into pinned staging and copied up in one transfer."""
         b, (two, heads, _, d) = self.block_size, self.host.shape
+        first, last = int(wanted[0]), int(wanted[-1])
+        if len(wanted) > self.HOT_LIMIT_BLOCKS and 2 * len(wanted) >= last - first + 1:
+            # a prefill chunk's union covers most of its span: one straight copy of the span (no gather on
+            # the CPU, which would be the slow part), then the selection picks the blocks on the GPU
+            self._host_ready()
+            span = self.tail.new_empty(two, heads, (last - first + 1) * b, d)
+            for i in range(two):
+                for h in range(heads):  # each (K/V, head) row of the span is contiguous in host memory
+                    span[i, h].copy_(self.host[i, h, first * b : (last + 1) * b], non_blocking=True)
+            self.fetched_blocks += last - first + 1
+            self._hot, self._hot_ids = self.tail[:, :, :0].unflatten(2, (0, b)), wanted[:0]
+            return span.unflatten(2, (-1, b)).index_select(2, (wanted - first).to(self.device))
         present = torch.isin(wanted, self._hot_ids)
         missing = wanted[~present]
         out = None if len(missing) == len(wanted) else self.tail.new_empty(two, heads, len(wanted), b, d)

@@ -109,6 +109,26 @@ def test_flash_scorer_applies_to_the_geometries_it_covers():
         select_blocks_triton(q, compress_keys(k, 12, 4), compress_keys(k, 48, 16), 99, p, 0.3, scorer="flash")
 
 
+def test_a_flash_scorer_that_fails_to_build_leaves_the_tile_scorer_reading(monkeypatch):
+    """A compiler failure of the flash scorer on some GPU: one warning, the tile scorer's (same) selection,
+    and the tile scorer from then on; forced with scorer="flash" the failure is raised."""
+    from salachat.kernels.sparse import triton_select
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(triton_select, "_launch_flash", broken)
+    monkeypatch.setattr(triton_select, "_FLASH_FAILED", [])
+    q, k, _ = _sparse_inputs(4, 2, 200, 9, 16, seed=2)
+    k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    with pytest.warns(RuntimeWarning, match="tile scorer"):
+        got = select_blocks_triton(q, k1, k2, 191, SMALL, 0.3)
+    assert torch.equal(got, select_blocks_ref(q, k1, k2, 191, SMALL, 0.3))
+    assert triton_select._FLASH_FAILED and "PassManager" in triton_select._FLASH_FAILED[0]
+    with pytest.raises(RuntimeError, match="PassManager"):
+        select_blocks_triton(q, k1, k2, 191, SMALL, 0.3, scorer="flash")
+
+
 def test_block_selection_kernel_breaks_ties_toward_the_lower_block_like_the_reference():
     """Identical keys give identical block scores: the tie-break decides everything. Small integers and a
     power-of-two scale make every dot product exact, so the scores tie bit for bit in any summation order."""
@@ -265,4 +285,46 @@ def test_sparse_kernels_bf16_on_gpu_at_9b_shapes(length, t):
     assert (got != want).float().mean().item() < 1e-3  # fp32 sums in another order: only near-ties may differ
     out = block_sparse_attention_triton(q, k, v, want, length - t, 64, scale)
     ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), want, length - t, 64, scale)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h, hkv", [(2, 2), (9, 3), (8, 2), (14, 2), (32, 2)])  # groups 1, 3, 4, 7, 16
+@pytest.mark.parametrize("length, t", [(20000 + 17, 1), (20000 + 17, 333), (70000 - 5, 2048 + 5), (200000 + 63, 1)])
+def test_block_selection_scorers_bf16_on_gpu_any_group(h, hkv, length, t):
+    """Both scorers against the fp32 reference at the 9B geometry, lengths off block, tile and split edges:
+    only near-ties (fp32 sums in another order, exp2 on the GPU) may choose differently."""
+    p = SparseParams()
+    q, k, _ = _sparse_inputs(h, hkv, length, t, 128, device="cuda", dtype=torch.bfloat16, seed=h * t)
+    k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
+    want = select_blocks_ref(q, k1, k2, length - t, p, 128**-0.5)
+    for scorer in ("flash", "tile"):
+        got = select_blocks_triton(q, k1, k2, length - t, p, 128**-0.5, scorer=scorer)
+        assert got.shape == want.shape
+        assert (got != want).float().mean().item() < 1e-3, scorer
+
+
+@pytest.mark.gpu
+def test_flash_scorer_ties_break_to_the_lower_block_on_gpu():
+    """All keys equal: every block scores the same bits, and the lowest ids must win, also across splits."""
+    p = SparseParams()
+    q = torch.randint(-2, 3, (14, 5, 128), generator=torch.Generator().manual_seed(1)).float().cuda().bfloat16()
+    k = torch.ones(2, 30000, 128, device="cuda", dtype=torch.bfloat16)
+    k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
+    want = select_blocks_ref(q, k1, k2, 29995, p, 0.0625)
+    assert torch.equal(select_blocks_triton(q, k1, k2, 29995, p, 0.0625, scorer="flash"), want)
+    assert torch.equal(select_blocks_triton(q[:, :1], k1, k2, 29995, p, 0.0625, scorer="flash", block_splits=7),
+                       want[:, :1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h, hkv, t", [(2, 2, 300), (9, 3, 1), (9, 3, 257), (14, 2, 1), (14, 2, 100)])
+def test_block_sparse_attention_bf16_on_gpu_any_group(h, hkv, t):
+    p = SparseParams()
+    length = 30000 + 7
+    q, k, v = _sparse_inputs(h, hkv, length, t, 128, device="cuda", dtype=torch.bfloat16, seed=t + h)
+    k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
+    idx = select_blocks_ref(q, k1, k2, length - t, p, 128**-0.5)
+    out = block_sparse_attention_triton(q, k, v, idx, length - t, 64, 128**-0.5)
+    ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), idx, length - t, 64, 128**-0.5)
     assert (out.float() - ref).abs().max().item() < 2e-2

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sala_tiny import write_tiny_checkpoint
 
 from salachat.engine.cache import ModelCache
-from salachat.engine.kv_offload import HEADROOM_BLOCKS
+from salachat.engine.kv_offload import HEADROOM_BLOCKS, OffloadedKV
 from salachat.engine.loader import load_model
 from salachat.engine.sparse_cache import SparseKVCache, limit_device_kv
 from salachat.kernels import SparseParams
@@ -103,6 +103,24 @@ def test_dense_prefix_is_fetched_once_it_left_the_device():
         pos += size
         assert small.offloaded.tail.shape[2] == (1 + HEADROOM_BLOCKS) * 16  # trimmed after the 100-token chunk
     assert small.offloaded.tail_start > 0 and small.offloaded.fetched_blocks > 0
+
+
+@pytest.mark.parametrize("hot_limit", [4, 512])
+def test_a_prefill_chunk_reads_its_blocks_the_same_through_a_span_copy_or_a_gather(monkeypatch, hot_limit):
+    """A chunk whose selection covers most of the host-only span copies the span up whole (hot_limit 4 makes
+    every chunk here do that); attention over it equals the all-resident cache, and so does decode after."""
+    monkeypatch.setattr(OffloadedKV, "HOT_LIMIT_BLOCKS", hot_limit)
+    torch.manual_seed(4)
+    params = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2, topk=6,
+                          dense_len=40)
+    full = SparseKVCache(2, 8, params, torch.float32, "cpu")
+    small = SparseKVCache(2, 8, params, torch.float32, "cpu", resident_blocks=2)
+    pos = 0
+    for size in (200, 150, 120, 1, 1, 90):
+        q, k, v = torch.randn(4, size, 8), torch.randn(2, size, 8), torch.randn(2, size, 8)
+        assert torch.equal(small.attend(q, k, v, pos, 0.3), full.attend(q, k, v, pos, 0.3)), pos
+        pos += size
+    assert small.offloaded.fetched_blocks > 0
 
 
 def test_state_round_trips_with_and_without_a_budget(tiny):

@@ -20,6 +20,8 @@ are masked, so any GQA group size works.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -253,13 +255,36 @@ def _group_rows(group: int, rows: int) -> tuple[int, int]:
     return gpad, max(1, rows // gpad)
 
 
+def _launch_flash(qs, k1, lse, keys, n, n1, width, pos0, scale, geometry, p, group, gpad, bq, d, tiles, kv_heads,
+                  splits, precision, num_warps, num_stages, block_tile, block_splits):
+    per, lookback = geometry
+    nb = block_tile or max(1, 128 // per)  # 128 level-1 chunks a tile
+    # few query tiles (decode, a short chunk) would leave the GPU idle: split the blocks over programs,
+    # each at least 4 tiles (a split recomputes the tile before its first block)
+    want = block_splits or max(1, min(triton.cdiv(width, 4 * nb), triton.cdiv(264, tiles * kv_heads)))
+    per_split = triton.cdiv(triton.cdiv(width, want), nb) * nb
+    _flash_score_kernel[(tiles, kv_heads, triton.cdiv(width, per_split))](
+        qs, k1, lse, keys, n, n1, width, pos0, float(scale), per_split, qs.stride(0), qs.stride(1),
+        k1.stride(0), k1.stride(1), keys.stride(0), keys.stride(1),
+        GROUP=group, GPAD=gpad, BQ=bq, D=d, NB=nb, PER_BLOCK=per, LOOKBACK=lookback,
+        BLOCK=p.block_size, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, INIT=p.init_blocks,
+        LOCAL=p.local_blocks, SPLITS=splits, PRECISION=precision,
+        num_warps=num_warps or (8 if gpad * bq >= 128 else 4), num_stages=num_stages,
+    )
+
+
+_FLASH_FAILED: list[str] = []  # why the flash scorer failed in this process, if it did
+
+
 def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, query_tile: int = 4096,
                          topk_tile: int = TOPK_TILE, scorer: str | None = None, num_warps: int | None = None,
-                         num_stages: int = 3, block_tile: int | None = None, block_splits: int | None = None):
+                         num_stages: int = 3, block_tile: int | None = None, block_splits: int | None = None,
+                         rows: int = 128):
     """Same contract as select_blocks_ref: idx [Hkv, T, topk + local] (ascending ids, then -1).
     `scorer` "flash" or "tile" forces one (tests, benchmarks); by default the flash scorer where it applies.
     `block_tile` (blocks a tile of the flash scorer) and `block_splits` (programs sharing a row of blocks)
-    let tests cross tile and split edges at small shapes."""
+    let tests cross tile and split edges at small shapes; `rows` (query rows a program at prefill, all heads of
+    its queries) and the warps and stages are for tuning."""
     heads, t, d = q.shape
     kv_heads, n1, n2 = k1.shape[0], k1.shape[1], k2.shape[1]
     group = heads // kv_heads
@@ -271,8 +296,8 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
     geometry = flash_geometry(p)
     if scorer == "flash" and geometry is None:
         raise ValueError(f"the flash scorer does not apply to {p}")
-    flash = geometry is not None and scorer != "tile"
-    gpad, bq = _group_rows(group, 128 if t > 1 else 16)
+    flash = geometry is not None and scorer != "tile" and (scorer == "flash" or not _FLASH_FAILED)
+    gpad, bq = _group_rows(group, rows if t > 1 else 16)
     out = None
     for begin in range(0, t, query_tile):  # bounds the [Hkv, tile, n_blocks] keys at a long context
         qs = q[:, begin : begin + query_tile]
@@ -293,21 +318,19 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
         width = triton.cdiv(n_blocks, topk_tile) * topk_tile if tiled else n_blocks
         keys = torch.empty(kv_heads, n, width, dtype=torch.int64, device=q.device)
         if flash:
-            per, lookback = geometry
-            nb = block_tile or max(1, 128 // per)  # 128 level-1 chunks a tile
-            # few query tiles (decode, a short chunk) would leave the GPU idle: split the blocks over programs,
-            # each at least 4 tiles (a split recomputes the tile before its first block)
-            want = block_splits or max(1, min(triton.cdiv(width, 4 * nb), triton.cdiv(264, tiles * kv_heads)))
-            per_split = triton.cdiv(triton.cdiv(width, want), nb) * nb
-            _flash_score_kernel[(tiles, kv_heads, triton.cdiv(width, per_split))](
-                qs, k1, lse, keys, n, n1, width, pos0, float(scale), per_split, qs.stride(0), qs.stride(1),
-                k1.stride(0), k1.stride(1), keys.stride(0), keys.stride(1),
-                GROUP=group, GPAD=gpad, BQ=bq, D=d, NB=nb, PER_BLOCK=per, LOOKBACK=lookback,
-                BLOCK=p.block_size, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, INIT=p.init_blocks,
-                LOCAL=p.local_blocks, SPLITS=splits, PRECISION=precision,
-                num_warps=num_warps or (8 if gpad * bq >= 128 else 4), num_stages=num_stages,
-            )
-        else:
+            try:
+                _launch_flash(qs, k1, lse, keys, n, n1, width, pos0, scale, geometry, p, group, gpad, bq, d, tiles,
+                              kv_heads, splits, precision, num_warps, num_stages, block_tile, block_splits)
+            except Exception as e:
+                if scorer == "flash" or isinstance(e, torch.OutOfMemoryError):
+                    raise
+                # a compiler or resource failure of the newer scorer on this GPU must not stop reading: the
+                # tile scorer computes the same keys; say so once, and keep to it in this process
+                _FLASH_FAILED.append(f"{type(e).__name__}: {e}")
+                warnings.warn(f"flash block scorer unavailable ({type(e).__name__}); using the tile scorer",
+                              RuntimeWarning, stacklevel=2)
+                flash = False
+        if not flash:
             tgpad, tbq = _group_rows(group, 64 if t > 1 else 16)
             chunks = (p.block_size + p.kernel_size - 2) // p.kernel_stride + 1  # chunks overlapping a block
             _tile_score_kernel[(triton.cdiv(width, 64), triton.cdiv(n, tbq), kv_heads)](
