@@ -15,6 +15,7 @@ _MAX_TITLE = 1000  # characters kept of a <title> or heading; the text itself ke
 _COMPACT_PARTS = 8192  # join small pieces this often: a list of millions of tiny strings costs ~60 B each
 _META_CHARSET = re.compile(rb"""<meta\b[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 _XML_ENCODING = re.compile(rb"""^\s*<\?xml\b[^>]*?encoding\s*=\s*["']([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
 _HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
 
 
@@ -67,7 +68,7 @@ class _TextParser(HTMLParser):
         if self._skip_depth:
             return
         if not self._pre_depth:
-            data = re.sub(r"\s+", " ", data)
+            data = _SPACES.sub(" ", data)
         if self._heading is not None and sum(map(len, self._heading)) < _MAX_TITLE:
             self._heading.append(data[:_MAX_TITLE])
         self.parts.append(data)

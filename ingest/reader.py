@@ -31,6 +31,7 @@ CODE_SUFFIXES = {
     ".svelte", ".zig", ".nim", ".ex", ".exs", ".erl", ".clj", ".el", ".vim", ".tex", ".cmake", ".mk",
     ".proto", ".graphql", ".dockerfile", ".gradle", ".dart",
 }
+EARLY_HTML_BYTES = 4 << 20  # markup read before a page may be refused on an extrapolated estimate
 SUPPORTED = ".pdf, .epub, .txt, .md, .rst, .html, source code files, a folder, or any of these .gz-compressed"
 __all__ = ["MAX_INPUT_BYTES", "PROSE_KINDS", "SUPPORTED", "detect_kind", "open_input", "read_path", "read_paths"]
 
@@ -145,6 +146,13 @@ def _read_text(inp: Input, kind: str, progress: Progress | None, budget: Budget,
         if html is not None:
             html.feed(piece)
             tokens = html.chars // 4  # the extracted text so far; refined below once it is whole
+            # Markup parses at a few MB/s: once the start of a page shows that the whole is far too long
+            # (twice the room left, by the text extracted so far), refuse rather than parse on for minutes.
+            if total and inp.bytes_read >= EARLY_HTML_BYTES and total > inp.bytes_read:
+                whole = tokens * total // inp.bytes_read
+                if budget.used + whole > 2 * budget.limit:
+                    raise budget.refusal(inp.source, whole, inp.size,
+                                         compressed_to=total if inp.compressed else None)
         else:
             pieces.append(piece)
             tokens += estimate_tokens(piece)

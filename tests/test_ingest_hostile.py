@@ -624,3 +624,23 @@ def test_all_chapters_together_are_capped_after_decompression(tmp_path, monkeypa
     path = _epub(tmp_path / "wide.epub", chapters)
     with pytest.raises(TooLarge, match="its chapters decompress to more than 3.1 MB"):
         read_paths([path])
+
+
+def test_a_page_far_too_long_is_refused_from_its_start_not_parsed_whole(tmp_path, monkeypatch):
+    from salachat.ingest import stream
+
+    path = tmp_path / "page.html"
+    row = b"<tr><td class='c'><span>cell</span></td><td class='d'><span>value</span></td></tr>\n"
+    path.write_bytes(b"<html><body><table>" + row * (12 * 10**6 // len(row)) + b"</table></body></html>")
+    read = []
+    real_chunks = stream.Input.chunks
+
+    def counting(self, size=stream.CHUNK_BYTES):
+        for chunk in real_chunks(self, size):
+            read.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(stream.Input, "chunks", counting)
+    with pytest.raises(TooLarge, match=r"page\.html: is too long to read: 12\.0 MB, about") as caught:
+        read_paths([path], max_tokens=150_000)
+    assert sum(read) <= 5 << 20 and caught.value.tokens > 300_000
