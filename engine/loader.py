@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,8 +165,7 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quanti
     except (GGUFError, ValueError, TypeError) as e:
         raise ModelLoadError(str(e)) from None
     cls, args = _llama_family(config, str(path))
-    with torch.device("meta"):
-        names = list(cls(args).state_dict())
+    names = _check_gguf_tensors(gguf, cls, args, str(path))
     keep = QuantLinear.fits if keep_quantised else (lambda info: False)
     try:
         tensors = gguf.tensors(names, args.num_hidden_layers, keep=keep)
@@ -180,6 +180,27 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quanti
             raise ModelLoadError(f"{path}: {e}") from None
     fingerprint = _file_fingerprint(path, json.dumps(config, sort_keys=True).encode())
     return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype, architecture=config["model_type"])
+
+
+def _check_gguf_tensors(gguf, cls, args, source: str) -> list[str]:
+    """Every tensor the model needs is in the header with the right shape (before any data is read); the
+    model's tensor names."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in cls(args).state_dict().items()}
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    table = gguf.name_table(list(expected), args.num_hidden_layers)
+    present = {table[info.name]: info.shape for info in gguf.tensor_infos if info.name in table}
+    for name, shape in expected.items():
+        if name not in present:
+            raise ModelLoadError(f"{source}: checkpoint lacks tensor {name}")
+        if tuple(present[name]) != shape:
+            raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(present[name])}, expected {shape}")
+    freqs = next((info for info in gguf.tensor_infos if info.name == "rope_freqs.weight"), None)
+    if freqs is not None and math.prod(freqs.shape) != args.head_dim // 2:
+        raise ModelLoadError(f"{source}: rope_freqs has {math.prod(freqs.shape)} values, expected "
+                             f"{args.head_dim // 2} (half the head size)")
+    return list(expected)
 
 
 def _build(cls, args, tensors: dict[str, object], device, dtype, source: str):
@@ -240,7 +261,7 @@ def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
     except (ValueError, OSError) as e:
         raise ModelLoadError(str(e)) from None
     model_type = checkpoint.config.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ModelLoadError(
             f"{path}/config.json: model_type {model_type!r} is not supported ({', '.join(FAMILIES)})")
     extra_stops = checkpoint.config.get("eos_token_id") or []
@@ -323,6 +344,8 @@ def inspect_model(path: str | os.PathLike) -> ModelSummary:
 
             gguf = GGUFFile.open(path)
             config = gguf.hf_config()
+            cls, args = _llama_family(config, str(path))
+            _check_gguf_tensors(gguf, cls, args, str(path))
             Tokenizer.check_gguf_metadata(gguf.metadata)
             return ModelSummary(config["model_type"], path.stat().st_size, gguf.main_quant_type(),
                                 config.get("max_position_embeddings"))
@@ -331,9 +354,11 @@ def inspect_model(path: str | os.PathLike) -> ModelSummary:
 
             checkpoint = read_hf_folder(path)
             model_type = checkpoint.config.get("model_type")
-            if model_type not in FAMILIES:
+            if not isinstance(model_type, str) or model_type not in FAMILIES:
                 raise ModelLoadError(f"{path}/config.json: model_type {model_type!r} is not supported "
                                      f"({', '.join(FAMILIES)})")
+            if FAMILIES[model_type] is not None:
+                FAMILIES[model_type](checkpoint.config, f"{path}/config.json")
             dtype = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
             context = checkpoint.config.get("max_position_embeddings")
             return ModelSummary(model_type, sum(f.stat().st_size for f in checkpoint.weight_files),

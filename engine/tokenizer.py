@@ -201,18 +201,31 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"{folder} has no tokenizer.json: pass the folder of the downloaded checkpoint")
-        backend = _HFTokenizer.from_file(str(path))
+        try:
+            backend = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 (tokenizers raises its own exception type for any malformed file)
+            raise TokenizerError(f"{path} is not a tokenizer the tokenizers library can read "
+                                 f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
         config = {}
         if (folder / "tokenizer_config.json").is_file():
-            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            try:
+                config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'} is not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'} does not hold a JSON object")
 
         def token(key):
             value = config.get(key)
-            return value.get("content") if isinstance(value, dict) else value
+            value = value.get("content") if isinstance(value, dict) else value
+            return value if isinstance(value, str) else None
 
         template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: transformers uses the one called "default"
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
         if (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
         # tokenizer.json's post-processor may add BOS itself; we add it explicitly instead, once.
         backend.no_truncation()
         return cls(
