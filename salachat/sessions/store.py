@@ -57,7 +57,7 @@ from salachat.sessions.manifest import (
     verify_files,
     write_manifest,
 )
-from salachat.sessions.safetensors_io import load_tensors_mmap, save_tensors
+from salachat.sessions.safetensors_io import DTYPES, load_tensors_mmap, save_tensors
 from salachat.sessions.tensor_log import append_axes, assemble, plan_save
 
 __all__ = ["ConversationState", "ResumedSession", "SavedModel", "SavedTurn", "SessionSaveError", "SessionWriter",
@@ -282,6 +282,27 @@ def _check_layout(manifest: dict, fresh: ModelCache, name: str) -> None:
                            "use the salachat that saved it, or read the documents again")
     if saved != [layer.kind for layer in fresh.layers]:
         raise SessionError(f"session {name!r} has caches of another model's layout: read the documents again")
+    # The geometry (block sizes, top-k, heads, head sizes) is the model's, not the file's to choose: a layer
+    # meta or a tensor shape other than a new cache's is refused here, before any kernel sees it.
+    meta, entries = manifest["cache"]["meta"], manifest["cache"]["tensors"]
+    expected, _ = fresh.state()
+    if set(entries) != set(expected):
+        extra = min(set(entries) ^ set(expected))
+        raise damaged(name, f"manifest: cache.tensors {'lacks' if extra in expected else 'has an unknown'} {extra}")
+    for i, (saved_meta, layer) in enumerate(zip(meta["layers"], fresh.layers)):
+        own = {k: v for k, v in layer.meta().items() if k != "length"}
+        if {k: v for k, v in saved_meta.items() if k not in ("kind", "length")} != own:
+            raise SessionError(f"session {name!r} was saved with other settings of layer {i} than this model's "
+                               f"({own}): read the documents again")
+        if saved_meta.get("length") != meta["position"]:
+            raise damaged(name, f"manifest: layer {i} holds {saved_meta.get('length')} positions of {meta['position']}")
+    for tensor, entry in entries.items():
+        want, shape = expected[tensor], entry["shape"]
+        axis = entry["axis"]
+        if DTYPES[want.dtype] != entry["dtype"] or len(shape) != want.dim() or any(
+                a != b for j, (a, b) in enumerate(zip(shape, want.shape)) if j != axis):
+            raise damaged(name, f"manifest: {tensor} is {entry['dtype']} {shape}, this model's is "
+                                f"{DTYPES[want.dtype]} {list(want.shape)}")
 
 
 def _unusable(name: str, error: Exception) -> SessionError:
@@ -336,7 +357,7 @@ def load_cache(folder: Path, manifest: dict, device: torch.device | str, kv_gpu_
         cache = ModelCache(layers=layers, position=int(meta["position"]))
         if kv_gpu_gb is not None:
             limit_device_kv(cache, kv_gpu_gb)
-    except (ValueError, KeyError, RuntimeError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, RuntimeError, TypeError, IndexError, ArithmeticError) as e:
         if fill is not None:
             fill.cancel()
         raise _unusable(name, e) from None
@@ -408,8 +429,8 @@ def load_session(folder: Path, loaded, verify: bool = True, lazy: bool = True) -
     if saved["pending_tokens"]:
         # The queued reading is a suffix of the tokenised reading text: rebuild it rather than store it.
         ids = loaded.tokenizer.encode(text["reading_text"], add_bos=True)
-        pending = ids[len(ids) - saved["pending_tokens"]:] if saved["pending_tokens"] <= len(ids) else []
-        if _ids_hash(pending) != saved["pending_sha256"]:
+        pending = ids[len(ids) - saved["pending_tokens"]:]
+        if saved["pending_tokens"] > len(ids) or _ids_hash(pending) != saved["pending_sha256"]:
             if fill is not None:
                 fill.cancel()
             raise SessionError(f"session {folder.name!r}: the unread part of the documents does not match "
