@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from salachat.engine.generate import Sampling
+
 from salachat import errors
 from salachat.conversation import Conversation
 from salachat.sessions import SessionError, SessionSaveError, SessionWriter, load_conversation, read_manifest
@@ -177,7 +177,6 @@ def _other_weights(folder):
 ], ids=["truncated-file", "flipped-byte", "edited-manifest", "missing-file", "another-model"])
 def test_damaged_session_is_one_line_and_exit_code_5(salachat_cli, tmp_path, damage, expected):
     from sala_tiny import write_tiny_checkpoint
-
     from salachat.engine.loader import load_model
 
     model_folder = write_tiny_checkpoint(tmp_path / "model")  # its own copy: one case rewrites the weights
@@ -214,7 +213,6 @@ def test_unknown_and_badly_named_sessions_are_one_line(salachat_cli):
 
 def test_session_api_refuses_a_foreign_model(tiny, tmp_path):
     from sala_tiny import write_tiny_checkpoint
-
     from salachat.engine.loader import load_model
 
     _save_session(tiny, tmp_path / "s")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from salachat.engine.generate import Sampling
 
 from salachat import errors
 from salachat.conversation import Conversation
-from salachat.engine.generate import Sampling
 from salachat.sessions import (
     SessionError,
     SessionWriter,
@@ -33,7 +33,6 @@ TEXT = "The harbour light of Varna Point was built in 1871 and kept by Tomas Bra
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from sala_tiny import write_tiny_checkpoint
-
     from salachat.engine.loader import load_model
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("sala") / "tiny")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from salachat.conversation import Conversation
 from salachat.engine.generate import Sampling
 from salachat.engine.sparse_cache import SparseKVCache
+
+from salachat.conversation import Conversation
 from salachat.sessions import SessionError, SessionWriter, atomic, load_conversation, load_session
 from salachat.sessions import manifest as manifest_module
 
@@ -24,7 +24,6 @@ PROBE = [5, 17, 42]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from sala_tiny import write_tiny_checkpoint
-
     from salachat.engine.loader import load_model
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("sala") / "tiny")
