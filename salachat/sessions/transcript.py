@@ -32,3 +32,28 @@ def transcript_markdown(name: str, manifest: dict) -> str:
     for turn in data["turns"]:
         lines += ["", "## Q: " + turn["question"].strip().replace("\n", " "), "", turn["answer"].strip()]
     return "\n".join(lines) + "\n"
+
+
+def export_transcript(path, text: str) -> None:
+    """Write an exported transcript to `path`, private (0600: it quotes the documents) whatever the umask.
+    A full disk, a missing folder or a place that cannot be written is one SessionSaveError line."""
+    import errno
+    import os
+    import stat
+
+    from salachat.sessions.manifest import FILE_MODE, SessionSaveError
+
+    data = (text if text.endswith("\n") else text + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fchmod(fd, FILE_MODE)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        hint = "free some space" if e.errno == errno.ENOSPC else "pick a folder you can write to"
+        raise SessionSaveError(f"could not write the transcript to {path} ({e.strerror or e}): {hint}") from None
