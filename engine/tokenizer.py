@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -79,20 +78,21 @@ class Tokenizer:
             # No template in the checkpoint: a plain transcript the model can continue.
             text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
             return text + ("Assistant:" if add_generation_prompt else "")
-        if self._template is None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        from salachat.engine.chat_template import ChatTemplate, TemplateError
 
-            def raise_exception(message):
-                raise TokenizerError(f"chat template: {message}")
-
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            if self._template is None:
+                self._template = ChatTemplate(self.chat_template)
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                tools=None,
+                documents=None,
+            )
+        except TemplateError as e:
+            raise TokenizerError(str(e)) from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=True)
