@@ -24,6 +24,7 @@ ANCHOR_BLOCK_GAP = 4  # a block start gets a number once this many lines have pa
 # Lines that would read as a line number, a file header, a document header or a marker if printed bare:
 # they always get their number, so every "N|" in the prompt is a true line number.
 _LOOKS_MARKED = re.compile(r"^(?:\d+\||###|===|\[)")
+_MARK_STARTS = frozenset("0123456789#=[")
 
 # Shown in the prompt for a PDF page without text, so the model does not invent its content.
 NO_TEXT_LAYER = "(no text layer on this page)"
@@ -49,19 +50,23 @@ def render_segment(doc: Document, segment: Segment, qualify: bool = False) -> st
 
 def anchored_lines(lines: list[str], start: int = 1) -> Iterator[str]:
     """The lines of a file as the model sees them: some numbered "N| line", the rest as they are."""
-    last: int | None = None
+    since = ANCHOR_EVERY  # lines since the last numbered one
+    after_blank = False
     for offset, line in enumerate(lines):
         line = line.rstrip()
         if not line:
+            after_blank = True
+            since += 1
             yield ""
             continue
-        gap = offset - last if last is not None else ANCHOR_EVERY
-        block_start = offset > 0 and not lines[offset - 1].strip()
-        if gap >= ANCHOR_EVERY or (block_start and gap >= ANCHOR_BLOCK_GAP) or _LOOKS_MARKED.match(line):
-            last = offset
+        if (since >= ANCHOR_EVERY or (after_blank and since >= ANCHOR_BLOCK_GAP)
+                or (line[0] in _MARK_STARTS and _LOOKS_MARKED.match(line))):
+            since = 1
             yield f"{start + offset}| {line}"
         else:
+            since += 1
             yield line
+        after_blank = False
 
 
 def marker(doc: Document, segment: Segment, qualify: bool = False) -> str:
