@@ -59,7 +59,10 @@ SECRET_PATHS = (".docker/config.json", ".kube/config", ".config/gcloud/", ".conf
 # pattern runs only where a plain substring test finds its fixed part (one regex over all of them took
 # 0.45 s per MB of source).
 _SECRET_TEXT = [
-    (("PRIVATE KEY",), re.compile(r"-----BEGIN [A-Z0-9 ]{0,20}PRIVATE KEY(?: BLOCK)?-----")),
+    # A key's header followed by its body (or an encrypted key's Proc-Type line), on real lines or in a
+    # string literal with "\n" escapes; the bare header is a constant in code that parses keys.
+    (("PRIVATE KEY",), re.compile(r"-----BEGIN [A-Z0-9 ]{0,20}PRIVATE KEY(?: BLOCK)?-----(?:\s|\\[nr])*"
+                                  r"(?:[A-Za-z0-9+/=]{40}|Proc-Type:)")),
     (("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
      re.compile(r"\baws_secret_access_key\s*[=:]\s*\S", re.IGNORECASE)),
     (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36}\b")),

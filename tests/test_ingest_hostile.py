@@ -644,3 +644,17 @@ def test_a_page_far_too_long_is_refused_from_its_start_not_parsed_whole(tmp_path
     with pytest.raises(TooLarge, match=r"page\.html: is too long to read: 12\.0 MB, about") as caught:
         read_paths([path], max_tokens=150_000)
     assert sum(read) <= 5 << 20 and caught.value.tokens > 300_000
+
+
+def test_code_that_names_a_key_header_is_read_but_code_embedding_a_key_is_not(tmp_path):
+    header = "-----BEGIN " + "RSA PRIVATE KEY-----"
+    body = "MIIEowIBAAKCAQEAx4Xa1b2c3d4e5f6g7h8i9j0kLmNoPqRsTuVwXyZ0123456789ab"
+    root = _tree(tmp_path / "repo", {
+        "parse.py": f'START = b"{header}"\nEND = b"-----END"\n',  # as in a library that parses keys
+        "fixture.py": f'KEY = "{header}\\n{body}\\n"\n',
+        "legacy.txt": f"{header}\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n",
+    })
+    doc = read_paths([root])[0]
+    assert [segment.path for segment in doc.segments] == ["parse.py"]
+    reasons = {item.path: item.reason for item in doc.skipped}
+    assert reasons["fixture.py"].startswith("looks like a credential") and reasons["legacy.txt"].startswith("looks")
