@@ -138,9 +138,9 @@ def test_list_finds_every_source_and_only_what_salachat_runs(tmp_path, monkeypat
     tiny = found["ollama:tiny:latest"]
     assert (tiny.architecture, tiny.quant, tiny.context_length, tiny.size_bytes) == (
         "llama", "F32", 128, len(blob_data))
-    for name in found:  # every listed name is one --model accepts
-        assert models.resolve(name) == found[name].path
-        assert models.show(name).architecture == found[name].architecture
+    for name, info in found.items():  # every listed name is one --model accepts
+        assert models.resolve(name) == info.path
+        assert models.show(name).architecture == info.architecture
     loaded = models.open_model("ollama:tiny", device="cpu")
     assert loaded.model_id == "ollama:tiny"
     with pytest.raises(ModelLoadError):
