@@ -52,7 +52,8 @@ from salachat import errors
 Progress = Callable[[int, int, float], None]  # (tokens read, tokens to read in all, seconds)
 Note = Callable[[str], None]
 LONG_CONTEXT_MODES = ("auto", "on", "off")
-# Room left for a question and its answer when deciding that documents fit a dense model's trained length.
+# Room left for a question and its answer when deciding that documents fit a dense model's trained length
+# (an eighth of it for short-context models).
 ANSWER_ROOM = 1024
 
 
@@ -124,9 +125,9 @@ def with_long_context(loaded):
 
 
 def _sessions_dir() -> Path:
-    from salachat.paths import sessions_dir
+    from salachat.sessions import sessions_root
 
-    return sessions_dir()
+    return sessions_root()  # private (0700), and a data folder that cannot be used is one SessionError
 
 
 def _session_folder(name: str) -> Path:
@@ -426,7 +427,8 @@ def _new_conversation(loaded, documents, system_prompt, chunk_size, long_context
             raise
         tokens = conversation.document_tokens
     limit = trained_length(loaded)
-    if long_context == "auto" and loaded.long_context == "dense" and limit and tokens + ANSWER_ROOM > limit:
+    if long_context == "auto" and loaded.long_context == "dense" and limit and \
+            tokens + min(ANSWER_ROOM, limit // 8) > limit:
         conversation.use_model(with_long_context(loaded))
         note(f"the documents are {tokens:,} tokens, past the model's trained {limit:,}: "
              "reading with the long-context extension")

@@ -137,8 +137,8 @@ class Conversation:
         reading_text = full[: full.index(_QUESTION_SLOT)]
         self.pending_ids = self.tokenizer.encode(reading_text, add_bos=True)
         self.document_tokens = len(self.pending_ids)
-        self._check_room(len(self.pending_ids))
         self._reading_text = reading_text
+        self._check_room(len(self.pending_ids))  # after the fields: a caller may switch to the extension
         return len(self.pending_ids)
 
     def read(

@@ -29,6 +29,7 @@ def ask(
     min_p: opt.MinP = None,
     repeat_penalty: opt.RepeatPenalty = None,
     seed: opt.Seed = None,
+    engine: opt.Engine = None,
     as_json: opt.Json = False,
 ) -> None:
     """Read the documents, then stream the answer to QUESTION (`-` reads a document from standard input)."""
@@ -53,6 +54,12 @@ def ask(
     from salachat.console import err
 
     documents = _documents(paths, password, stdin)
+    if engine is not None:  # the server runs the model; the documents were read here
+        from salachat.remote import RemoteSession
+
+        chat = RemoteSession.open(engine, documents=documents, model=model, system_prompt=chosen["system_prompt"])
+        answer_with(chat, question, sampling, as_json)
+        return
     with err.status(Text(f"loading {chosen['model'] or 'the default model'} …")):
         chat = ChatSession.open(documents=documents, session=session, password=password,
                                 on_note=None if as_json else output.note, **chosen)

@@ -26,6 +26,7 @@ def chat(
     min_p: opt.MinP = None,
     repeat_penalty: opt.RepeatPenalty = None,
     seed: opt.Seed = None,
+    engine: opt.Engine = None,
 ) -> None:
     """Open the chat window (Esc stops, Ctrl+O sessions, Ctrl+Q quits)."""
     from pathlib import Path
@@ -44,8 +45,9 @@ def chat(
                           sparse=sparse, system=system)
     sampling = opt.sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed)
-    _check_model(chosen["model"])
-    open_window(paths=paths, session=session, sampling=sampling, password=password, **chosen)
+    if engine is None:
+        _check_model(chosen["model"])
+    open_window(paths=paths, session=session, sampling=sampling, password=password, engine=engine, **chosen)
 
 
 def _check_model(spec: str | None) -> None:

@@ -14,10 +14,9 @@ Id = Annotated[str, typer.Argument(metavar="ID", help="The session's name, as gi
 
 
 def _folder(name: str) -> Path:
-    from salachat.paths import sessions_dir
-    from salachat.sessions import session_folder
+    from salachat.sessions import session_folder, sessions_root
 
-    return session_folder(sessions_dir(), name)
+    return session_folder(sessions_root(), name)
 
 
 def _manifest(name: str) -> dict:
@@ -39,19 +38,31 @@ def resume(
     min_p: opt.MinP = None,
     repeat_penalty: opt.RepeatPenalty = None,
     seed: opt.Seed = None,
+    engine: opt.Engine = None,
     as_json: opt.Json = False,
 ) -> None:
     """Continue a saved session: finish an interrupted reading, then answer QUESTION (or open the chat)."""
     from salachat import config
 
-    _manifest(session_id)  # a missing or damaged session is reported before the model loads
+    if engine is None:
+        _manifest(session_id)  # a missing or damaged session is reported before the model loads
+    else:  # the session is the server's
+        from salachat.sessions import check_name
+
+        check_name(session_id)
     device = device or config.current().device or "auto"
     sampling = opt.sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed)
     if question is None:  # the window loads the model and finishes any interrupted reading, with progress
         from salachat.cli.chat import open_window
 
-        open_window(session=session_id, model=model, device=device, sampling=sampling)
+        open_window(session=session_id, model=model, device=device, sampling=sampling, engine=engine)
+        return
+    if engine is not None:
+        from salachat.cli.ask import answer_with
+        from salachat.remote import RemoteSession
+
+        answer_with(RemoteSession.resume(engine, session_id), question, sampling, as_json)
         return
     from salachat.chat import ChatSession
     from salachat.cli import output
@@ -146,7 +157,9 @@ def sessions_export(
         print(text, end="")
         return
     try:
-        output.write_text(text, encoding="utf-8")
+        from salachat.sessions.transcript import export_transcript
+
+        export_transcript(output, text)  # 0600, and a full disk or an unwritable place is one line
     except OSError as e:
         from salachat.errors import UserError
 

@@ -45,6 +45,7 @@ class Options:
     max_tokens: int = 512
     temperature: float = 0.0
     chunk_size: int | None = None  # tokens per reading step (None: the engine's default for the device)
+    engine: str | None = None  # an OpenAI-compatible server's URL: the conversation is a salachat.remote one
 
     def make_sampling(self):
         from salachat.engine.generate import Sampling
@@ -81,7 +82,7 @@ class SalaChat(App[int]):
 
     @property
     def conversation(self):
-        return self.chat.conversation if self.chat is not None else None
+        return getattr(self.chat, "conversation", None)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -164,6 +165,14 @@ class SalaChat(App[int]):
         options = self.options
         if self.open_chat is not None:
             return self.open_chat(options, session)
+        if options.engine is not None:
+            from salachat.remote import RemoteSession
+
+            if session is not None:
+                return RemoteSession.resume(options.engine, session)
+            return RemoteSession.open(options.engine, paths=options.paths, session=options.session,
+                                      model=options.model, system_prompt=options.system_prompt,
+                                      password=options.password)
         if session is not None:
             return ChatSession.resume(session, model=options.model, device=options.device,
                                       chunk_size=options.chunk_size, loaded=self._loaded_for_resume())
@@ -186,8 +195,10 @@ class SalaChat(App[int]):
             self.call_from_thread(self.set_status, "loading …")
             chat = self._open(session if session is not None else (
                 self.options.session if not self.options.paths else None))
-            if self.loaded is None and self.open_chat is None and chat.loaded.long_context != "extended":
-                self.loaded = chat.loaded  # the next session opened reuses the model
+            loaded = getattr(chat, "loaded", None)  # None: a conversation on a server (--engine)
+            if self.loaded is None and self.open_chat is None and loaded is not None \
+                    and loaded.long_context != "extended":
+                self.loaded = loaded  # the next session opened reuses the model
             self.chat = chat
             self.call_from_thread(self._show_transcript)
             self.call_from_thread(self.update_side)
@@ -202,7 +213,7 @@ class SalaChat(App[int]):
             except Cancelled:
                 resume = f"; `salachat resume {chat.session_name}` continues" if chat.session_name else ""
                 self.call_from_thread(self.set_status, Text(
-                    f"reading stopped at {chat.conversation.tokens_in_context:,} tokens{resume}"))
+                    f"reading stopped at {chat.context().tokens:,} tokens{resume}"))
                 return
             finally:
                 self.call_from_thread(self.hide_reading)
@@ -261,7 +272,7 @@ class SalaChat(App[int]):
             if chat.pending_tokens:  # stopped while still reading: no question was asked
                 resume = f"; `salachat resume {chat.session_name}` continues" if chat.session_name else ""
                 self.call_from_thread(self.set_status, Text(
-                    f"reading stopped at {chat.conversation.tokens_in_context:,} tokens{resume}"))
+                    f"reading stopped at {chat.context().tokens:,} tokens{resume}"))
                 return
             rate = stats.to_dict().get("decode_tokens_per_second")
             stopped = " (stopped)" if stats.stopped_by == "cancelled" else ""
