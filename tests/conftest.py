@@ -67,7 +67,6 @@ def smollm2_path() -> Path:
 def smollm2(smollm2_path):
     """The default model on the CPU in fp32, loaded once per test session."""
     import torch
-
     from salachat.engine.loader import load_model
 
     return load_model(str(smollm2_path), device="cpu", dtype=torch.float32)
@@ -84,7 +83,7 @@ def salachat_cli(tmp_path):
         full_env = {**os.environ, "SALACHAT_HOME": str(home), "COLUMNS": "120", **(env or {})}
         return subprocess.run(
             [sys.executable, "-m", "salachat", *map(str, args)],
-            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT, check=False,
         )
 
     run.home = home

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from salachat.engine.generate import Cancelled, Sampling, Stats
 
 from salachat import errors
 from salachat.chat import ChatSession
-from salachat.engine.generate import Cancelled, Sampling, Stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -23,7 +23,6 @@ GREEDY = Sampling(max_tokens=6)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     import torch
-
     from sala_tiny import write_tiny_checkpoint
     from salachat.engine.loader import load_model
 
@@ -49,7 +48,7 @@ def test_read_with_progress_then_ask_streams_and_counts(tiny, story):
     pieces = list(chat.ask("Who kept the light?", GREEDY, stats=stats))
     assert pieces and 0 < stats.generated_tokens <= GREEDY.max_tokens and stats.prompt_tokens > 0
     assert chat.turns[-1].answer == "".join(pieces) and chat.context().tokens > total
-    assert [str(line) for line in chat.document_lines][0].startswith("light.txt · ")
+    assert str(chat.document_lines[0]).startswith("light.txt · ")
 
 
 def test_a_saved_session_resumes_exactly_where_it_was(tiny, story):
