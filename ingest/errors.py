@@ -23,7 +23,7 @@ class IngestError(Exception):
 
 
 class NotFound(IngestError):
-    """The path does not exist or cannot be opened."""
+    """The path does not exist, cannot be opened, or fails to read (an I/O error)."""
 
 
 class PermissionDenied(IngestError):

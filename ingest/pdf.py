@@ -28,6 +28,14 @@ def read_pdf(data: bytes | BinaryIO, path: str, content_hash: str, password: str
              progress: Progress | None = None, *, budget: Budget | None = None,
              size_bytes: int | None = None) -> Document:
     """`data` is the PDF's bytes or a seekable binary file (read lazily by pypdf, never whole)."""
+    # pypdf logs every defect it recovers from; with no logging set up Python prints those to stderr,
+    # which would break the one-line contract, so they are collected for the whole reading.
+    with _PypdfComplaints():
+        return _read_pdf(data, path, content_hash, password, progress, budget, size_bytes)
+
+
+def _read_pdf(data: bytes | BinaryIO, path: str, content_hash: str, password: str | None,
+              progress: Progress | None, budget: Budget | None, size_bytes: int | None) -> Document:
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     size = size_bytes if size_bytes is not None else _stream_size(stream)
     reader = _open(stream, path, password)

@@ -184,9 +184,9 @@ def _plan_repo(root: Path, source: str, max_file_bytes: int) -> PlanItem:
 
 
 def _plan_pdf(inp: Input, password: str | None) -> PlanItem:
-    from .pdf import _open, _page_text
+    from .pdf import _open, _page_text, _PypdfComplaints
 
-    with inp.seekable() as (handle, _):
+    with _PypdfComplaints(), inp.seekable() as (handle, _):  # pypdf's log lines stay off stderr
         reader = _open(handle, inp.source, password)
         pages = len(reader.pages)
         sample = sorted({1, (pages + 1) // 2, pages} - {0})[:_PDF_SAMPLE_PAGES]

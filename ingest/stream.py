@@ -187,8 +187,8 @@ class Input:
         if self.compressed:
             return Damaged(self.source, f"is not a valid gzip file ({error})",
                            hint="decompress it yourself, or pass the uncompressed file")
-        return IngestError(self.source, f"cannot be read ({getattr(error, 'strerror', None) or error})",
-                           hint="check the file")
+        return NotFound(self.source, f"cannot be read ({getattr(error, 'strerror', None) or error})",
+                        hint="check the file")
 
 
 @contextlib.contextmanager
