@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -34,6 +35,11 @@ TURN_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 
 
+LONG_TEXT = 1 << 17  # characters from which `encode` goes piece by piece
+PIECE_CHARS = 1 << 16
+_SAFE_CUT = re.compile(r"(?<=[^\W\d_])\s")  # whitespace right after a letter
+
+
 class TokenizerError(ValueError):
     pass
 
@@ -59,15 +65,43 @@ class Tokenizer:
             stops.add(backend.token_to_id(eos_token))
         self.stop_ids = frozenset(i for i in stops if i is not None)
         self._template = None
+        self.splits_safely = _splits_safely(backend)
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        """Ids of `text`; a long text is encoded piece by piece (`encode_long`), with the same ids."""
+        if len(text) > LONG_TEXT and self.splits_safely:
+            ids = self.encode_long(text)
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos and self.add_bos and not (ids and ids[0] == self.bos_id):
             ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_long(self, text: str, piece_chars: int = PIECE_CHARS) -> list[int]:
+        """The ids of `text` in bounded memory: `tokenizers` holds about 600 bytes per token while it encodes
+        (offsets, strings, type ids …), so a million-token text costs 600 MB at once; here each piece of
+        about `piece_chars` costs that, and only the ids are kept.
+
+        The text is cut only where no token can span the cut: after a letter and before whitespace. Every
+        byte-level pre-tokenizer regex we build (GPT-2's, Llama 3's, Qwen2's) ends a match at the last letter
+        of a run and never joins whitespace to the letters before it, and BPE merges never cross a
+        pre-token, so the pieces' ids are the whole text's ids. (SentencePiece vocabularies prepend "▁" to
+        each text they see: those are encoded whole.)"""
+        if not self.splits_safely:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        start = 0
+        while start < len(text):
+            end = len(text)
+            if end - start > piece_chars:
+                cut = _SAFE_CUT.search(text, start + piece_chars)
+                end = cut.start() if cut else len(text)
+            ids.extend(self.backend.encode(text[start:end], add_special_tokens=False).ids)
+            start = end
         return ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
@@ -236,6 +270,35 @@ class Tokenizer:
             chat_template=template if isinstance(template, str) else None,
             extra_stop_ids=extra_stop_ids,
         )
+
+
+_SAFE_SPLITS = {GPT2_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT}
+
+
+def _splits_safely(backend: _HFTokenizer) -> bool:
+    """Whether a text may be cut after a letter before whitespace: a byte-level BPE whose split regex is one
+    we know (or ByteLevel's own), with no normaliser that adds text."""
+    try:
+        spec = json.loads(backend.to_str())
+    except (ValueError, TypeError):
+        return False
+    if (spec.get("model") or {}).get("type") != "BPE":
+        return False
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") not in ("NFC", "NFKC"):
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if not any(step.get("type") == "ByteLevel" for step in steps):
+        return False
+    for step in steps:
+        if step.get("type") == "Split":
+            pattern = step.get("pattern") or {}
+            if pattern.get("Regex") not in _SAFE_SPLITS:
+                return False
+        elif step.get("type") not in ("ByteLevel", "Digits"):
+            return False
+    return True
 
 
 class StreamDecoder:

@@ -5,7 +5,6 @@ import json
 import textwrap
 
 import pytest
-
 from salachat.engine.gguf_file import GGUFFile
 from salachat.engine.tokenizer import StreamDecoder, Tokenizer
 
@@ -78,3 +77,65 @@ def test_stream_decoder_never_splits_a_character(ours):
     pieces = [decoder.push(i) for i in ours.encode(text)]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def _with_pre(smollm2_path, pre: str) -> Tokenizer:
+    """SmolLM2's real vocabulary and merges, split by another family's pre-tokenizer."""
+    meta = dict(GGUFFile.open(smollm2_path).metadata)
+    meta["tokenizer.ggml.pre"] = pre
+    return Tokenizer.from_gguf_metadata(meta)
+
+
+def test_qwen2_pre_tokenizer_matches_transformers_qwen2_tokenizer(smollm2_path):
+    """Reference: transformers' Qwen2Tokenizer, which builds its own split regex, fed the same vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    meta = GGUFFile.open(smollm2_path).metadata
+    tokens = meta["tokenizer.ggml.tokens"]
+    reference = transformers.Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens)},
+                                            merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]])
+    ours = _with_pre(smollm2_path, "qwen2")
+    for s in real_strings():
+        assert ours.encode(s) == reference.encode(s, add_special_tokens=False), s
+
+
+def _long_real_text() -> str:
+    import argparse
+    import email.message
+    import http.client
+
+    return "\n".join(inspect.getsource(m) for m in (json, textwrap, argparse, http.client, email.message)) + (
+        "\n".join(real_strings()))
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2"])
+def test_encode_long_equals_whole_text_encoding(smollm2_path, pre):
+    tokenizer = _with_pre(smollm2_path, pre) if pre != "smollm" else Tokenizer.from_gguf_metadata(
+        GGUFFile.open(smollm2_path).metadata)
+    text = _long_real_text()
+    assert tokenizer.splits_safely
+    whole = tokenizer.backend.encode(text, add_special_tokens=False).ids
+    assert tokenizer.encode_long(text, piece_chars=997) == whole  # hundreds of cuts
+    assert tokenizer.encode(text * 2) == tokenizer.backend.encode(text * 2, add_special_tokens=False).ids
+
+
+def test_encode_of_a_million_tokens_has_bounded_memory(smollm2_path, tmp_path):
+    """In a fresh process: peak memory while encoding about a million tokens of real text, beyond the text
+    and the ids themselves (whole-text encoding costs about 600 bytes per token)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, inspect, json, textwrap, argparse
+from salachat.engine.gguf_file import GGUFFile
+from salachat.engine.tokenizer import Tokenizer
+tokenizer = Tokenizer.from_gguf_metadata(GGUFFile.open({str(smollm2_path)!r}).metadata)
+base = "\\n".join(inspect.getsource(m) for m in (json, textwrap, argparse))
+text = base * (4_400_000 // len(base))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ids = tokenizer.encode(text)
+print(len(ids), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    n_ids, grown = map(int, result.stdout.split())
+    assert n_ids > 900_000
+    assert grown / n_ids < 100, f"{grown / n_ids:.0f} bytes per token"
