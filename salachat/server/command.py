@@ -76,11 +76,26 @@ def serve(
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     err.print(f"serving {loaded.model_id} at http://{shown}:{bound_port}/v1 (Ctrl-C stops)", highlight=False)
     sys.stderr.flush()
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on")
+    # the model stops at its next token or chunk boundary once Ctrl-C is pressed: one CPU chunk can take seconds
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, lifespan="on")
     try:
-        uvicorn.Server(config).run(sockets=[listener])
+        _server(config, runner).run(sockets=[listener])
     finally:
         runner.close()
+        runner.join(timeout=30)  # a model thread stopped mid-operation at exit would abort the process
+
+
+def _server(config, runner):
+    """uvicorn's server, where Ctrl-C (or SIGTERM) first stops the model between two tokens, so that the
+    answers in flight end at once (a 503 error in their stream) and the graceful shutdown need not wait."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            runner.close()
+            super().handle_exit(sig, frame)
+
+    return StoppingServer(config)
 
 
 def _listen(host: str, port: int) -> socket.socket:

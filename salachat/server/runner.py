@@ -35,8 +35,10 @@ class Job:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = loop
         self._cancelled = threading.Event()
+        self.shutting_down = False
 
-    def cancel(self) -> None:
+    def cancel(self, shutting_down: bool = False) -> None:
+        self.shutting_down = self.shutting_down or shutting_down
         self._cancelled.set()
 
     @property
@@ -81,8 +83,11 @@ class Runner:
         with self._wake:
             self._closed = True
             for job in [*self.waiting, *([self.current] if self.current else [])]:
-                job.cancel()
+                job.cancel(shutting_down=True)
             self._wake.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -90,6 +95,9 @@ class Runner:
                 while not self.waiting and not self._closed:
                     self._wake.wait()
                 if self._closed:
+                    for job in self.waiting:
+                        self._end_cancelled(job)
+                    self.waiting.clear()
                     return
                 job = self.current = self.waiting.popleft()
             try:
@@ -103,7 +111,11 @@ class Runner:
 
     def _end_cancelled(self, job: Job) -> None:
         self.cancelled += 1
-        job.send(Event("cancelled"))  # the request's coroutine ends too (its client has gone)
+        if job.shutting_down:
+            job.send(Event("error", error=ApiError(503, "the server is shutting down", type="server_error",
+                                                   code="shutting_down")))
+        else:
+            job.send(Event("cancelled"))  # the request's coroutine ends too (its client has gone)
 
     def _run(self, job: Job) -> None:
         from salachat import errors
