@@ -139,3 +139,55 @@ print(len(ids), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 
     n_ids, grown = map(int, result.stdout.split())
     assert n_ids > 900_000
     assert grown / n_ids < 100, f"{grown / n_ids:.0f} bytes per token"
+
+
+def _sentencepiece_gguf(path) -> None:
+    """A llama.cpp "llama" (SentencePiece) vocabulary grown from real text: byte fallback tokens, the
+    characters, and every prefix of the 300 commonest "▁word" pieces, scored by rank."""
+    import collections
+    import re
+
+    import gguf
+    import numpy as np
+
+    text = "\n".join(inspect.getsource(m) for m in (json, textwrap))
+    words = collections.Counter(re.findall(r"\w+", text))
+    vocab = sorted({c for w in words for c in w} | {"▁"})
+    for word, _ in words.most_common(300):
+        piece = "▁" + word
+        vocab += [piece[:i] for i in range(2, len(piece) + 1) if piece[:i] not in vocab]
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *vocab]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(vocab))])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(vocab))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    for add in (writer.add_block_count, writer.add_context_length, writer.add_embedding_length,
+                writer.add_feed_forward_length, writer.add_head_count):
+        add(64 if add != writer.add_block_count else 1)
+    writer.add_tensor("token_embd.weight", np.zeros((len(pieces), 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_sentencepiece_gguf_vocabulary_matches_transformers(tmp_path):
+    """Reference: transformers' own GGUF → tokenizers conversion of the same file. One documented difference:
+    a text that starts with whitespace gets the "▁" prefix from us as from llama.cpp and SentencePiece's
+    add_dummy_prefix, where transformers' conversion (Metaspace, prepend_scheme="first") omits it."""
+    transformers = pytest.importorskip("transformers")
+    _sentencepiece_gguf(tmp_path / "spm.gguf")
+    ours = Tokenizer.from_gguf_metadata(GGUFFile.open(tmp_path / "spm.gguf").metadata)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    strings = real_strings()
+    compared = [s for s in strings if not s[:1].isspace()]
+    assert len(compared) > 150
+    for s in compared:
+        assert ours.encode(s) == reference.encode(s, add_special_tokens=False), s
+    for s in strings:
+        assert ours.decode(ours.encode(s)) == s
+    assert not ours.splits_safely  # each piece would get its own "▁": long texts are encoded whole
