@@ -20,7 +20,7 @@ from .errors import Damaged, IngestError, Unexpected
 from .html_text import HtmlText, declared_charset
 from .reader import detect_kind, open_input
 from .render import ANCHOR_EVERY
-from .repo import MAX_FILE_BYTES, walk_repo
+from .repo import MAX_FILE_BYTES, walk_named
 from .stream import Budget, Input, choose_encoding, estimate_tokens, human_bytes
 
 _TEXT_SAMPLE = 65536
@@ -173,7 +173,7 @@ def _plan(path: str | Path, max_file_bytes: int, password: str | None) -> PlanIt
 
 
 def _plan_repo(root: Path, source: str, max_file_bytes: int) -> PlanItem:
-    files, skipped = walk_repo(root, max_file_bytes)
+    files, skipped = walk_named(root, source, max_file_bytes)
     planned = [PlannedFile(file.relative, file.size, (file.size + 3) // 4) for file in files]
     item = PlanItem(source, "repo", sum(file.bytes for file in planned), sum(file.tokens for file in planned),
                     units=len(planned), files=planned, skipped=skipped,

@@ -16,12 +16,15 @@ from pathlib import Path, PurePosixPath
 import pathspec
 
 from .document import Document, Segment, Skipped
-from .errors import Empty, IngestError
+from .errors import Empty, IngestError, TooLarge
 from .stream import Budget, estimate_tokens, has_binary
 from .textio import decode_text, looks_binary
 
 Progress = Callable[[str, int, int], None]
 MAX_FILE_BYTES = 1_000_000
+# Entries a walk looks at before refusing: the Linux kernel has ~80K files, a mistaken `salachat ingest ~`
+# or `/` millions, which would take minutes to list before anything else could be said.
+MAX_WALK_ENTRIES = 250_000
 CREDENTIAL = "looks like a credential"
 SKIPPED_DIRS = {
     ".git": "version-control data", ".hg": "version-control data", ".svn": "version-control data",
@@ -109,6 +112,15 @@ def walk_repo(root: Path, max_file_bytes: int = MAX_FILE_BYTES) -> tuple[list[Re
     return files, skipped
 
 
+def walk_named(root: Path, source: str, max_file_bytes: int = MAX_FILE_BYTES) -> tuple[list[RepoFile],
+                                                                                   list[Skipped]]:
+    """walk_repo, with a refusal naming the folder as the user wrote it."""
+    try:
+        return walk_repo(root, max_file_bytes)
+    except TooLarge as error:
+        raise TooLarge(source, error.problem, hint=error.hint) from None
+
+
 def _walk(folder: Path, root_real: Path, relative: str, ignores: list[_Ignore], files: list[RepoFile],
           skipped: list[Skipped], max_file_bytes: int) -> None:
     ignores = ignores + _read_ignore(folder / ".gitignore", relative)
@@ -117,6 +129,9 @@ def _walk(folder: Path, root_real: Path, relative: str, ignores: list[_Ignore], 
     except OSError as error:
         skipped.append(Skipped(relative or ".", f"folder could not be listed ({error.strerror})"))
         return
+    if len(files) + len(skipped) + len(entries) > MAX_WALK_ENTRIES:
+        raise TooLarge(str(root_real), f"holds more than {MAX_WALK_ENTRIES:,} files and folders",
+                       hint="pass the subfolder that matters, or add a .gitignore")
     for entry in entries:
         path = f"{relative}/{entry.name}" if relative else entry.name
         try:
@@ -262,7 +277,7 @@ def _reading_rank(relative: str) -> int:
 
 def read_repo(root: Path, source: str, progress: Progress | None = None,
               max_file_bytes: int = MAX_FILE_BYTES, *, budget: Budget | None = None) -> Document:
-    files, skipped = walk_repo(root, max_file_bytes)
+    files, skipped = walk_named(root, source, max_file_bytes)
     total_bytes = sum(file.size for file in files)
     segments: list[Segment] = []
     digests: list[str] = []

@@ -664,3 +664,23 @@ def test_code_that_names_a_key_header_is_read_but_code_embedding_a_key_is_not(tm
     assert [segment.path for segment in doc.segments] == ["parse.py"]
     reasons = {item.path: item.reason for item in doc.skipped}
     assert reasons["fixture.py"].startswith("looks like a credential") and reasons["legacy.txt"].startswith("looks")
+
+
+def test_a_walk_over_too_many_files_is_refused_not_listed_for_minutes(tmp_path, monkeypatch):
+    from salachat.ingest import repo
+
+    monkeypatch.setattr(repo, "MAX_WALK_ENTRIES", 50)
+    root = _tree(tmp_path / "tree", {f"d{n // 10}/f{n}.py": "x = 1\n" for n in range(80)})
+    with pytest.raises(TooLarge, match=rf"^{root}: holds more than 50 files and folders; pass the subfolder that"):
+        read_paths([root])
+    assert plan_paths([root]).items[0].error.endswith("or add a .gitignore")
+
+
+def test_several_documents_share_one_limit(tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("words of the first text\n" * 20_000)  # ~120K tokens each
+    second.write_text("words of the other text\n" * 20_000)
+    assert len(read_paths([first], max_tokens=200_000)) == 1
+    with pytest.raises(TooLarge, match=r"b\.txt: is too long to read: .* tokens \(with 120,000 tokens of the "
+                                       r"documents before it\), more than the 200,000"):
+        read_paths([first, second], max_tokens=200_000)
