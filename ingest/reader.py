@@ -54,7 +54,8 @@ def read_path(path: str | Path, password: str | None = None, progress: Progress 
     except (IngestError, KeyboardInterrupt):
         raise
     except RecursionError:
-        raise Unexpected(str(path), "is nested too deeply to read", hint="pass a simpler file") from None
+        raise Unsupported(str(path), "is nested too deeply to read", hint="pass a simpler file or a subfolder") \
+            from None
     except MemoryError:
         raise TooLarge(str(path), "needs more memory to read than this machine has",
                        hint="pass a smaller part of it") from None
