@@ -7,11 +7,18 @@ Tokens are random ids (speed does not depend on the text). Measured, in one run:
   read+ckpt   the same with the measured checkpoint policy (salachat.sessions.Checkpointer): overhead, N/save
   save        a full save of the state to a fresh session folder (fsync'd), GB/s
   save+512    an incremental save after 512 more tokens (only the KV tail is written)
-  load        load_conversation with checksums verified (what `salachat resume` does), and without
+  load        a full load_conversation (lazy=False) with checksums verified, and without
   resume      load vs read: how much sooner a resumed session can answer
+  first token time from `resume` to the first answer token (load + a 32-token question's prefill), for a
+              full load (everything verified and on the device first) and a lazy one (salachat/sessions/lazy.py:
+              the sparse layers' K/V streams in while the question runs), with the files in the page cache
+              ("warm") and evicted from it first ("cold", posix_fadvise DONTNEED), against re-reading the
+              documents and asking; the lazy answer's logits must equal the full load's bit for bit
 
     .venv/bin/python bench/sessions_bench.py --tokens 4096
-    python bench/sessions_bench.py --device cuda --config sala9b --tokens 131072 --out bench/results/sessions_sala9b_cuda.json
+    .venv/bin/python bench/sessions_bench.py --config sala9b-smoke --tokens 8192 --skip-checkpointed
+    python bench/sessions_bench.py --device cuda --config sala9b --tokens 131072,1048576 --skip-checkpointed \
+        --out bench/results/sessions_sala9b_cuda_resume.json
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import shutil
 import sys
@@ -33,15 +41,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from salachat.engine.loader import LoadedModel, load_model
+
 from salachat.conversation import Conversation
-from salachat.sessions import Checkpointer, SessionWriter, load_conversation
+from salachat.sessions import Checkpointer, SessionWriter, load_conversation, load_session
 
 
 def build_loaded(config: str, device: str, model: str | None) -> LoadedModel:
     if config == "default":
         return load_model(model, device=device, dtype=torch.float32 if device == "cpu" else None)
     from e2e import SALA_9B, shrink
-
     from salachat.engine.models.sala import SalaArgs, SalaForCausalLM
 
     cfg = copy.deepcopy(shrink(SALA_9B) if config == "sala9b-smoke" else SALA_9B)
@@ -88,7 +96,7 @@ def state_bytes(conversation) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--tokens", default="4096", help="N, or N,M,... to measure several sizes in one run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--config", default="default", choices=["default", "sala9b", "sala9b-smoke"])
     parser.add_argument("--model", default=None, help="with --config default: the model (default smollm2)")
@@ -99,19 +107,55 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device
     loaded = build_loaded(args.config, device, args.model)
-    work = Path(tempfile.mkdtemp(prefix="sessions-bench-", dir=args.dir))
-    try:
-        results = run(loaded, args, device, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    sizes = [int(n) for n in str(args.tokens).split(",")]
+    runs = []
+    for n in sizes:
+        work = Path(tempfile.mkdtemp(prefix="sessions-bench-", dir=args.dir))
+        try:
+            runs.append(run(loaded, args, device, work, n))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    results = runs[0] if len(runs) == 1 else {"runs": runs}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"sessions_{args.config}_{device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 
 
-def run(loaded, args, device: str, work: Path) -> dict:
-    n = args.tokens
+def evict(folder: Path) -> bool:
+    """Drop the session's files from the page cache (a resume days later); False where the OS cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def first_token(folder: Path, loaded, question: torch.Tensor, lazy: bool, device: str):
+    """Seconds from the start of a resume to the first answer token; (seconds, logits, stream seconds)."""
+    sync(device)
+    t0 = time.perf_counter()
+    resumed = load_session(folder, loaded, lazy=lazy)
+    loaded_s = time.perf_counter() - t0
+    logits = loaded.model(question, resumed.state.cache)[-1]
+    int(logits.argmax())  # the token, on the host: what a user sees first
+    seconds = time.perf_counter() - t0
+    stream_s = None
+    if resumed.stream is not None:
+        resumed.stream.wait()
+        stream_s = resumed.stream.seconds
+    del resumed
+    return {"seconds": seconds, "load_returned_seconds": loaded_s, "stream_seconds": stream_s}, logits
+
+
+def run(loaded, args, device: str, work: Path, n: int) -> dict:
     conversation = queued(loaded, n, args.chunk)
     _, read_s = timed(conversation.read, device)
     size = state_bytes(conversation)
@@ -135,12 +179,28 @@ def run(loaded, args, device: str, work: Path) -> dict:
     conversation.read()
     _, incr_s = timed(lambda: writer.save(conversation), device)
     incr_bytes = writer.last_save_bytes
-    loaded_back, load_s = timed(lambda: load_conversation(work / "full", loaded), device)
+    loaded_back, load_s = timed(lambda: load_conversation(work / "full", loaded, lazy=False), device)
     del loaded_back
-    _, load_noverify_s = timed(lambda: load_conversation(work / "full", loaded, verify=False), device)
+    _, load_noverify_s = timed(lambda: load_conversation(work / "full", loaded, verify=False, lazy=False), device)
     probe = torch.tensor([11, 12, 13], device=device)
-    resumed, _ = load_conversation(work / "full", loaded)
+    resumed, _ = load_conversation(work / "full", loaded, lazy=False)
     exact = torch.equal(loaded.model(probe, resumed.cache), loaded.model(probe, conversation.cache))
+    del resumed
+
+    vocab = loaded.model.model.embed_tokens.num_embeddings
+    question = torch.randint(10, vocab - 1, (32,), generator=torch.Generator().manual_seed(2)).to(device)
+    ttft, logits = {}, {}
+    for cache_state in ("warm", "cold"):
+        for mode in ("full", "lazy"):
+            evicted = evict(work / "full") if cache_state == "cold" else False
+            if cache_state == "cold" and not evicted:
+                continue
+            ttft[f"{mode}_{cache_state}"], logits[f"{mode}_{cache_state}"] = first_token(
+                work / "full", loaded, question, mode == "lazy", device)
+    lazy_exact = all(torch.equal(logits[f"lazy_{c}"], logits[f"full_{c}"]) for c in ("warm", "cold") if f"lazy_{c}" in logits)
+    # re-reading instead: the read measured above, then the same question on the freshly read state
+    _, question_s = timed(lambda: int(loaded.model(question, conversation.cache)[-1].argmax()), device)
+    ttft["reread"] = {"seconds": read_s + question_s, "question_seconds": question_s}
 
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
@@ -156,6 +216,8 @@ def run(loaded, args, device: str, work: Path) -> dict:
         "load_unverified_seconds": load_noverify_s, "load_unverified_GBps": disk / load_noverify_s / 1e9,
         "resume_speedup_vs_reread": read_s / load_s,
         "resumed_logits_bit_exact": exact,
+        "first_token": ttft,
+        "lazy_logits_bit_exact": lazy_exact,
     }
     print_table(results)
     return results
@@ -182,6 +244,12 @@ def print_table(r: dict) -> None:
         ("resume vs re-read", f"{r['resume_speedup_vs_reread']:,.0f}x sooner"),
         ("resumed logits bit-exact", str(r["resumed_logits_bit_exact"])),
     ]
+    for key, t in r["first_token"].items():
+        extra = f"  (load returned after {t['load_returned_seconds']:.3f} s" if "load_returned_seconds" in t else ""
+        if t.get("stream_seconds") is not None:
+            extra += f", K/V streamed in {t['stream_seconds']:.3f} s"
+        rows.append((f"first token, {key.replace('_', ', ')}", f"{t['seconds']:.3f} s{extra}{')' if extra else ''}"))
+    rows.append(("lazy logits bit-exact", str(r["lazy_logits_bit_exact"])))
     width = max(len(k) for k, _ in rows)
     print(f"{r['model']} on {r['device']} ({r['dtype']})")
     for key, value in rows:
