@@ -88,3 +88,26 @@ def salachat_cli(tmp_path):
 
     run.home = home
     return run
+
+
+@pytest.fixture
+def salachat_main(capsys, monkeypatch):
+    """salachat's entry point (salachat.cli.main) in this process, as a fresh process would run it:
+    call(*args, stdin=bytes) gives (exit code, stdout, stderr)."""
+    import io
+
+    from salachat import cli, config
+    from salachat.paths import set_data_dir
+
+    def call(*args, stdin: bytes | None = None):
+        set_data_dir(None)
+        config.reset()
+        monkeypatch.setattr(sys, "argv", ["salachat", *map(str, args)])
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+        captured = capsys.readouterr()
+        return exited.value.code, captured.out, captured.err
+
+    return call

@@ -83,3 +83,50 @@ def test_ingest_shows_what_would_be_read_without_the_model(salachat_cli, smollm2
     assert data["tokens_exact"] and data["tokens"] == sum(d["tokens"] for d in data["documents"])
     text = salachat_cli("ingest", SAMPLE, "--model", smollm2_path)
     assert "5 pages" in text.stdout and "tokens" in text.stdout
+
+
+def _installed_salachat() -> list[str]:
+    """The console script a fresh install puts beside the interpreter (`python -m salachat` where absent)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "salachat"
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("salachat")
+    return [found] if found else [sys.executable, "-m", "salachat"]
+
+
+@pytest.mark.parametrize("args", [[], ["--frobnicate"], ["ask", "x.pdf", "q", "--max-tokens", "zero"]],
+                         ids=["no-arguments", "unknown-flag", "bad-value"])
+def test_the_installed_entry_point_exits_2_on_usage_errors(tmp_path, args):
+    """What `typer` installs today raises exceptions of its own bundled click: they are usage errors too."""
+    import os
+    import subprocess
+
+    result = subprocess.run([*_installed_salachat(), *args], capture_output=True, text=True, timeout=60,
+                            check=False, env={**os.environ, "SALACHAT_HOME": str(tmp_path / "home")})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    if args:
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    else:
+        assert "Usage: salachat" in result.stderr
+
+
+def test_answers_citations_and_notes_print_as_typed(capsys):
+    from types import SimpleNamespace
+
+    from salachat.cli import output
+    from salachat.errors import Failure
+
+    text = "See [p.12] and [/x] and [bold]this[/bold]."
+    assert output.stream(iter(["See [p.12] ", "and [/x] and [bold]this[/bold]."]), as_json=False) == text
+    output.cited([SimpleNamespace(source="[/x]book.pdf", text="[p.3] Tomas [red]Brandt[/red]")])
+    output.note("[/x] note")
+    output.print_error(Failure(3, "[/x].md: no such file", True))
+    captured = capsys.readouterr()
+    assert captured.out == text + "\n"
+    for shown in ("── [/x]book.pdf", "[p.3] Tomas [red]Brandt[/red]", "[/x] note", "error: [/x].md: no such file"):
+        assert shown in captured.err

@@ -28,27 +28,8 @@ CONFIG_CASES = {
 
 
 @pytest.fixture
-def run(capsys, monkeypatch):
-    """salachat's main() with these arguments: (exit code, stdout, stderr)."""
-    from salachat import cli
-
-    def call(*args, stdin: bytes | None = None):
-        from salachat import config
-        from salachat.paths import set_data_dir
-
-        set_data_dir(None)  # each run starts as a fresh process does
-        config.reset()
-        monkeypatch.setattr(sys, "argv", ["salachat", *map(str, args)])
-        if stdin is not None:
-            import io
-
-            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-        with pytest.raises(SystemExit) as exited:
-            cli.main()
-        captured = capsys.readouterr()
-        return exited.value.code, captured.out, captured.err
-
-    return call
+def run(salachat_main):
+    return salachat_main
 
 
 def one_line(code, out, err, expected_code, *needles):

@@ -113,3 +113,20 @@ def test_ask_session_continues_same_documents_refuses_others(salachat_cli, tiny_
 def test_sessions_on_an_empty_home_say_how_to_make_one(salachat_cli):
     result = salachat_cli("sessions")
     assert result.returncode == 0 and "--session NAME" in result.stderr
+
+
+def test_markup_in_titles_questions_and_answers_prints_as_typed(salachat_main, tiny_folder, tmp_path):
+    """A Markdown heading, a file name and a question holding Rich markup: saved, listed, shown and exported
+    as typed (one such title once broke `sessions list` for every session)."""
+    document = tmp_path / "[bold]notes[red].md"
+    document.write_text("# [/x] The [bold]Light[/bold]\n\n" + STORY)
+    question = "What is [p.12] and [/x]?"
+    code, out, err = salachat_main("ask", document, question, "--session", "marked", "--model", tiny_folder,
+                                   "--max-tokens", "3")
+    assert code == 0 and "Traceback" not in err and "MarkupError" not in err
+    code, out, err = salachat_main("sessions", "list")
+    assert code == 0 and "marked  [/x] The [bold]Light[/bold]" in out
+    code, out, _ = salachat_main("sessions", "show", "marked")
+    assert code == 0 and f"1. {question}" in out and "[bold]notes[red].md" in out
+    code, out, _ = salachat_main("sessions", "export", "marked")
+    assert code == 0 and question in out
