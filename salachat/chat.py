@@ -92,18 +92,12 @@ def open_model(spec: str | None = None, device: str = "auto", quant: str | None 
     """The LoadedModel for a name, a GGUF file or a Hugging Face folder (dense: see `with_long_context`)."""
     if quant not in (None, "int8", "nf4"):
         raise errors.UsageError(f"--quant {quant}: choose int8 or nf4")
-    try:
-        from salachat import models
-    except ImportError:
-        models = None
+    from salachat import models
+
     kwargs = {"device": device, "quant": quant}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if models is not None and hasattr(models, "open_model"):
-        return models.open_model(spec, **kwargs)
-    from salachat.engine.loader import load_model
-
-    return load_model(spec, **kwargs)
+    return models.open_model(spec, **kwargs)
 
 
 def with_long_context(loaded):

@@ -53,7 +53,6 @@ TABLE: list[tuple[str, str, int]] = [
     ("salachat.sessions.manifest", "SessionError", NO_SESSION),
     ("salachat.conversation", "ContextTooLong", BAD_INPUT),
     ("salachat.ingest.errors", "IngestError", BAD_INPUT),
-    ("salachat.engine.registry", "ModelNotInstalled", NO_MODEL),
     ("salachat.models", "ModelNotInstalled", NO_MODEL),
     ("salachat.engine.loader", "ModelLoadError", NO_MODEL),
     ("salachat.engine.tokenizer", "TokenizerError", NO_MODEL),

@@ -28,10 +28,8 @@ def _installed_default_model() -> str | None:
     if os.environ.get("SALACHAT_TEST_MODEL") is not None:
         return os.environ["SALACHAT_TEST_MODEL"] or None
     try:
-        try:
-            from salachat import models
-        except ImportError:  # before salachat.models existed
-            from salachat.engine import registry as models
+        from salachat import models
+
         found = models.locate(models.DEFAULT_MODEL)
     except Exception:  # noqa: BLE001 - a broken data folder means: not installed
         return None

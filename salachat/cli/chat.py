@@ -52,12 +52,9 @@ def chat(
 
 def _check_model(spec: str | None) -> None:
     """The model exists (ModelLoadError, exit 4, otherwise): the window would only show it after opening."""
-    try:
-        from salachat import models
-    except ImportError:
-        models = None
-    if models is not None and hasattr(models, "resolve"):
-        models.resolve(spec)
+    from salachat import models
+
+    models.resolve(spec)
 
 
 def open_window(**kwargs) -> None:

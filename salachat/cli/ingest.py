@@ -65,16 +65,9 @@ def ingest(
 
 
 def _tokenizer(spec):
-    try:
-        from salachat import models
+    from salachat import models
 
-        if hasattr(models, "open_tokenizer"):
-            return models.open_tokenizer(spec)
-    except ImportError:
-        pass
-    from salachat.engine.loader import load_tokenizer
-
-    return load_tokenizer(spec)
+    return models.open_tokenizer(spec)
 
 
 def register(app: typer.Typer) -> None:
