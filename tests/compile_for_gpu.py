@@ -41,7 +41,7 @@ def build(kernel, args: list[str], constants: dict, num_warps: int, num_stages: 
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
     os.unlink(f.name)
     numbers = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK):(\d+)", usage)}
     ttgir = compiled.asm["ttgir"]
@@ -50,12 +50,13 @@ def build(kernel, args: list[str], constants: dict, num_warps: int, num_stages: 
 
 
 def variants():
-    sala = dict(BLOCK=64, KERNEL=32, STRIDE=16, INIT=1, LOCAL=32, PRECISION="tf32", D=128)
+    sala = {"BLOCK": 64, "KERNEL": 32, "STRIDE": 16, "INIT": 1, "LOCAL": 32, "PRECISION": "tf32", "D": 128}
     for group, gpad, bq, warps, splits in [(16, 16, 8, 8, 1), (3, 4, 32, 8, 1), (7, 8, 16, 8, 1), (16, 16, 1, 4, 32)]:
         yield (f"flash scorer group {group} rows {gpad * bq}", triton_select._flash_score_kernel, SELECT_ARGS,
                dict(GROUP=group, GPAD=gpad, BQ=bq, NB=32, PER_BLOCK=4, LOOKBACK=1, SPLITS=splits, **sala), warps)
     yield ("block-sparse attention group 3", triton_attention._block_sparse_kernel, ATTN_ARGS,
-           dict(GROUP=3, GPAD=4, BQ=16, D=128, BLOCK=64, HAS_BLOCK_POS=False, SPLITS=1, PRECISION="tf32", SLOTS=0), 4)
+           {"GROUP": 3, "GPAD": 4, "BQ": 16, "D": 128, "BLOCK": 64, "HAS_BLOCK_POS": False, "SPLITS": 1,
+            "PRECISION": "tf32", "SLOTS": 0}, 4)
 
 
 def main() -> None:

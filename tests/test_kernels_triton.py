@@ -344,7 +344,7 @@ def test_sparse_kernels_compile_for_hopper_without_spilling():
         pytest.skip("this Triton has no CUDA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(Path(__file__).parent / "compile_for_gpu.py")], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     built = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(built) == 5
