@@ -26,6 +26,15 @@ def ingest(
 
         stdin = sys.stdin.buffer.read()
         paths = [p for p in paths if str(p) != "-"]
+    plan = None
+    if paths:  # sizes and estimates first, from stat and small samples: a reading too large is refused here
+        from salachat.documents import check_plan, plan_documents
+
+        plan = plan_documents(paths, password=password)
+        if not as_json:
+            for line in plan.lines():
+                err.print(Text(line, style="dim"))
+        check_plan(plan)
     documents = read_documents(paths, password=password, text=stdin)
     import salachat.ingest as ingest_lib
     from salachat.engine.loader import ModelLoadError
@@ -43,7 +52,9 @@ def ingest(
     speed = 2000.0 if torch.cuda.is_available() else 300.0
     summary = ingest_lib.summarize(documents.docs, encode, bytes_per_token=bytes_per_token, tokens_per_second=speed)
     if as_json:
-        print(json.dumps(summary.to_dict(), ensure_ascii=False, indent=2))
+        data = summary.to_dict()
+        data["plan"] = plan.to_dict() if plan is not None else None
+        print(json.dumps(data, ensure_ascii=False, indent=2))
         return
     for doc in summary.documents:
         parts = [f"{doc.pages} pages" if doc.pages is not None else None,
