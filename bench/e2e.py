@@ -76,8 +76,14 @@ def build(name: str, device: str):
         if name == "sala-dense":
             config["sparse_config"]["dense_len"] = 1 << 40  # every query takes the dense path
         args, cls = SalaArgs.from_config(config), SalaForCausalLM
-    with torch.device(device):
-        model = cls(args).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    if name != "dense":  # built in bf16 (an fp32 SALA is 38 GB before its cast, over a 24 GB cap); the Llama
+        torch.set_default_dtype(torch.bfloat16)  # model's RoPE frequencies are made at init and stay fp32
+    try:
+        with torch.device(device):
+            model = cls(args).to(torch.bfloat16)
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():  # small random weights keep activations finite through 32 layers
         for p in model.parameters():
             if p.dim() >= 2:
