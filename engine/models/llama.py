@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, fields
 import torch
 import torch.nn.functional as F
 from salachat.engine.cache import KVCache, ModelCache
+from salachat.engine.threads import keep_fitting
 from torch import nn
 
 from salachat import kernels
@@ -283,6 +284,8 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        if ids.device.type == "cpu":
+            keep_fitting()
         pos0 = cache.position
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
         cos, sin = self.rotary.cos_sin(positions)
