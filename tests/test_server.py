@@ -50,7 +50,8 @@ class Server:
 
     def client(self, **kwargs) -> "openai.OpenAI":
         kwargs.setdefault("api_key", "unused")
-        return openai.OpenAI(base_url=self.url, max_retries=0, timeout=120, **kwargs)
+        kwargs.setdefault("timeout", 300)
+        return openai.OpenAI(base_url=self.url, max_retries=0, **kwargs)
 
     def health(self, **headers) -> dict:
         return httpx.get(self.url.removesuffix("/v1") + "/health", headers=headers, timeout=10).json()
@@ -204,7 +205,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(server):
 
 def test_twenty_concurrent_clients_wait_in_turn_and_are_all_answered(server):
     served_before = server.health()["served"]
-    client = server.client()
+    client = server.client(timeout=900)  # the last waits for the 19 before it
     questions = [f"Question {i}: who kept the light in {1871 + i}?" for i in range(20)]
     answers: dict[int, object] = {}
 
@@ -220,7 +221,7 @@ def test_twenty_concurrent_clients_wait_in_turn_and_are_all_answered(server):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=240)
+        thread.join(timeout=900)
     failures = {i: a for i, a in answers.items() if isinstance(a, Exception)}
     assert not failures and len(answers) == 20
     assert all(a.usage.completion_tokens >= 1 for a in answers.values())
