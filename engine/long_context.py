@@ -8,8 +8,9 @@ No query-key distance the model attends over exceeds what it was trained on:
   block_size - 1), plus the initial block and `topk` selected blocks from before the span, all placed
   `memory_distance` = window + block_size away: memory keys are kept unrotated (position 0) and the query
   is rotated by that distance;
-- blocks are scored in that same frame: each block's representative keys (the means of every `rep_size`
-  unrotated keys) against the group's mean memory-frame query; a block counts by its best representative.
+- blocks are scored in that same frame: the group's mean query (per head, rotated by the memory
+  distance) against every unrotated key of each candidate block; a block scores by the attention mass it
+  would get (log-sum-exp over its keys) from the head of its KV group that wants it most.
 
 docs/architecture.md ("Long context for RoPE models") gives the measurements behind the numbers.
 `params_for(model)` returns the object `LoadedModel.sparse` holds; `model.new_cache(sparse=…)` builds one
@@ -24,7 +25,7 @@ from typing import ClassVar
 import torch
 from salachat.engine.cache import register_cache
 from salachat.kernels import dense_attention, rope
-from salachat.kernels.long_context import block_reps_ref, extended_attention, rope_rows, select_memory_ref
+from salachat.kernels.long_context import extended_attention, rope_rows, select_memory_ref
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,13 @@ class LongContextParams:
     window: int = 4096  # local span before a query group, at true distances
     init_blocks: int = 1  # the first tokens (system prompt, BOS): always attended, in the memory frame
     topk: int = 16  # selected memory blocks per query group and KV head
-    rep_size: int = 32  # keys averaged into one representative
     dense_len: int = 8192  # queries before this position attend densely (the trained length)
 
     def __post_init__(self):
         b = self.block_size
-        if self.window % b or self.window < b or b % self.rep_size or b % 16:
+        if self.window % b or self.window < b or b % 16:
             raise ValueError(f"long-context params: window {self.window} must be a multiple of block "
-                             f"{b}, block a multiple of 16 and of rep_size {self.rep_size}")
+                             f"{b}, and block a multiple of 16")
 
     @property
     def memory_distance(self) -> int:
@@ -61,8 +61,7 @@ def params_for(model) -> LongContextParams:
     trained = int(model.args.max_position_embeddings)
     block = 128 if trained >= 2048 else 32
     window = max(block, min(4096, trained // 2) // block * block)
-    return LongContextParams(block_size=block, window=window, rep_size=min(32, block),
-                             dense_len=trained)
+    return LongContextParams(block_size=block, window=window, dense_len=trained)
 
 
 def trained_length(loaded) -> int | None:
@@ -89,8 +88,8 @@ def _grow(buffer: torch.Tensor, need: int, step: int) -> torch.Tensor:
 
 @register_cache
 class LongContextCache:
-    """One attention layer's cache for the extension: every token's unrotated K and V, the rotated keys of
-    the dense part (positions before dense_len), and the representative keys of whole blocks."""
+    """One attention layer's cache for the extension: every token's unrotated K and V, and the rotated keys
+    of the dense part (positions before dense_len)."""
 
     kind: ClassVar[str] = "long_context_kv"
     places_positions: ClassVar[bool] = True
@@ -99,8 +98,7 @@ class LongContextCache:
         self.params = params
         empty = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.keys, self.values, self.rotated = empty, empty.clone(), empty.clone()
-        self.reps = torch.empty(n_kv_heads, 0, head_dim, dtype=torch.float32, device=device)
-        self._length = self._n_reps = 0
+        self._length = 0
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -119,13 +117,6 @@ class LongContextCache:
             self.rotated = _grow(self.rotated, start + n, step)
             self.rotated[:, start : start + n] = rotated
         self._length = need
-        whole = need // p.block_size * p.block_size // p.rep_size
-        if whole > self._n_reps:
-            first = self._n_reps * p.rep_size
-            fresh = block_reps_ref(self.keys[:, first : whole * p.rep_size], p.rep_size)
-            self.reps = _grow(self.reps, whole, 256)
-            self.reps[:, self._n_reps : whole] = fresh
-            self._n_reps = whole
 
     def _rotary_tables(self, rotary, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0].device != device:
@@ -170,16 +161,15 @@ class LongContextCache:
         rel = positions - group_start[row_group]
         q_loc = rope_rows(q, cos_tab[rel], sin_tab[rel])
         q_mem = rope_rows(q, cos_tab[p.memory_distance][None], sin_tab[p.memory_distance][None])
-        # each group's mean memory-frame query over its rows and the heads of each KV group
-        sums = torch.zeros(hkv, n_groups, d, dtype=torch.float32, device=dev)
-        sums.index_add_(1, row_group, q_mem.float().reshape(hkv, heads // hkv, t, d).sum(1))
+        # each group's mean memory-frame query over its rows, per head: [Hkv, G, heads per KV head, D]
+        sums = torch.zeros(heads, n_groups, d, dtype=torch.float32, device=dev)
+        sums.index_add_(1, row_group, q_mem.float())
         counts = torch.bincount(row_group, minlength=n_groups).clamp(min=1)
-        qbar = sums / counts[None, :, None]
+        qbar = (sums / counts[None, :, None]).view(hkv, heads // hkv, n_groups, d).transpose(1, 2)
         n_before = group_start // p.block_size
-        reps_per_block = p.block_size // p.rep_size
         n_blocks = int(n_before[-1])  # blocks any group of this call may take as memory
-        memory = select_memory_ref(qbar, self.reps[:, : n_blocks * reps_per_block], n_before, p.init_blocks,
-                                   p.topk, reps_per_block)
+        memory = select_memory_ref(qbar, self.keys[:, : n_blocks * p.block_size], n_before, p.init_blocks,
+                                   p.topk, p.block_size, scale)
         end = start + t
         return extended_attention(q_loc, q_mem, self.keys[:, :end], self.values[:, :end], memory, row_group,
                                   group_start, start, cos_tab, sin_tab, p.block_size, scale)
@@ -187,7 +177,7 @@ class LongContextCache:
     def state(self) -> dict[str, torch.Tensor]:
         n_rot = min(self._length, self.params.dense_len)
         return {"keys": self.keys[:, : self._length], "values": self.values[:, : self._length],
-                "rotated": self.rotated[:, :n_rot], "reps": self.reps[:, : self._n_reps]}
+                "rotated": self.rotated[:, :n_rot]}
 
     def meta(self) -> dict:
         return {"length": self._length, **asdict(self.params)}
@@ -203,11 +193,5 @@ class LongContextCache:
         if rotated.shape[1] != min(length, params.dense_len) or rotated.shape[0::2] != keys.shape[0::2]:
             raise ValueError(f"long-context cache: rotated keys {tuple(rotated.shape)} for length {length}")
         cache = cls(keys.shape[0], keys.shape[2], params, keys.dtype, keys.device)
-        cache._append(keys, values, rotated)  # recomputes the representatives: a check on the saved ones
-        saved = tensors.get("reps")
-        if saved is not None:
-            mine = cache.reps[:, : cache._n_reps]
-            if saved.shape != mine.shape or not torch.allclose(saved.to(mine), mine, rtol=1e-4, atol=1e-5):
-                raise ValueError("long-context cache: saved representative keys disagree with its keys (corrupt?)")
-            cache.reps[:, : cache._n_reps] = saved.to(mine)  # bit for bit what the reading computed
+        cache._append(keys, values, rotated)
         return cache

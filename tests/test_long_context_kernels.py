@@ -3,8 +3,7 @@ shapes; GPU: `pytest -m gpu` at larger ones), for GQA group sizes 1, 3, 4, 7 and
 
 import pytest
 import torch
-
-from salachat.kernels.long_context import block_reps_ref, extended_attention, rope_rows, select_memory_ref
+from salachat.kernels.long_context import extended_attention, rope_rows, select_memory_ref
 
 
 def _call(kv_heads, per, head_dim, pos0, t, block, window, topk, dtype, device, seed=0):
@@ -24,12 +23,12 @@ def _call(kv_heads, per, head_dim, pos0, t, block, window, topk, dtype, device, 
     rel = positions - group_start[row_group]
     q_loc = rope_rows(q, cos[rel], sin[rel])
     q_mem = rope_rows(q, cos[window + block][None], sin[window + block][None])
-    sums = torch.zeros(kv_heads, n_groups, head_dim, device=device)
-    sums.index_add_(1, row_group, q_mem.float().reshape(kv_heads, per, t, head_dim).sum(1))
+    sums = torch.zeros(kv_heads * per, n_groups, head_dim, device=device)
+    sums.index_add_(1, row_group, q_mem.float())
+    qbar = sums.view(kv_heads, per, n_groups, head_dim).transpose(1, 2)
     n_before = group_start // block
     n_blocks = int(n_before[-1])
-    reps = block_reps_ref(keys[:, : n_blocks * block], block // 4)
-    memory = select_memory_ref(sums, reps, n_before, 1, topk, 4)
+    memory = select_memory_ref(qbar, keys[:, : n_blocks * block], n_before, 1, topk, block, head_dim**-0.5)
     return (q_loc, q_mem, keys, values, memory, row_group, group_start, pos0, cos, sin, block,
             head_dim**-0.5)
 
@@ -52,17 +51,21 @@ def test_extended_attention_triton_matches_reference(per, head_dim, pos0, t):
     _check(args, 2e-4)
 
 
-def test_selection_takes_the_block_whose_representative_matches_and_never_the_local_span():
-    kv, d = 1, 8
-    reps = torch.zeros(kv, 10 * 2, d)  # 10 blocks, 2 representatives each
-    reps[0, 2 * 6 + 1, 0] = 5.0  # block 6 holds the matching key
-    reps[0, 2 * 8, 0] = 9.0  # block 8 matches better, but lies in the local span of group 0
-    qbar = torch.zeros(kv, 2, d)
-    qbar[..., 0] = 1.0
+def test_selection_takes_the_block_one_head_attends_to_and_never_the_local_span():
+    kv, per, d, block = 1, 3, 8, 4
+    keys = torch.zeros(kv, 10 * block, d)
+    keys[0, 6 * block + 1, 0] = 4.0  # block 6 holds the key that head 2 looks for
+    keys[0, 8 * block, 0] = 9.0  # block 8 matches better, but lies in the local span of group 0
+    keys[0, 3 * block : 4 * block, 1] = 1.0  # block 3: a mild match for heads 0 and 1 over all its keys
+    qbar = torch.zeros(kv, 2, per, d)
+    qbar[0, :, 2, 0] = 1.0
+    qbar[0, :, :2, 1] = 1.0
     n_before = torch.tensor([8, 10])
-    memory = select_memory_ref(qbar, reps, n_before, init_blocks=1, topk=1, reps_per_block=2)
-    assert memory[0, 0].tolist() == [0, 6]
-    assert memory[0, 1].tolist() == [0, 8]
+    memory = select_memory_ref(qbar, keys, n_before, init_blocks=1, topk=2, block=block, scale=1.0)
+    assert memory[0, 0].tolist() == [0, 3, 6]
+    assert memory[0, 1].tolist() == [0, 6, 8]
+    early = select_memory_ref(qbar, keys, torch.tensor([0, 2]), init_blocks=1, topk=2, block=block, scale=1.0)
+    assert early[0].tolist() == [[-1, -1, -1], [0, 1, -1]]
 
 
 @pytest.mark.gpu

@@ -4,16 +4,11 @@
 from __future__ import annotations
 
 import torch
-from salachat.kernels.long_context.reference import (
-    block_reps_ref,
-    extended_attention_ref,
-    rope_rows,
-    select_memory_ref,
-)
+from salachat.kernels.long_context.reference import extended_attention_ref, rope_rows, select_memory_ref
 
 from salachat import kernels
 
-__all__ = ["block_reps_ref", "extended_attention", "rope_rows", "select_memory_ref"]
+__all__ = ["extended_attention", "rope_rows", "select_memory_ref"]
 
 
 def _triton():

@@ -5,8 +5,8 @@ the key blocks); group g attends
 - its local span [ls_g, p] at true relative distances: keys rotated by (j - ls_g), the query by (p - ls_g);
 - memory blocks (the initial block and the selected ones) as if they sat `memory_distance` away: keys
   unrotated (position 0), the query rotated by `memory_distance`.
-Both parts share one softmax. Blocks are chosen by scoring their representative keys (means of `rep_size`
-unrotated keys) with the group's mean memory-frame query: the frame they are attended in.
+Both parts share one softmax. Blocks are chosen in the frame they are attended in: each block's keys at
+position 0 against the group's mean query rotated by the memory distance (see select_memory_ref).
 """
 
 from __future__ import annotations
@@ -14,38 +14,35 @@ from __future__ import annotations
 import torch
 
 
-def block_reps_ref(keys: torch.Tensor, rep_size: int) -> torch.Tensor:
-    """Representative keys of whole blocks: keys [Hkv, n*B, D] (unrotated) → means of every `rep_size`
-    consecutive keys, [Hkv, n*B/rep_size, D] in fp32."""
-    h, n, d = keys.shape
-    return keys.float().view(h, n // rep_size, rep_size, d).mean(2)
-
-
-def select_memory_ref(qbar: torch.Tensor, reps: torch.Tensor, n_before: torch.Tensor, init_blocks: int,
-                      topk: int, reps_per_block: int) -> torch.Tensor:
+def select_memory_ref(qbar: torch.Tensor, keys: torch.Tensor, n_before: torch.Tensor, init_blocks: int,
+                      topk: int, block: int, scale: float) -> torch.Tensor:
     """Memory blocks of each query group: [Hkv, G, init_blocks + topk] int32, -1 where unused.
 
-    qbar [Hkv, G, D] fp32: each group's mean memory-frame query (over its rows and the heads of a KV
-    group); reps [Hkv, R, D]: representative keys of the first R / reps_per_block blocks; n_before [G]: the
-    blocks that end at or before the group's local span (only those may be memory). Each block scores by
-    its best representative; the initial blocks are always in."""
-    hkv, groups, _ = qbar.shape
-    n_blocks = reps.shape[1] // reps_per_block
+    qbar [Hkv, G, per, D]: each group's mean memory-frame query, per query head; keys [Hkv, n*B, D]: the
+    unrotated keys of the first n blocks (at position 0: the frame memory is attended in); n_before [G]:
+    the blocks that end at or before the group's local span (only those may be memory). A block scores by
+    the attention mass its keys would get (the log-sum-exp of its scores) from the query head that wants it
+    most, so one retrieval head can claim a block that the others ignore. The initial blocks are always in."""
+    hkv, groups = qbar.shape[:2]
+    n_blocks = keys.shape[1] // block
     out = torch.full((hkv, groups, init_blocks + topk), -1, dtype=torch.int32, device=qbar.device)
-    blocks = torch.arange(init_blocks, device=qbar.device)
-    out[:, :, :init_blocks] = torch.where(blocks[None, :] < n_before[:, None], blocks[None, :], -1).int()
+    first = torch.arange(init_blocks, device=qbar.device)
+    out[:, :, :init_blocks] = torch.where(first[None, :] < n_before[:, None], first[None, :], -1).int()
     k = min(topk, max(n_blocks - init_blocks, 0))
     if k == 0:
         return out
-    scores = torch.einsum("hgd,hrd->hgr", qbar, reps.float()).view(hkv, groups, n_blocks, reps_per_block)
-    scores = scores.amax(-1)
-    block = torch.arange(n_blocks, device=qbar.device)
-    allowed = (block[None, :] >= init_blocks) & (block[None, :] < n_before[:, None])  # [G, n_blocks]
+    keys = keys[:, : n_blocks * block]
+    scores = []
+    for g0 in range(0, groups, 16):  # bounds the [Hkv, 16, per, L] score tensor at long contexts
+        s = torch.einsum("hgpd,hld->hgpl", (qbar[:, g0 : g0 + 16] * scale).to(keys.dtype), keys).float()
+        scores.append(s.unflatten(-1, (n_blocks, block)).logsumexp(-1).amax(2))
+    scores = torch.cat(scores, dim=1)  # [Hkv, G, n_blocks]
+    blocks = torch.arange(n_blocks, device=qbar.device)
+    allowed = (blocks[None, :] >= init_blocks) & (blocks[None, :] < n_before[:, None])  # [G, n_blocks]
     scores = scores.masked_fill(~allowed[None], float("-inf"))
     best, idx = scores.topk(k, dim=-1)
-    idx = torch.where(best > float("-inf"), idx, -1)
-    # ascending block order (unused last): the order keys are read in does not change the result
-    idx = torch.where(idx < 0, n_blocks, idx).sort(-1).values
+    # ascending block order, unused (-1) last: the order keys are read in does not change the result
+    idx = torch.where(best > float("-inf"), idx, n_blocks).sort(-1).values
     out[:, :, init_blocks : init_blocks + k] = torch.where(idx >= n_blocks, -1, idx).int()
     return out
 

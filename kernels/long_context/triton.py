@@ -88,7 +88,7 @@ def extended_attention_triton(q_loc, q_mem, keys, values, memory, row_group, gro
     q_loc, q_mem = q_loc.contiguous(), q_mem.contiguous()
     memory = memory.contiguous()
     bq = 64 if t >= 64 else 16
-    bk = 64
+    bk = 64 if d <= 64 else 32  # d128: the rotated tile and its partner fit shared memory
     # tiles: up to bq rows of one group each (rows of a group are consecutive)
     counts = torch.bincount(row_group, minlength=memory.shape[1]).tolist()
     row0, n_rows, tile_group, r = [], [], [], 0
@@ -108,5 +108,6 @@ def extended_attention_triton(q_loc, q_mem, keys, values, memory, row_group, gro
                            group_start.to(torch.int32).contiguous(), cos, sin, pos0, memory.shape[2], scale,
                            q_loc.stride(0), q_loc.stride(1), keys.stride(0), keys.stride(1),
                            memory.stride(0), memory.stride(1),
-                           PER=heads // hkv, D=d, BLOCK=block, BQ=bq, BK=bk, BM=min(bk, block))
+                           PER=heads // hkv, D=d, BLOCK=block, BQ=bq, BK=bk, BM=min(bk, block),
+                           num_stages=2, num_warps=4)
     return out
