@@ -64,6 +64,28 @@ class Conversation:
         self.fed_text = ""
         self.pending_ids: list[int] = []  # tokens of the reading that are not yet in the cache
         self.document_tokens = 0  # system prompt + documents, as read
+        self.reading_text = ""  # the reading as queued: system prompt + documents, up to the first question
+
+    @classmethod
+    def from_session_state(cls, state) -> Conversation:
+        """The conversation a session store gives back (sessions.store.ConversationState's fields)."""
+        conversation = cls(state.loaded, system_prompt=state.system_prompt, chunk_size=state.chunk_size)
+        conversation.cache = state.cache
+        conversation.documents_text = state.documents_text
+        conversation.reading_text = state.reading_text
+        conversation.fed_text = state.fed_text
+        conversation.pending_ids = list(state.pending_ids)
+        conversation.document_tokens = state.document_tokens
+        conversation.turns = [Turn(t.question, t.answer, dict(t.stats)) for t in state.turns]
+        return conversation
+
+    @property
+    def _reading_text(self) -> str:  # the name the session store used before `reading_text`
+        return self.reading_text
+
+    @_reading_text.setter
+    def _reading_text(self, text: str) -> None:
+        self.reading_text = text
 
     @property
     def tokens_in_context(self) -> int:
@@ -137,7 +159,7 @@ class Conversation:
         reading_text = full[: full.index(_QUESTION_SLOT)]
         self.pending_ids = self.tokenizer.encode(reading_text, add_bos=True)
         self.document_tokens = len(self.pending_ids)
-        self._reading_text = reading_text
+        self.reading_text = reading_text
         self._check_room(len(self.pending_ids))  # after the fields: a caller may switch to the extension
         return len(self.pending_ids)
 
@@ -153,7 +175,7 @@ class Conversation:
         def advance(_cache):
             del self.pending_ids[: self.chunk_size]
             if not self.pending_ids:
-                self.fed_text = self._reading_text
+                self.fed_text = self.reading_text
             if on_chunk is not None:
                 on_chunk(self)
 
