@@ -117,9 +117,9 @@ def _chapter(book: zipfile.ZipFile, href: str, path: str, book_left: int,
                     decoder, chunk = _decoder(encoding), head[skip:]
                 try:
                     reader.feed(decoder.decode(chunk, final=not chunk))
-                except UnicodeDecodeError as error:
+                except UnicodeError as error:
                     raise BadEncoding(where, f"is not valid {encoding.upper()} text (bad byte near byte "
-                                      f"{size - len(chunk) + error.start:,})", hint=_HINT) from None
+                                      f"{size - len(chunk) + getattr(error, 'start', 0):,})", hint=_HINT) from None
                 check(reader.chars)
                 if not chunk:
                     break
@@ -139,9 +139,9 @@ def _decode_chapter(markup: bytes, where: str) -> str:
     encoding, skip = choose_encoding(markup, True, where, declared_charset(markup))
     try:
         return _decoder(encoding).decode(markup[skip:], final=True)
-    except UnicodeDecodeError as error:
-        raise BadEncoding(where, f"is not valid {encoding.upper()} text (bad byte at byte {error.start})",
-                          hint=_HINT) from None
+    except UnicodeError as error:
+        raise BadEncoding(where, f"is not valid {encoding.upper()} text (bad byte at byte "
+                          f"{getattr(error, 'start', 0)})", hint=_HINT) from None
 
 
 def _member(book: zipfile.ZipFile, name: str, path: str, cap: int, what: str) -> bytes:

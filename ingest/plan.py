@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .document import Skipped
-from .errors import Damaged, IngestError, Unexpected
+from .errors import Binary, Damaged, IngestError, Unexpected
 from .html_text import HtmlText, declared_charset
+from .prose import _empty
 from .reader import detect_kind, open_input
 from .render import ANCHOR_EVERY
 from .repo import MAX_FILE_BYTES, walk_named
-from .stream import Budget, Input, choose_encoding, estimate_tokens, human_bytes
+from .stream import Budget, Input, choose_encoding, estimate_tokens, has_binary, human_bytes
 
 _TEXT_SAMPLE = 65536
 _HTML_SAMPLE = 1 << 20
@@ -92,12 +93,14 @@ class ReadPlan:
         return data
 
     def lines(self, max_listed: int = 20) -> list[str]:
-        """Plain lines for a terminal: each path with its size and estimate, then what is skipped."""
+        """Plain lines for a terminal: each path with its size and estimate, then what is skipped. A path
+        that cannot be read is not listed (refusal() gives its one line), so a plan of only such paths
+        prints nothing before that line."""
         out: list[str] = []
-        for item in self.items:
-            if item.error:
-                out.append(f"{item.source}: cannot be read: {item.error}")
-                continue
+        readable = [item for item in self.items if not item.error]
+        if not readable:
+            return out
+        for item in readable:
             units = f", {item.units:,} {item.unit_name}" if item.units is not None and item.unit_name else ""
             out.append(f"{item.source} ({item.kind}{units}): {human_bytes(item.bytes)}, "
                        f"about {item.tokens:,} tokens")
@@ -112,7 +115,7 @@ class ReadPlan:
             if item.anchors:
                 out.append(f"    anchors: {', '.join(item.anchors)}" + (f" ({item.anchor_rule})"
                                                                          if item.anchor_rule else ""))
-        verdict = "fits" if self.tokens <= self.max_tokens else "does NOT fit"
+        verdict = "fits" if self.tokens <= self.max_tokens else "does NOT fit"  # the refusal follows
         out.append(f"total about {self.tokens:,} tokens (estimated); {verdict} the limit of "
                    f"{self.max_tokens:,} tokens")
         return out
@@ -154,22 +157,25 @@ def _plan(path: str | Path, max_file_bytes: int, password: str | None) -> PlanIt
     if kind == "epub":
         return _plan_epub(inp)
     name = inp.name
+    complete = len(head) >= size
+    encoding, skip = choose_encoding(head if complete else head[:_TEXT_SAMPLE], complete, inp.source,
+                                     declared_charset(head) if kind == "html" else None)
+    text = head[skip:].decode(encoding, errors="replace")
+    if has_binary(text):  # what the reading would refuse, said now when the first megabyte shows it
+        raise Binary(inp.source, "contains binary data (NUL or control bytes) in its first megabyte",
+                     hint="pass the original document (PDF, EPUB, text) instead, or cut the binary part")
     if kind == "html":
         reader = HtmlText()
-        encoding, skip = choose_encoding(head, len(head) >= size, inp.source, declared_charset(head))
-        reader.feed(head[skip:].decode(encoding, errors="replace"))
-        text, _, _ = reader.close()
-        tokens = estimate_tokens(text) * size // max(len(head), 1)
-        return PlanItem(inp.source, kind, size, tokens, anchors=[f"{name}:1"],
-                        anchor_rule="a marker at each heading and at least every 60 lines of the text")
-    sample = head[:_TEXT_SAMPLE]
-    encoding, skip = choose_encoding(sample, len(sample) >= size, inp.source)
-    tokens = estimate_tokens(sample[skip:].decode(encoding, errors="replace")) * size // max(len(sample), 1)
+        reader.feed(text)
+        text = reader.close()[0]
+    if complete and not text.strip():
+        raise _empty(inp.source, kind)
+    tokens = estimate_tokens(text) * size // max(len(head), 1)
     if kind == "code":
-        return PlanItem(inp.source, kind, size, tokens, anchors=[f"{name}:1"],
-                        anchor_rule=f"lines numbered at block starts and at least every {ANCHOR_EVERY}")
-    return PlanItem(inp.source, kind, size, tokens, anchors=[f"{name}:1"],
-                    anchor_rule="a marker at each heading and at least every 60 lines")
+        rule = f"lines numbered at block starts and at least every {ANCHOR_EVERY}"
+    else:
+        rule = "a marker at each heading and at least every 60 lines" + (" of the text" if kind == "html" else "")
+    return PlanItem(inp.source, kind, size, tokens, anchors=[f"{name}:1"], anchor_rule=rule)
 
 
 def _plan_repo(root: Path, source: str, max_file_bytes: int) -> PlanItem:

@@ -252,7 +252,7 @@ def choose_encoding(sample: bytes, complete: bool, source: str, declared: str | 
         try:
             _decoder(codec).decode(sample, final=complete)  # incremental: a cut character at the end is fine
             return codec, 0
-        except UnicodeDecodeError:
+        except UnicodeError:  # not only UnicodeDecodeError: "UTF-16 stream does not start with BOM"
             pass  # the declaration is wrong: detect instead of decoding garbage
     _, encoding = decode_text(sample if complete else _cut_at_line(sample), source)
     return encoding, 0
@@ -277,36 +277,36 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         digest = hashlib.sha256()
-        decoder = None
+        self._decoder: codecs.IncrementalDecoder | None = None
+        self._ascii = True  # every byte so far was ASCII: the encoding is still open
         skip = 0
         line = 1
         total = self.input.expected_size()
         buffered = b""
         for chunk in self.input.chunks():
             digest.update(chunk)
-            if decoder is None:  # gather the sample encoding detection needs
+            if self._decoder is None:  # gather the sample encoding detection needs
                 buffered += chunk
                 if len(buffered) < SAMPLE_BYTES:
                     continue
                 chunk, buffered = buffered, b""
-                self.encoding, skip = choose_encoding(chunk, False, self.input.source, self.declared)
-                decoder = _decoder(self.encoding)
-            for piece in self._decode(decoder, chunk[skip:], line, self.input.bytes_read - len(chunk) + skip):
+                self._choose(chunk, False)
+                skip = self._skip
+            for piece in self._decode(chunk[skip:], line, self.input.bytes_read - len(chunk) + skip):
                 line += piece.count("\n")
                 yield piece
             skip = 0
             if self.progress and total:
                 self.progress(self.input.source, min(self.input.bytes_read, total), total)
-        if decoder is None:  # a file smaller than the sample: detection sees all of it
+        if self._decoder is None:  # a file smaller than the sample: detection sees all of it
             if not buffered:
                 self.content_hash = digest.hexdigest()
                 return
-            self.encoding, skip = choose_encoding(buffered, True, self.input.source, self.declared)
-            decoder = _decoder(self.encoding)
-            yield from self._decode(decoder, buffered[skip:], line, skip)
+            self._choose(buffered, True)
+            yield from self._decode(buffered[self._skip:], line, self._skip)
         try:
-            tail = decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
+            tail = self._decoder.decode(b"", final=True)
+        except UnicodeError:
             raise BadEncoding(self.input.source, f"is not valid {self.encoding.upper()} text (it ends in the "
                               "middle of a character)", hint="the file is truncated: copy it again") from None
         if tail:
@@ -315,24 +315,52 @@ class TextStream:
             yield tail
         self.content_hash = digest.hexdigest()
 
-    def _decode(self, decoder: codecs.IncrementalDecoder, chunk: bytes, line: int, offset: int) -> Iterator[str]:
+    def _choose(self, sample: bytes, complete: bool) -> None:
+        self.encoding, self._skip = choose_encoding(sample, complete, self.input.source, self.declared)
+        self._decoder = _decoder(self.encoding)
+
+    def _decode(self, chunk: bytes, line: int, offset: int) -> Iterator[str]:
+        decoder = self._decoder
         pending = decoder.getstate()[0]
         try:
             text = decoder.decode(chunk)
-        except UnicodeDecodeError as error:
+        except UnicodeError as failure:
             data = pending + chunk
+            error = failure if isinstance(failure, UnicodeDecodeError) else UnicodeDecodeError(
+                self.encoding, data, 0, 1, str(failure))
             if looks_binary(data):
                 raise Binary(self.input.source, f"contains binary data (NUL or control bytes) near byte "
                              f"{offset:,}", hint="pass the original document (PDF, EPUB, text) instead") from None
-            bad_line = line + data.count(b"\n", 0, error.start)
-            raise BadEncoding(
-                self.input.source, f"is not valid {self.encoding.upper()} text (bad byte "
-                f"0x{data[error.start]:02x} at line {bad_line}, byte {offset - len(pending) + error.start})",
-                hint="the file is damaged or mixes encodings: fix or remove that byte, or re-save the file as "
-                "UTF-8") from None
+            text = self._redetect(data, error)
+            if text is None:
+                bad_line = line + data.count(b"\n", 0, error.start)
+                raise BadEncoding(
+                    self.input.source, f"is not valid {self.encoding.upper()} text (bad byte "
+                    f"0x{data[error.start]:02x} at line {bad_line}, byte {offset - len(pending) + error.start})",
+                    hint="the file is damaged or mixes encodings: fix or remove that byte, or re-save the file "
+                    "as UTF-8") from None
+        self._ascii = self._ascii and chunk.isascii()
         self._check_binary(text, line)
         self.chars += len(text)
         yield text
+
+    def _redetect(self, data: bytes, error: UnicodeDecodeError) -> str | None:
+        """A long file whose first megabyte is plain ASCII was read as UTF-8; if its first non-ASCII bytes
+        are in a legacy encoding instead, that encoding reads the rest (ASCII reads the same in both)."""
+        if not self._ascii or self.declared or self.encoding != "utf-8" or not data[:error.start].isascii():
+            return None
+        window = data[error.start:error.start + SAMPLE_BYTES]
+        try:
+            _, encoding = decode_text(_cut_at_line(window) or window, self.input.source)
+        except IngestError:
+            return None
+        if encoding == "utf-8" or "a".encode(encoding) != b"a":  # only an ASCII-compatible one
+            return None
+        self.encoding, self._decoder = encoding, _decoder(encoding)
+        try:
+            return self._decoder.decode(data)
+        except UnicodeError:
+            return None
 
     def _check_binary(self, text: str, line: int) -> None:
         if has_binary(text):

@@ -334,6 +334,10 @@ CASES = [
     Case("txt_utf32", _file("u32.txt", codecs.BOM_UTF32_LE + "Größe ≠ size".encode("utf-32-le")), None,
          "Größe ≠ size"),
     Case("txt_latin1", _file("fr.txt", LATIN1.encode("cp1252")), None, LATIN1),
+    Case("txt_latin1_after_2mb_of_ascii", _file("late.txt", lambda: (("plain ascii line\n" * 130_000) + (LATIN1 + "\n")
+                                                                    * 100).encode("cp1252")), None, LATIN1),
+    Case("txt_utf8_then_bad_byte_after_2mb", _file("mixed.txt", lambda: b"ascii\n" * 400_000 + "naïve ".encode()
+                                                   + b"\xff\n"), BadEncoding, "is not valid UTF-8 text (bad byte 0xff"),
     Case("txt_huge_line", _file("line.txt", lambda: b"word " * 1_000_000), None, "word word"),
     Case("txt_crlf", _file("crlf.txt", b"first\r\nsecond\r\nthird\r\n"), None, "second\nthird"),
     Case("txt_markup_in_text", _file("m.txt", b"[/x] [bold]not markup[/bold] [p.12]\n"), None, "[/x] [bold]"),
@@ -619,7 +623,12 @@ def test_real_entry_point_gives_one_line_and_exit_3_or_reads(name, tmp_path):
     else:
         assert result.returncode == 3, (result.returncode, result.stdout, result.stderr)
         lines = result.stderr.strip().split("\n")
-        assert len(lines) == 1 and case.says in lines[0] and result.stdout == "", (result.stdout, result.stderr)
+        assert case.says in lines[-1] and result.stdout == "", (result.stdout, result.stderr)
+        assert sum(case.says in line for line in lines) == 1  # said once, not by the plan and again
+        if case.error is TooLarge and len(lines) > 1:  # the plan of what would be read, then the refusal
+            assert lines[-2].startswith("total about") and "does NOT fit" in lines[-2], lines
+        else:
+            assert len(lines) == 1, lines
 
 
 def test_all_chapters_together_are_capped_after_decompression(tmp_path, monkeypatch):

@@ -44,8 +44,9 @@ def test_a_200_mb_text_file_is_refused_through_salachat_ingest_in_bounded_memory
     command = [str(entry)] if entry.exists() else [sys.executable, "-m", "salachat"]
     result = _measured([*command, "ingest", str(path)], tmp_path / "home")
     assert result["rc"] == 3, result
-    lines = result["stderr"].strip().split("\n")
-    assert len(lines) == 1 and "huge.txt: is too long to read: 200." in lines[0] and "tokens" in lines[0]
+    lines = result["stderr"].strip().split("\n")  # the plan of what would be read, then the refusal
+    assert "huge.txt: is too long to read: 200." in lines[-1] and "more than the 4,000,000 tokens" in lines[-1]
+    assert "does NOT fit" in lines[-2]
     assert "Traceback" not in result["stderr"]
     assert result["peak"] < BOUND_BYTES, f"peak RSS {result['peak'] / 2**20:.0f} MiB"
     print(f"salachat ingest of 200 MB refused; peak RSS {result['peak'] / 2**20:.0f} MiB")
