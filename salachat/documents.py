@@ -55,9 +55,9 @@ def load_documents(paths: list[Path], password: str | None = None, progress=None
 
 def plan_documents(paths: list[Path], *, max_tokens: int | None = DEFAULT_MAX_TOKENS, password: str | None = None):
     """What reading `paths` would take (ingest.ReadPlan: .lines(), .to_dict(), .fits), computed from sizes,
-    a folder walk and small samples before anything is read whole. Raises UserError (exit code 3) for a
-    path that cannot be read or a reading that cannot fit, after the caller has had the plan to show:
-    call `check_plan(plan)` when it has been printed."""
+    a folder walk and small samples before anything is read whole. It never raises for a bad path: show
+    the plan, then `check_plan(plan)` raises the UserError (exit code 3) for an unreadable path or a
+    reading that cannot fit."""
     from salachat import ingest
 
     return ingest.plan_paths(list(paths), max_tokens=max_tokens, password=password)
