@@ -47,6 +47,7 @@ def store(cache_dir: Path | None, key: str, doc: Document, max_bytes: int = MAX_
     path = _entry(cache_dir, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)  # entries hold documents' text: private (temporary files are 0600)
         # Write then rename, so a reader never sees half an entry.
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False,
                                          suffix=".tmp") as handle:

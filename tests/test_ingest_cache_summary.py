@@ -126,3 +126,14 @@ def test_cache_evicts_least_recently_used_entries_past_its_cap(tmp_path):
     cache.store(cache_dir, cache.file_key(doc.content_hash, doc.kind), doc, max_bytes=2 * one_entry + 10)
     kept = {p.name[:64] for p in (cache_dir / "ingest").glob("*.json")}
     assert kept == {docs[0].content_hash, doc.content_hash}
+
+
+def test_cache_entries_are_private(tmp_path):
+    import stat
+
+    path = tmp_path / "book.pdf"
+    path.write_bytes(make_pdf(["private words"]))
+    read_paths([path], cache_dir=tmp_path / "cache")
+    folder = tmp_path / "cache" / "ingest"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert [stat.S_IMODE(entry.stat().st_mode) for entry in folder.iterdir()] == [0o600]
