@@ -269,6 +269,10 @@ def test_a_saved_session_is_served_without_reading_it_again(server, tmp_path):
         assert answer.usage.prompt_tokens_details.cached_tokens == saved_tokens
         assert answer.usage.model_extra["salachat"] == {"state": "session:skerry"}
         assert 0 < answer.usage.prompt_tokens - saved_tokens < 30  # only the question was read
+    resumed = salachat("resume", "skerry", "Who kept the light?", "--engine", server.url, "--max-tokens", "8",
+                       "--json", home=tmp_path / "client-home")  # the session is the server's, not the client's
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["answer"].strip()
     assert manifest.read_bytes() == before  # served read-only
 
 
@@ -285,6 +289,35 @@ def test_llm_cli_answers_through_the_server(server, tmp_path):
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def salachat(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SALACHAT_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "salachat", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300, check=False)
+
+
+def test_ask_and_resume_with_engine_use_the_server(server, tmp_path):
+    from salachat.chat import read_documents
+
+    document = tmp_path / "skerry.txt"
+    document.write_text(DOCUMENTS + "\n", encoding="utf-8")
+    home = tmp_path / "client-home"  # the client has no model: the server runs it
+    asked = salachat("ask", "--engine", server.url, str(document), "Who ran the ferry?", "--max-tokens", "8",
+                     "--json", home=home)
+    assert asked.returncode == 0, asked.stderr
+    result = json.loads(asked.stdout)
+    assert result["answer"].strip() and result["prompt_tokens"] > 40 and result["generated_tokens"] >= 1
+    # the server kept what the CLI sent it read: another question about the same document starts there
+    sent = read_documents([document]).prompt_text
+    again = server.client().chat.completions.create(model=server.model, max_tokens=4, messages=[
+        {"role": "user", "content": f"<documents>\n{sent}\n</documents>\n\nWhat did the lamp burn?"}])
+    assert again.usage.prompt_tokens_details.cached_tokens > 40
+    missing = salachat("resume", "no-such-session", "Who?", "--engine", server.url, home=home)
+    assert missing.returncode == 5 and "no-such-session" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    unreachable = salachat("ask", "--engine", "http://127.0.0.1:9", str(document), "Who?", home=home)
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
 
 
 def test_remote_session_asks_through_the_server_and_reuses_its_reading(server):
