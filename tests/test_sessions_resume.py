@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from salachat.engine.generate import Cancelled, Sampling
+
 from salachat.conversation import Conversation
 from salachat.sessions import Checkpointer, SessionWriter, load_conversation
 from salachat.sessions.safetensors_io import load_tensors_mmap
@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(scope="module")
 def tiny_sala(tmp_path_factory):
     from sala_tiny import write_tiny_checkpoint
-
     from salachat.engine.loader import load_model
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("sala") / "tiny")
