@@ -135,12 +135,16 @@ class RemoteSession:
         return self.documents.summary() if self.documents is not None else []
 
     def context(self):
+        """A chat.Context of what the server last reported (the fields a local engine alone knows are None)."""
+        import dataclasses
+
         from salachat.chat import Context
 
         prompt = int(self._usage.get("prompt_tokens") or 0)
         completion = int(self._usage.get("completion_tokens") or 0)
-        return Context(tokens=prompt + completion, pending_tokens=0, document_tokens=0, limit=None,
-                       trained_length=None, long_context="remote", state_bytes=0, device="REMOTE")
+        known = {"tokens": prompt + completion, "pending_tokens": 0, "document_tokens": 0,
+                 "long_context": "remote", "state_bytes": 0, "device": "REMOTE"}
+        return Context(**{f.name: known.get(f.name) for f in dataclasses.fields(Context)})
 
     def cited_passages(self, answer: str) -> list:
         if self.documents is None:
@@ -194,6 +198,11 @@ class RemoteSession:
                 "temperature": sampling.temperature, "top_p": sampling.top_p}
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        # not OpenAI's, but what salachat, vLLM, SGLang and llama.cpp's server take: sent only when asked for
+        if getattr(sampling, "min_p", 0.0):
+            body["min_p"] = sampling.min_p
+        if getattr(sampling, "repeat_penalty", 1.0) != 1.0:
+            body["repetition_penalty"] = sampling.repeat_penalty
         turn = Turn(question, "")
         pieces: list[str] = []
         started = time.perf_counter()

@@ -38,6 +38,8 @@ def test_sampling_fields_and_their_defaults():
     assert (request.sampling.temperature, request.sampling.top_p, request.sampling.max_tokens,
             request.sampling.seed) == (0.5, 0.9, 7, 3)
     assert request.stop == ["END"] and request.stream and request.include_usage
+    extras = parse([{"role": "user", "content": "hi"}], min_p=0.1, repetition_penalty=1.3)
+    assert (extras.sampling.min_p, extras.sampling.repeat_penalty) == (0.1, 1.3)
     plain = parse([{"role": "user", "content": "hi"}])
     assert (plain.sampling.temperature, plain.sampling.max_tokens, plain.stream) == (0.0, 64, False)
 

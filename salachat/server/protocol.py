@@ -152,11 +152,14 @@ def parse_request(body, default_sampling: Sampling) -> ChatRequest:
 
     max_tokens = _number(body, "max_completion_tokens", int, 1, None, None)
     max_tokens = max_tokens or _number(body, "max_tokens", int, 1, None, default_sampling.max_tokens)
+    repeat_penalty = _number(body, "repetition_penalty", float, 0, None, None)  # vLLM's and SGLang's name
     sampling = Sampling(
         temperature=_number(body, "temperature", float, 0, 2, default_sampling.temperature),
         top_p=_number(body, "top_p", float, 0, 1, default_sampling.top_p),
         max_tokens=max_tokens,
         seed=_number(body, "seed", int, None, None, default_sampling.seed),
+        min_p=_number(body, "min_p", float, 0, 1, default_sampling.min_p),
+        repeat_penalty=_number(body, "repeat_penalty", float, 0, None, repeat_penalty or default_sampling.repeat_penalty),
     )
     if sampling.top_p == 0:
         raise bad_request("top_p must be above 0", "top_p")
