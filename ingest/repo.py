@@ -166,10 +166,34 @@ def _walk(folder: Path, root_real: Path, relative: str, ignores: list[_Ignore], 
 
 def _read_ignore(path: Path, base: str) -> list[_Ignore]:
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if not stat.S_ISREG(path.stat().st_mode):
+            return []  # a FIFO named .gitignore must not block the walk
+        with path.open("rb") as handle:  # the first megabyte: no real .gitignore is longer
+            lines = handle.read(MAX_FILE_BYTES).decode("utf-8", errors="replace").splitlines()
     except OSError:
         return []
-    return [_Ignore(base, pathspec.GitIgnoreSpec.from_lines(lines))] if lines else []
+    if not lines:
+        return []
+    try:
+        spec = _spec(lines)
+    except (ValueError, re.error):  # pathspec's pattern errors are ValueErrors
+        # Git skips a pattern it cannot read ("!" alone, "[z-a]"); so do we, keeping the others.
+        spec = _spec([line for line in lines if _valid_pattern(line)])
+    return [_Ignore(base, spec)]
+
+
+def _spec(lines: list[str]) -> pathspec.GitIgnoreSpec:
+    spec = pathspec.GitIgnoreSpec.from_lines(lines)
+    spec.check_file("x")  # some patterns fail only when first matched
+    return spec
+
+
+def _valid_pattern(line: str) -> bool:
+    try:
+        _spec([line])
+    except (ValueError, re.error):
+        return False
+    return True
 
 
 def _ignored(path: str, is_dir: bool, ignores: list[_Ignore]) -> bool:

@@ -386,6 +386,8 @@ CASES = [
     Case("repo_secrets_and_junk", _repo_secrets, None, "The repository readme."),
     Case("repo_fifo", _repo_fifo, None, "hello from main"),
     Case("repo_symlink_loops", _repo_loop, None, "loop test"),
+    Case("repo_bad_gitignore", _made(lambda f: _tree(f / "g", {".gitignore": "!\n\\\n[z-a]\n*.log\n", "a.log": "x\n",
+                                                               "main.py": "x = 'kept'\n"})), None, "kept"),
     Case("repo_empty", _made(lambda f: _mkdir(f / "empty")), Empty, "the folder is empty"),
     Case("repo_only_secrets", _made(lambda f: _tree(f / "s", {".env": "A=1\n", "id_rsa": PRIVATE_KEY})), Empty,
          "looks like a credential"),
@@ -693,3 +695,12 @@ def test_several_documents_share_one_limit(tmp_path):
     with pytest.raises(TooLarge, match=r"b\.txt: is too long to read: .* tokens \(with 120,000 tokens of the "
                                        r"documents before it\), more than the 200,000"):
         read_paths([first, second], max_tokens=200_000)
+
+
+def test_unreadable_gitignore_patterns_are_skipped_and_the_rest_still_apply(tmp_path):
+    from salachat.ingest.repo import walk_repo
+
+    root = _tree(tmp_path / "g", {".gitignore": "!\n\\\n[z-a]\n*.log\n", "a.log": "x\n", "main.py": "x\n"})
+    files, skipped = walk_repo(root)
+    assert {file.relative for file in files} == {".gitignore", "main.py"}
+    assert {item.path: item.reason for item in skipped}["a.log"] == "ignored by .gitignore"
