@@ -73,6 +73,9 @@ class Runner:
     def submit(self, job: Job) -> int:
         """Queue `job`; its place in the queue (0: next). QueueFull past `max_waiting` waiting jobs."""
         with self._wake:
+            for gone in [j for j in self.waiting if j.cancelled]:  # clients that left free their places
+                self.waiting.remove(gone)
+                self._end_cancelled(gone)
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(len(self.waiting))
             self.waiting.append(job)
