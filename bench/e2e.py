@@ -204,51 +204,63 @@ def fresh_cache(model, kv_gpu_gb: float | None):
     return cache
 
 
+def peaks(device: str) -> tuple[float | None, float | None]:
+    if device != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
 def run_one(model, context: int, chunks: list[int], decode_tokens: int, time_cap: float, device: str,
             kv_gpu_gb: float | None = None, profile_to: Path | None = None, smallest: int = 1024) -> dict:
     """Read `context` random tokens in each of `chunks` (a chunk that runs out of memory is tried again in
-    halves, down to `smallest`), keep the best prefill; then decode from that cache."""
+    halves, down to `smallest`) and report the best; then decode from the last cache read (the same contents
+    whatever the chunk). Each reading starts from an empty cache with the previous one freed, so its peak
+    memory is its own."""
     vocab = model.model.embed_tokens.num_embeddings
     ids = torch.randint(vocab // 100, vocab - 1, (context,), device=device)
-    tried, best = {}, None
+    tried, read_ok = {}, {}
+    cache = logits = None
     queue = list(chunks)
     while queue:
         chunk = queue.pop(0)
+        cache = logits = None
+        gc.collect()
         if device == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        cache = fresh_cache(model, kv_gpu_gb)
+        attempt = fresh_cache(model, kv_gpu_gb)
         start = time.perf_counter()
         try:
-            logits = read(model, ids, cache, chunk, start + time_cap)
+            logits = read(model, ids, attempt, chunk, start + time_cap)
             sync(device)
         except OverTime as e:
             tried[chunk] = f"over the {time_cap:.0f} s cap after {e.args[0]} tokens"
-            del cache
             continue
         except torch.OutOfMemoryError:
             tried[chunk] = "out of memory"
-            del cache
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
             smaller = chunk // 2
             if smaller >= smallest and smaller not in chunks and smaller not in tried:
                 queue.insert(0, smaller)
             continue
-        seconds = time.perf_counter() - start
-        tried[chunk] = seconds
-        if best is None or seconds < best[0]:
-            if best is not None:
-                del best
-            best = (seconds, chunk, cache, logits)
-        else:
-            del cache
-        gc.collect()
-    if best is None:
+        finally:
+            if logits is None:
+                del attempt
+        cache = attempt
+        tried[chunk] = time.perf_counter() - start
+        read_ok[chunk] = (tried[chunk], *peaks(device))
+    if not read_ok:
         return {"status": "; ".join(f"chunk {c}: {r}" for c, r in tried.items()), "chunks_tried": tried}
-    prefill_s, chunk, cache, logits = best
-    del best
+    chunk = min(read_ok, key=lambda c: read_ok[c][0])
+    if cache is None:  # the last size tried failed: read again at the best one to decode from it
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        cache = fresh_cache(model, kv_gpu_gb)
+        logits = read(model, ids, cache, chunk, float("inf"))
+    prefill_s, prefill_peak, prefill_reserved = read_ok[chunk]
     token = logits.argmax().view(1)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     try:
         for _ in range(3):  # warm-up steps
             token = model(token, cache)[-1].argmax().view(1)
@@ -261,12 +273,13 @@ def run_one(model, context: int, chunks: list[int], decode_tokens: int, time_cap
     except torch.OutOfMemoryError:
         return {"status": "out of memory in decode", "prefill_seconds": prefill_s, "chunk": chunk,
                 "chunks_tried": tried}
+    decode_peak, decode_reserved = peaks(device)
     result = {
         "status": "ok", "chunk": chunk, "chunks_tried": tried, "prefill_seconds": prefill_s,
         "prefill_tokens_per_second": context / prefill_s, "decode_ms_per_token": decode_ms,
         "prefill_plus_decode_seconds": prefill_s + decode_ms * decode_tokens / 1000,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None,
+        "peak_memory_gib": None if prefill_peak is None else max(prefill_peak, decode_peak),
+        "peak_reserved_gib": None if prefill_reserved is None else max(prefill_reserved, decode_reserved),
         "state_bytes": cache_read_bytes_per_token(cache),
     }
     if profile_to is not None:
