@@ -49,14 +49,14 @@ def test_session_list_deletes_renames_and_opens_a_saved_session(smollm2, home):
             await pilot.press("ctrl+o")
             assert isinstance(app.screen, SessionsScreen)
             table = app.screen.query_one("#sessions-table")
-            names = [table.get_row_at(i)[0] for i in range(table.row_count)]
+            names = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
             assert sorted(names) == ["lighthouse", "scratch"]
             await pilot.press(*["down"] * names.index("scratch"), "d")
             assert not (home / "sessions" / "scratch").exists() and table.row_count == 1
             await pilot.press("r")
             await pilot.press(*["backspace"] * len("lighthouse"), *"keeper", "enter")
             assert (home / "sessions" / "keeper").is_dir() and not (home / "sessions" / "lighthouse").exists()
-            assert table.get_row_at(0)[0] == "keeper"
+            assert str(table.get_row_at(0)[0]) == "keeper"
             await pilot.press("enter")  # open it
             await settle(pilot)
             assert not isinstance(app.screen, SessionsScreen)
