@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import stat
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -183,8 +184,11 @@ def _read_ignore(path: Path, base: str) -> list[_Ignore]:
 
 
 def _spec(lines: list[str]) -> pathspec.GitIgnoreSpec:
-    spec = pathspec.GitIgnoreSpec.from_lines(lines)
-    spec.check_file("x")  # some patterns fail only when first matched
+    # re warns (FutureWarning: "Possible nested set") about patterns like "[[a]": never on the terminal.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = pathspec.GitIgnoreSpec.from_lines(lines)
+        spec.check_file("x")  # some patterns fail only when first matched
     return spec
 
 

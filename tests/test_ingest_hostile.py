@@ -386,7 +386,7 @@ CASES = [
     Case("repo_secrets_and_junk", _repo_secrets, None, "The repository readme."),
     Case("repo_fifo", _repo_fifo, None, "hello from main"),
     Case("repo_symlink_loops", _repo_loop, None, "loop test"),
-    Case("repo_bad_gitignore", _made(lambda f: _tree(f / "g", {".gitignore": "!\n\\\n[z-a]\n*.log\n", "a.log": "x\n",
+    Case("repo_bad_gitignore", _made(lambda f: _tree(f / "g", {".gitignore": "!\n\\\n[z-a]\n[[a]\n*.log\n", "a.log": "x\n",
                                                                "main.py": "x = 'kept'\n"})), None, "kept"),
     Case("repo_empty", _made(lambda f: _mkdir(f / "empty")), Empty, "the folder is empty"),
     Case("repo_only_secrets", _made(lambda f: _tree(f / "s", {".env": "A=1\n", "id_rsa": PRIVATE_KEY})), Empty,
@@ -700,7 +700,12 @@ def test_several_documents_share_one_limit(tmp_path):
 def test_unreadable_gitignore_patterns_are_skipped_and_the_rest_still_apply(tmp_path):
     from salachat.ingest.repo import walk_repo
 
-    root = _tree(tmp_path / "g", {".gitignore": "!\n\\\n[z-a]\n*.log\n", "a.log": "x\n", "main.py": "x\n"})
-    files, skipped = walk_repo(root)
+    root = _tree(tmp_path / "g", {".gitignore": "!\n\\\n[z-a]\n[[a]\n*.log\n", "a.log": "x\n", "main.py": "x\n"})
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        files, skipped = walk_repo(root)
+    assert not caught, [str(warning.message) for warning in caught]  # "[[a]" makes re warn: not shown
     assert {file.relative for file in files} == {".gitignore", "main.py"}
     assert {item.path: item.reason for item in skipped}["a.log"] == "ignored by .gitignore"
