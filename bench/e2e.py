@@ -290,7 +290,7 @@ def run_one(model, context: int, chunks: list[int], decode_tokens: int, time_cap
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["sala", "dense"], choices=["sala", "sala-dense", "dense"])
     parser.add_argument("--contexts", nargs="+", type=int, default=[32768, 262144, 1048576])
@@ -306,7 +306,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script runs")
     parser.add_argument("--profile", action="store_true",
                         help="profile a decode step and a prefill chunk at the longest context (CUDA)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     global SMOKE
     SMOKE = args.smoke
     device = "cpu" if args.smoke else "cuda"
@@ -370,7 +370,9 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
         out.write_text(json.dumps(report, indent=2))
-    print_table(report)
+    print_table(report)  # adds each model's speed-up over the dense baseline
+    out.write_text(json.dumps(report, indent=2))
+    return report
 
 
 def print_table(report: dict) -> None:

@@ -227,3 +227,33 @@ def test_decode_through_cuda_graphs_equals_eager_decode(tmp_path):
             assert torch.equal(a, b), f"token {i}"
         assert graphed.model._graphs is not None and graphed.model._graphs.captured
         assert states_equal(c1, c2, tol=0)
+
+
+@pytest.mark.slow
+def test_e2e_bench_smoke_times_each_chunk_and_reads_the_baseline_in_halves_past_out_of_memory(tmp_path, monkeypatch):
+    """bench/e2e.py at tiny shapes on the CPU: the hybrid is read at each chunk size and the best one kept;
+    the dense baseline tries one shot first and, out of memory, halves (faked here past 80 tokens); the
+    JSON says what was tried and the hybrid's speed-up over the baseline."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    import e2e
+
+    real_read = e2e.read
+
+    def read(model, ids, cache, chunk, deadline):
+        if hasattr(model, "rotary") and chunk > 80:  # the Llama-family baseline
+            raise torch.OutOfMemoryError("faked")
+        return real_read(model, ids, cache, chunk, deadline)
+
+    monkeypatch.setattr(e2e, "read", read)
+    out = tmp_path / "e2e.json"
+    report = e2e.main(["--smoke", "--models", "sala", "dense", "--contexts", "160", "--chunks", "40", "80",
+                       "--decode-tokens", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    sala, dense = saved["runs"]["sala"]["contexts"]["160"], saved["runs"]["dense"]["contexts"]["160"]
+    assert sala["status"] == "ok" and set(sala["chunks_tried"]) == {"40", "80"}
+    assert str(sala["chunk"]) == min(sala["chunks_tried"], key=sala["chunks_tried"].get)
+    assert dense["status"] == "ok" and dense["chunks_tried"]["160"] == "out of memory" and dense["chunk"] == 80
+    assert sala["speedup_vs_dense"] > 0 and sala["decode_ms_per_token"] > 0
