@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark and the GPU tests, on one CUDA machine, from the repository root:
 #   bash scripts/device/gpu.sh [section ...]     (default: every section, in order)
+# All sections take about 15 minutes (kernel compilation included); where one command may run 10 minutes at
+# most, run `tests kernels` and `e2e e2e_1m capped` as two commands.
 # Everything lands under $RESULTS (default $OUT, else bench/results/gpu): one log per section and the
 # benchmarks' JSON and profiles; after each section results.tgz in $OUT (or $RESULTS) bundles them, so a
 # device tool that returns few files from $OUT gets all of them in one. bitsandbytes (for --quant nf4) is
@@ -22,7 +24,7 @@ bundle() { (cd "$RESULTS" && tar czf "$BUNDLE_TO/results.tgz.part" --exclude 're
     && mv "$BUNDLE_TO/results.tgz.part" "$BUNDLE_TO/results.tgz") 2>/dev/null; }
 
 section_tests() {  # every kernel against its reference on the GPU (bf16, the 9B shapes, groups 1-16)
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests/ 2>&1 \
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests/ 2>&1 \
         | tail -40 | tee "$RESULTS/gpu_tests.log"
 }
 
