@@ -24,9 +24,12 @@ class Sampling:
     top_p: float = 1.0
     max_tokens: int = 512
     seed: int | None = None
-    repeat_penalty: float = 1.0  # llama.cpp's: logits of tokens seen in the last `repeat_last_n` divided by it
-    repeat_last_n: int = 64
-    min_p: float = 0.0  # keep tokens with probability >= min_p * the top token's
+    # llama.cpp's: logits of the tokens among the answer's last `repeat_last_n` divided by it (multiplied when
+    # negative); 1.1 stops the default model's greedy loops ("The answer is no." again and again), see
+    # docs/architecture.md, Long context for RoPE models
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64  # 0: off, -1: the whole answer
+    min_p: float = 0.05  # keep tokens with probability >= min_p * the top token's (llama.cpp's default)
 
 
 @dataclass
@@ -79,7 +82,7 @@ def prefill(
     for begin in range(0, total, chunk_size):
         if should_stop is not None and should_stop():
             raise Cancelled(f"stopped after {begin} of {total} tokens")
-        logits = model(ids[begin : begin + chunk_size], cache)[-1]
+        logits = model(ids[begin : begin + chunk_size], cache, last_only=True)[-1]  # no LM head for the rest
         if on_chunk is not None:
             on_chunk(cache)
         if progress is not None:

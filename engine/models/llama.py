@@ -283,7 +283,8 @@ class LlamaForCausalLM(nn.Module):
         return ModelCache(layers=layers)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: ModelCache, last_only: bool = False) -> torch.Tensor:
+        """Logits of every token, or with `last_only` of the last (prefill needs no LM head for the rest)."""
         if ids.device.type == "cpu":
             keep_fitting()
         pos0 = cache.position
@@ -293,4 +294,4 @@ class LlamaForCausalLM(nn.Module):
         for layer, layer_cache in zip(self.model.layers, cache.layers):
             h = layer(h, cos, sin, layer_cache, pos0, self.rotary)
         cache.position = pos0 + ids.shape[0]
-        return self.lm_head(self.model.norm(h)).float()
+        return self.lm_head(self.model.norm(h[-1:] if last_only else h)).float()

@@ -257,7 +257,7 @@ class SalaForCausalLM(nn.Module):
         return self._graphs
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: ModelCache, last_only: bool = False) -> torch.Tensor:
         a = self.args
         pos0 = cache.position
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
@@ -274,7 +274,7 @@ class SalaForCausalLM(nn.Module):
         for layer, layer_cache in zip(self.model.layers, cache.layers):
             h = layer(h, rope, layer_cache, pos0)
         cache.position = pos0 + ids.shape[0]
-        return self._head(h)
+        return self._head(h[-1:] if last_only else h)
 
     def _head(self, h):
         a = self.args
