@@ -221,6 +221,12 @@ def run_one(model, context: int, chunks: list[int], decode_tokens: int, time_cap
     tried, read_ok = {}, {}
     cache = logits = None
     queue = list(chunks)
+
+    def note(chunk: int, outcome) -> None:
+        tried[chunk] = outcome
+        print(f"  {context} tokens in chunks of {chunk}: "
+              + (f"{outcome:.1f} s" if isinstance(outcome, float) else outcome), flush=True)
+
     while queue:
         chunk = queue.pop(0)
         cache = logits = None
@@ -234,19 +240,19 @@ def run_one(model, context: int, chunks: list[int], decode_tokens: int, time_cap
             logits = read(model, ids, attempt, chunk, start + time_cap)
             sync(device)
         except OverTime as e:
-            tried[chunk] = f"over the {time_cap:.0f} s cap after {e.args[0]} tokens"
+            note(chunk, f"over the {time_cap:.0f} s cap after {e.args[0]} tokens")
             continue
         except torch.OutOfMemoryError:
-            tried[chunk] = "out of memory"
+            note(chunk, "out of memory")
             smaller = chunk // 2
-            if smaller >= smallest and smaller not in chunks and smaller not in tried:
+            if smaller >= smallest and smaller not in queue and smaller not in tried:
                 queue.insert(0, smaller)
             continue
         finally:
             if logits is None:
                 del attempt
         cache = attempt
-        tried[chunk] = time.perf_counter() - start
+        note(chunk, time.perf_counter() - start)
         read_ok[chunk] = (tried[chunk], *peaks(device))
     if not read_ok:
         return {"status": "; ".join(f"chunk {c}: {r}" for c, r in tried.items()), "chunks_tried": tried}
@@ -296,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contexts", nargs="+", type=int, default=[32768, 262144, 1048576])
     parser.add_argument("--chunks", nargs="+", type=int, default=[16384],
                         help="prefill chunk sizes for the SALA models (each is timed, the best kept)")
+    parser.add_argument("--min-chunk", type=int, default=None,
+                        help="a chunk that runs out of memory is tried in halves down to this (default: the "
+                             "smallest of --chunks)")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--time-cap", type=float, default=300.0, help="seconds for one prefill")
     parser.add_argument("--quant", default=None, choices=["nf4", "int8"], help="quantise the SALA models")
@@ -352,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
             # the baseline reads in one shot where memory allows, then in halves down to the smallest chunk
             chunks = args.chunks if sala else [context]
             r = run_one(model, context, chunks, args.decode_tokens, args.time_cap, device,
-                        args.kv_gpu_gb if sala else None, profile_to, smallest=min(args.chunks))
+                        args.kv_gpu_gb if sala else None, profile_to, smallest=args.min_chunk or min(args.chunks))
             if r["status"] == "ok":
                 bound_ms = (wbytes + r["state_bytes"]) / bw * 1000
                 r["decode_bound_ms"] = bound_ms

@@ -45,7 +45,7 @@ section_e2e_1m() {  # 1M tokens read and 64 decoded, with profiles of a decode s
 
 section_capped() {  # a 24 GB workstation GPU: nf4 weights, 2 GB of sparse K/V on the GPU, the rest in host memory
     timeout 300 python3 bench/e2e.py --models sala --quant nf4 --kv-gpu-gb 2 --memory-cap-gb 24 \
-        --contexts 1048576 --chunks "${CHUNK_CAPPED:-16384}" --time-cap 240 --out "$RESULTS/e2e_sala_nf4_24gb_1m.json" \
+        --contexts 1048576 --chunks "${CHUNK_CAPPED:-16384}" --min-chunk 2048 --time-cap 240 --out "$RESULTS/e2e_sala_nf4_24gb_1m.json" \
         2>&1 | tail -8 | tee "$RESULTS/e2e_sala_nf4_24gb_1m.log"
 }
 
