@@ -10,7 +10,8 @@ user message each time. Measured in one run, time to the first answer token (TTF
                reuse does for every question: a re-reading server keeps nothing, so its second request
                costs what its first does)
 
-The servers run one after the other (never both reading at once), each a real `salachat serve` subprocess.
+The servers run one after the other (never both reading at once), each a real `salachat serve` subprocess
+(`python -m salachat.server`, the same command).
 
     .venv/bin/python bench/serve.py                       # 65,536 tokens, the default model on the CPU
     .venv/bin/python bench/serve.py --tokens 8192 --out /tmp/serve.json
@@ -24,7 +25,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +37,9 @@ QUESTIONS = ("What does the engine keep for each Lightning layer?",
 
 def document_of(tokens: int, model: str | None) -> tuple[str, int]:
     """The repository's markdown and Python, concatenated and cut to `tokens` tokens."""
-    from salachat.models import open_tokenizer
+    from salachat.chat import open_model
 
-    tokenizer, _ = open_tokenizer(model)
+    tokenizer = open_model(model, device="cpu").tokenizer
     files = sorted(ROOT.glob("docs/*.md")) + sorted(ROOT.glob("engine/**/*.py")) + sorted(ROOT.glob("salachat/**/*.py"))
     files += sorted(ROOT.glob("kernels/**/*.py")) + sorted(ROOT.glob("ingest/**/*.py"))
     parts, ids = [], []
@@ -54,9 +54,9 @@ def document_of(tokens: int, model: str | None) -> tuple[str, int]:
 
 
 class Server:
-    def __init__(self, home: Path, args: list[str]):
-        env = {**os.environ, "SALACHAT_HOME": str(home), "COLUMNS": "200"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "salachat", "serve", "--port", "0", *args], cwd=ROOT,
+    def __init__(self, args: list[str]):
+        env = {**os.environ, "COLUMNS": "200"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "salachat.server", "--port", "0", *args], cwd=ROOT,
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = None
         lines = []
@@ -102,39 +102,54 @@ class Server:
             self.proc.kill()
 
 
+def _gpu(device: str | None) -> str:
+    import torch
+
+    return f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() and device != "cpu" else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--model", default=None, help="what `salachat serve --model` takes (default: the default model)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--state-gb", type=float, default=7.0, help="the reusing server's --state-gb")
+    parser.add_argument("--device", default=None, help="what `salachat serve --device` takes")
+    parser.add_argument("--warmup-tokens", type=int, default=0,
+                        help="first ask each server about another document this long (a GPU compiles its kernels "
+                             "on first use; that time belongs to neither request)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     args = parser.parse_args()
 
     document, document_tokens = document_of(args.tokens, args.model)
-    model_args = ["--model", args.model] if args.model else []
+    warmup = document_of(args.warmup_tokens, args.model)[0][::-1] if args.warmup_tokens else None
+    model_args = (["--model", args.model] if args.model else []) + (["--device", args.device] if args.device else [])
     results = {}
-    with tempfile.TemporaryDirectory(prefix="salachat-bench-") as home:
-        server = Server(Path(home), [*model_args, "--state-gb", str(args.state_gb)])
-        try:
-            results["first"] = server.ask(document, QUESTIONS[0], args.max_tokens)
-            results["second"] = server.ask(document, QUESTIONS[1], args.max_tokens)
-        finally:
-            server.stop()
-        model = server.model
-        server = Server(Path(home), [*model_args, "--no-reuse"])
-        try:
-            results["re-reading"] = server.ask(document, QUESTIONS[1], args.max_tokens)
-        finally:
-            server.stop()
+    server = Server([*model_args, "--state-gb", str(args.state_gb)])
+    try:
+        if warmup:
+            server.ask(warmup, QUESTIONS[0], args.max_tokens)
+        results["first"] = server.ask(document, QUESTIONS[0], args.max_tokens)
+        results["second"] = server.ask(document, QUESTIONS[1], args.max_tokens)
+    finally:
+        server.stop()
+    model = server.model
+    server = Server([*model_args, "--no-reuse"])
+    try:
+        if warmup:
+            server.ask(warmup, QUESTIONS[0], args.max_tokens)
+        results["re-reading"] = server.ask(document, QUESTIONS[1], args.max_tokens)
+    finally:
+        server.stop()
 
     second = results["second"]["ttft_seconds"]
     summary = {
         "model": model,
         "document_tokens": document_tokens,
         "max_tokens": args.max_tokens,
+        "warmup_tokens": args.warmup_tokens,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_implementation()} "
-                   f"{platform.python_version()}",
+                   f"{platform.python_version()}" + _gpu(args.device),
         "results": results,
         "second_sooner_than_first": round(results["first"]["ttft_seconds"] / second, 1),
         "second_sooner_than_rereading": round(results["re-reading"]["ttft_seconds"] / second, 1),
