@@ -441,20 +441,12 @@ def _document_lines(documents, tokenizer) -> list[DocumentLine]:
 
 
 def _saved_long_context(manifest: dict) -> str:
-    """The long-context mode a session was read in: its manifest field, or (older sessions) the fingerprint."""
-    model = manifest.get("model", {})
-    mode = model.get("long_context") or manifest.get("long_context")
-    if mode:
-        return mode
-    return "extended" if "sparse" in str(model.get("fingerprint", "")).split("+")[1:] else "dense"
+    """The long-context mode a session was read in (read_manifest fills it in for older sessions)."""
+    return manifest["model"]["long_context"]
 
 
 def _saved_quant(manifest: dict) -> str | None:
-    model = manifest.get("model", {})
-    if "quant" in model:
-        return model["quant"]
-    flags = str(model.get("fingerprint", "")).split("+")[1:]
-    return next((f for f in flags if f in ("int8", "nf4")), None)
+    return manifest["model"]["quant"]
 
 
 def _same_weights(loaded, manifest: dict) -> bool:

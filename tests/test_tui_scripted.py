@@ -244,3 +244,14 @@ def test_blank_questions_are_not_sent(question):
             await settle(pilot)
             assert not chat.turns
     asyncio.run(drive())
+
+
+@sync
+async def test_the_long_context_line_stays_in_the_log():
+    line = "the documents are 9,000 tokens, past the model's trained 8,192: reading with the long-context extension"
+    chat = Scripted(pending_tokens=30, notes=[line])
+    app = window({None: chat})
+    async with app.run_test(size=(110, 32)) as pilot:
+        await settle(pilot)
+        assert [w.source for w in app.query(Answer) if w.has_class("note")] == [line]
+        assert "ask away" in status(app)

@@ -202,8 +202,8 @@ class SalaChat(App[int]):
             self.chat = chat
             self.call_from_thread(self._show_transcript)
             self.call_from_thread(self.update_side)
-            for line in chat.notes:
-                self.call_from_thread(self.set_status, Text(line))
+            for line in chat.notes:  # the long-context switch and the like: kept in the log, not only the status
+                self.call_from_thread(self.add_message, "note", line)
             if not chat.pending_tokens:
                 name = chat.session_name
                 self.call_from_thread(self.set_status, Text(f"session {name}: ready" if name else "ready"))
