@@ -167,7 +167,9 @@ def sweep_select(length: int, queries: int) -> list[dict]:
     n_blocks = length // p.block_size
     keys = torch.randint(-(2**62), 2**62, (HKV_SPARSE, queries, n_blocks), device="cuda", dtype=torch.int64)
     row = {"op": "select_topk_only", "context": length, "queries": queries,
-           "ms": timed(lambda: _top_blocks(keys, p.selected, 1024))}
+           "ms": timed(lambda: _top_blocks(keys, p.selected, 1024)),
+           "sort_ms": timed(lambda: _top_blocks(keys, p.selected, 0, method="sort"))}
+    assert torch.equal(_top_blocks(keys, p.selected, 1024), _top_blocks(keys, p.selected, 0, method="sort"))
     rows.append(row)
     print(row)
     return rows

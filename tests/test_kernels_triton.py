@@ -162,6 +162,20 @@ def test_block_selection_in_two_rounds_of_top_k_is_the_same_selection(length, t)
                        select_blocks_ref(q, o1, o2, length - t, SMALL, 0.25))
 
 
+def test_top_blocks_by_tiles_of_top_k_and_by_a_whole_sort_are_the_same_set():
+    from salachat.kernels.sparse.triton_select import _top_blocks
+
+    gen = torch.Generator().manual_seed(5)
+    score_bits = torch.randint(-(2**31), 2**31 - 1, (3, 2, 4096), generator=gen)  # ties between blocks too
+    score_bits[0, 0, :2048] = 7
+    keys = score_bits * 4294967296 + (2147483647 - torch.arange(4096))  # as the score kernels pack them
+    row = keys[0, 0].tolist()
+    plain = sorted(2147483647 - (key & 0xFFFFFFFF) for key in sorted(row, reverse=True)[:96])
+    for got in (_top_blocks(keys, 96, 0), _top_blocks(keys, 96, 1024), _top_blocks(keys, 96, 0, "sort")):
+        assert got.shape == (3, 2, 96) and got[0, 0].tolist() == plain
+        assert torch.equal(got, _top_blocks(keys, 96, 0))
+
+
 def test_union_of_selections_lists_each_block_once_with_the_queries_that_chose_it():
     idx = torch.tensor([[[0, 3, -1], [0, 2, 3], [5, -1, -1]]], dtype=torch.int32)  # 1 group, 3 queries
     union, bits, count = union_of_selections(idx, 2)

@@ -231,11 +231,15 @@ def _tile_score_kernel(
 TOPK_TILE = 1024
 
 
-def _top_blocks(keys: torch.Tensor, k: int, tile: int) -> torch.Tensor:
-    """Block ids of the k largest keys of each row, ascending. The block id is in the key's low 32 bits."""
-    if tile:  # blocks past the row's end were written as -inf scores: never above a real block
-        keys = keys.unflatten(-1, (-1, tile)).topk(k, dim=-1, sorted=False).values.flatten(-2)
-    best = keys.topk(k, dim=-1, sorted=False).values
+def _top_blocks(keys: torch.Tensor, k: int, tile: int, method: str = "topk") -> torch.Tensor:
+    """Block ids of the k largest keys of each row, ascending. The block id is in the key's low 32 bits.
+    `method` "sort" sorts each row whole instead (the same set: keys are unique), for benchmarks to compare."""
+    if method == "sort":
+        best = keys.sort(dim=-1, descending=True).values[..., :k]
+    else:
+        if tile:  # blocks past the row's end were written as -inf scores: never above a real block
+            keys = keys.unflatten(-1, (-1, tile)).topk(k, dim=-1, sorted=False).values.flatten(-2)
+        best = keys.topk(k, dim=-1, sorted=False).values
     return (2147483647 - (best & 0xFFFFFFFF)).sort(-1).values
 
 
