@@ -210,7 +210,7 @@ class GGUFFile:
 
     def tensors(self, hf_names: list[str], n_layers: int, keep=lambda info: False) -> dict[str, object]:
         """Tensors under our names, q/k rows un-permuted for the `llama` architecture. A tensor for which
-        `keep(info)` is true comes back as (raw bytes as a torch uint8 tensor, info) for a quantised layer;
+        `keep(info)` is true comes back as (its raw blocks [rows, row_bytes] uint8, info) for a quantised layer;
         the others dequantised to fp32. `rope_freqs` (Llama 3.1 scaling) comes back under that name."""
         arch = self._check_architecture()
         table = self.name_table(hf_names, n_layers)
@@ -231,9 +231,9 @@ class GGUFFile:
             else:
                 heads = 0
             if keep(info):
-                data = torch.from_numpy(self.raw(info).copy())
+                data = self.raw(info)  # a view of the mapped file: the layer copies what it keeps
                 if heads:  # rows are whole quantisation blocks: permuting them is exact
-                    data = unpermute_rope_rows(data, heads)
+                    data = unpermute_rope_rows(torch.from_numpy(data.copy()), heads)
                 out[name] = (data, info)
             else:
                 tensor = self.dequantised(info)

@@ -4,6 +4,7 @@ What a model *name* means is the product's business (salachat/models.py); the en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -120,6 +121,7 @@ def load_model(
             raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face checkpoint folder")
     except MemoryError:
         raise ModelLoadError(f"{path}: not enough memory to load this model") from None
+    _release_freed_memory()
     if quant:
         from salachat.engine.quant import quantize_linears
 
@@ -182,10 +184,35 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quanti
     return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype, architecture=config["model_type"])
 
 
+@contextlib.contextmanager
+def _no_init():
+    """Build modules without running their random init: the weights come from the checkpoint, and on the
+    meta device torch's init functions import torch._dynamo (5 s and 150 MB of RSS at the first call)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _release_freed_memory() -> None:
+    """Loading frees hundreds of MB of transients; glibc keeps them mapped unless asked to give them back."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _check_gguf_tensors(gguf, cls, args, source: str) -> list[str]:
     """Every tensor the model needs is in the header with the right shape (before any data is read); the
     model's tensor names."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         expected = {name: tuple(t.shape) for name, t in cls(args).state_dict().items()}
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -208,7 +235,7 @@ def _build(cls, args, tensors: dict[str, object], device, dtype, source: str):
     its linear layer a quantised one."""
     from salachat.engine.qlinear import QuantEmbedding, QuantLinear
 
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = cls(args)
     expected = dict(model.state_dict())
     if args.tie_word_embeddings:

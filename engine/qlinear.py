@@ -24,6 +24,7 @@ from torch import nn
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 GROUP = 32
 PREFILL_ROWS = 16  # from this many tokens on, dequantise once and use a dense bf16 matmul
+PACK_ROWS = 4096  # a multiple of the kernel's 64-row blocks
 
 
 def unpack_blocks(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,16 +80,23 @@ class QuantLinear(nn.Module):
         """From a GGUF tensor's raw blocks; the bias (if any) is loaded afterwards under `.bias`."""
         qtype = info.qtype.name
         out_features, in_features = info.shape
-        q, scale, zero = unpack_blocks(raw, qtype)
-        if qtype == "Q8_0":
-            hi = torch.div(q, 16, rounding_mode="floor")
-            halves = [(hi + 8, 16 * scale, torch.zeros_like(scale)), (q - 16 * hi, scale, 8 * scale)]
-        else:
-            halves = [(q, scale, zero)]
-        packs = []
-        for nibbles, s, z in halves:
-            packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
-            packs.append((packed, torch.stack([s.T, z.T], dim=-1).to(torch.bfloat16).contiguous()))
+        n_packs = 2 if qtype == "Q8_0" else 1
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_packs)]
+        # rows a slice at a time: the kernel's packing wants int32 codes, 8x the bytes of the file's
+        for begin in range(0, out_features, PACK_ROWS):
+            rows = raw[begin : begin + PACK_ROWS]
+            rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows.copy())
+            q, scale, zero = unpack_blocks(rows, qtype)
+            if qtype == "Q8_0":
+                hi = torch.div(q, 16, rounding_mode="floor")
+                halves = [(hi + 8, 16 * scale, torch.zeros_like(scale)), (q - 16 * hi, scale, 8 * scale)]
+            else:
+                halves = [(q, scale, zero)]
+            for i, (nibbles, s, z) in enumerate(halves):
+                packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
+                parts[i].append((packed, torch.stack([s.T, z.T], dim=-1).to(torch.bfloat16)))
+        packs = [(torch.cat([p for p, _ in chunks]), torch.cat([sz for _, sz in chunks], dim=1).contiguous())
+                 for chunks in parts]
         b = torch.zeros(out_features) if bias else None
         return cls(in_features, out_features, packs, qtype, b)
 
@@ -133,9 +141,9 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """Token embeddings kept as GGUF blocks; looked-up rows are dequantised (exactly, in fp32)."""
 
-    def __init__(self, raw: torch.Tensor, qtype: str, embedding_dim: int):
+    def __init__(self, raw, qtype: str, embedding_dim: int):
         super().__init__()
-        self.register_buffer("raw", raw)
+        self.register_buffer("raw", torch.tensor(raw) if not isinstance(raw, torch.Tensor) else raw)
         self.qtype, self.embedding_dim = qtype, embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
