@@ -371,12 +371,17 @@ class ChatSession:
         if self.pending_tokens:
             self.read(progress, should_stop)
         sampling = sampling if sampling is not None else Sampling()
+        interrupted = False
         try:
             yield from self.conversation.ask(question, sampling, should_stop=should_stop, stats=stats)
         except KeyboardInterrupt:
-            raise errors.Interrupted(self._interrupted_message()) from None
+            # Ctrl-C may land inside a forward pass, with some layers' caches a token ahead: that state is
+            # never saved, the session keeps its last save (before this question)
+            interrupted = True
+            kept = f"; session {self.session_name!r} keeps its last save" if self.saved_tokens is not None else ""
+            raise errors.Interrupted(f"stopped; this answer was not saved{kept}") from None
         finally:
-            if self.writer is not None and self.conversation.turns:
+            if self.writer is not None and self.conversation.turns and not interrupted:
                 self.save()
 
     def answer(self, question: str, sampling=None, **kwargs) -> tuple[str, object]:

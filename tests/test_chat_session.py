@@ -170,3 +170,24 @@ def test_the_long_context_extension_turns_on_only_when_the_documents_do_not_fit(
         assert forced.context().long_context == "extended"
     finally:
         smollm2.model.args = trained
+
+
+def test_ctrl_c_inside_an_answer_never_saves_that_state(tiny, story, monkeypatch):
+    chat = ChatSession.open(paths=[story], loaded=tiny, session="answering", chunk_size=64)
+    chat.answer("Who?", GREEDY)
+    saved = chat.saved_tokens
+    forward = tiny.model.forward
+    calls = []
+
+    def interrupted_forward(*args, **kwargs):  # Ctrl-C in the middle of the second answer's decoding
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "forward", interrupted_forward)
+    with pytest.raises(errors.Interrupted, match="not saved; session 'answering' keeps its last save"):
+        chat.answer("And when?", GREEDY)
+    monkeypatch.setattr(tiny.model, "forward", forward)
+    resumed = ChatSession.resume("answering", loaded=tiny)
+    assert resumed.context().tokens == saved and [t.question for t in resumed.turns] == ["Who?"]

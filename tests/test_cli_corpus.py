@@ -261,3 +261,9 @@ def test_every_command_lists_the_shared_options(run):
         assert code == 0, args
         missing = [option for option in expected if option not in out]
         assert not missing, (args, missing)
+
+
+@pytest.mark.parametrize("data, needle", [(b"", "stdin"), (b"\x00\x01\x02" * 400, "stdin")],
+                         ids=["empty-stdin", "binary-stdin"])
+def test_a_bad_document_on_standard_input_is_one_line_and_exit_3(run, data, needle):
+    one_line(*run("ask", "-", "q", stdin=data), errors.BAD_INPUT, needle)

@@ -48,6 +48,11 @@ def ask(
                             repeat_penalty=repeat_penalty, seed=seed)
     stdin = None
     if any(str(p) == "-" for p in paths):
+        if sys.stdin.isatty():
+            from salachat.errors import UsageError
+
+            raise UsageError("- reads a document from standard input, which is a terminal here: pipe one in "
+                             "(cat notes.md | salachat ask - \"question\")")
         stdin = sys.stdin.buffer.read()
         paths = [p for p in paths if str(p) != "-"]
     from salachat.chat import ChatSession
