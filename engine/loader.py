@@ -264,7 +264,24 @@ def _build(cls, args, tensors: dict[str, object], device, dtype, source: str):
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise ModelLoadError(f"{source}: checkpoint lacks tensor {leftover[0]}")
+    _fuse_packed(model)
     return model.to(device).eval()
+
+
+def _fuse_packed(model) -> None:
+    """q/k/v and gate/up of a layer as one packed matmul each, where all of them are packed alike."""
+    from salachat.engine.qlinear import QuantLinear
+
+    for layer in model.model.layers:
+        for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                             (layer.mlp, ("gate_proj", "up_proj"))):
+            parts = [getattr(owner, name) for name in names]
+            if all(isinstance(p, QuantLinear) for p in parts):
+                fused = QuantLinear.concat(parts)
+                if fused is not None:
+                    setattr(owner, names[0], fused)
+                    for name in names[1:]:
+                        setattr(owner, name, None)
 
 
 def _set_quantised(model, module_name: str, value) -> None:

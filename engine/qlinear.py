@@ -100,6 +100,21 @@ class QuantLinear(nn.Module):
         b = torch.zeros(out_features) if bias else None
         return cls(in_features, out_features, packs, qtype, b)
 
+    @classmethod
+    def concat(cls, layers: list[QuantLinear]) -> QuantLinear | None:
+        """One layer computing several layers' outputs side by side (q, k and v; gate and up): one kernel
+        call instead of three or two per token, whose fixed cost is most of a small matrix's. None if the
+        layers do not share a type and input."""
+        first = layers[0]
+        if any(l.qtype != first.qtype or l.in_features != first.in_features or l.n_packs != first.n_packs
+               or (l.bias is None) != (first.bias is None) for l in layers):
+            return None
+        packs = [(torch.cat([getattr(l, f"packed{i}") for l in layers]),
+                  torch.cat([getattr(l, f"scales_zeros{i}") for l in layers], dim=1).contiguous())
+                 for i in range(first.n_packs)]
+        bias = torch.cat([l.bias.data for l in layers]) if first.bias is not None else None
+        return cls(first.in_features, sum(l.out_features for l in layers), packs, first.qtype, bias)
+
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """W (for prefill's dense matmul), read back from the packs. torch's CPU int4 layout: per block of 64
         output rows, bytes [in_features][32], byte (k, j) holding rows j (low nibble) and j + 32 (high)."""

@@ -195,9 +195,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache, pos0: int, rotary: Rotary) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim).transpose(0, 1)
-        k = self.k_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
+        if self.k_proj is None:  # q_proj computes q, k and v side by side (fused packed weights)
+            q, k, v = self.q_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                            self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.n_heads, self.head_dim).transpose(0, 1)
+        k = k.reshape(t, self.n_kv, self.head_dim).transpose(0, 1)
+        v = v.reshape(t, self.n_kv, self.head_dim).transpose(0, 1)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if getattr(cache, "places_positions", False):
@@ -219,6 +224,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
+        if self.up_proj is None:  # gate_proj computes gate and up side by side (fused packed weights)
+            gate, up = self.gate_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
