@@ -387,3 +387,21 @@ def test_crafted_sessions_through_the_entry_point_are_exit_5(salachat_cli, templ
         assert result.returncode == errors.NO_SESSION, (args, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert expected in result.stderr
+
+
+def test_export_is_private_and_a_full_disk_or_a_missing_folder_is_one_line(tmp_path):
+    from salachat.sessions import SessionSaveError
+    from salachat.sessions.transcript import export_transcript
+
+    old = os.umask(0)
+    try:
+        export_transcript(tmp_path / "t.md", "# Session light\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.md").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "t.md").read_text() == "# Session light\n"
+    places = [tmp_path / "no" / "such" / "folder.md"] + ([Path("/dev/full")] if Path("/dev/full").exists() else [])
+    for place in places:  # /dev/full: every write fails with "No space left on device"
+        with pytest.raises(SessionSaveError) as failure:  # a failed write: exit 1, as a failed save
+            export_transcript(place, "text")
+        assert str(place) in str(failure.value) and "\n" not in str(failure.value)
