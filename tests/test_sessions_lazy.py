@@ -115,3 +115,17 @@ def test_saving_a_lazily_resumed_session_waits_for_its_state(tiny, tmp_path, sma
     SessionWriter(tmp_path / "copy", documents=[]).save(resumed)  # reads every layer's state
     again, _ = load_conversation(tmp_path / "copy", tiny, lazy=False)
     assert torch.equal(tiny.model(torch.tensor(PROBE), again.cache), tiny.model(torch.tensor(PROBE), reference.cache))
+
+
+def test_a_process_that_ends_while_its_session_streams_in_exits_cleanly(tiny, tmp_path):
+    import subprocess
+
+    _saved(tiny, tmp_path / "s")
+    child = ("import sys, torch\nfrom pathlib import Path\nfrom salachat.engine.loader import load_model\n"
+             "from salachat.sessions import load_session\n"
+             "loaded = load_model(sys.argv[1], device='cpu', dtype=torch.float32)\n"
+             "resumed = load_session(Path(sys.argv[2]), loaded)\nprint('loaded', resumed.stream is not None)\n")
+    result = subprocess.run([sys.executable, "-c", child, tiny.model_id, str(tmp_path / "s")], capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and result.stdout.strip() == "loaded True", result.stderr
+    assert result.stderr.strip() == "", result.stderr

@@ -17,10 +17,12 @@ piece of the files it reads (the file checksum is over all of them).
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import hashlib
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from salachat.sessions import atomic
 from salachat.sessions.manifest import SessionError, damaged, session_file
 from salachat.sessions.safetensors_io import FROM_NAME, read_header
 
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()  # fills still streaming: stopped cleanly when the process exits
 CHUNK = 16 << 20  # bytes a worker reads, hashes and copies up at a time (a quarter of a piece)
 SLACK_TOKENS = 16384  # room in the restored buffers for the next question before the first regrow
 
@@ -180,8 +183,11 @@ class LazyFill:
             self._fail_all(f"{e.strerror if isinstance(e, OSError) else e}")
             return
         workers = max(1, min(12, (os.cpu_count() or 2) - 1, len(self._tasks)))
-        for _ in range(workers):
-            threading.Thread(target=self._work, daemon=True, name="salachat-session-stream").start()
+        self._threads = [threading.Thread(target=self._work, daemon=True, name="salachat-session-stream")
+                         for _ in range(workers)]
+        _ACTIVE.add(self)
+        for thread in self._threads:
+            thread.start()
 
     def _fail_all(self, problem: str) -> None:
         with self._lock:
@@ -322,3 +328,13 @@ class LazyFill:
                 self._finish_if_done()
             else:
                 self._all_done.set()
+
+
+@atexit.register
+def _stop_streams() -> None:
+    """A process that ends before its stream does (an answer refused, Ctrl-C) stops it between pieces, so no
+    worker is inside a copy to the device while CUDA shuts down."""
+    for fill in list(_ACTIVE):
+        fill.cancel()
+        for thread in getattr(fill, "_threads", []):
+            thread.join(timeout=5)
