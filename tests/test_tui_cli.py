@@ -2,25 +2,30 @@
 
 from pathlib import Path
 
+import pytest
+
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample.pdf"
 
 
-def test_chat_help_lists_the_options(salachat_cli):
-    helped = salachat_cli("chat", "--help")
-    assert helped.returncode == 0 and "Open the chat window" in helped.stdout
-    for option in ("--model", "--quant", "--device", "--session", "--max-tokens", "--temperature"):
-        assert option in helped.stdout
+def test_chat_help_lists_the_options(salachat_main):
+    code, out, _ = salachat_main("chat", "--help")
+    assert code == 0 and "Open the chat window" in out
+    for option in ("--model", "--quant", "--device", "--session", "--max-tokens", "--temperature", "--top-p",
+                   "--seed", "--sparse", "--engine"):
+        assert option in out
 
 
-def test_chat_refuses_bad_input_in_one_line_before_opening_the_window(salachat_cli):
+def test_chat_refuses_bad_input_in_one_line_before_opening_the_window(salachat_main, monkeypatch):
     """A missing file (exit 3), no model installed (exit 4), a bad --quant (exit 2), a session that does not
     exist (exit 5): one line each, and no window (it would hang here, without a terminal)."""
-    missing = salachat_cli("chat", "missing.pdf", timeout=60)
-    assert missing.returncode == 3 and missing.stderr.strip().count("\n") == 0 and "missing.pdf" in missing.stderr
-    no_model = salachat_cli("chat", str(SAMPLE), env={"SALACHAT_TEST_MODEL": ""}, timeout=60)
-    assert no_model.returncode == 4 and "salachat models pull smollm2" in no_model.stderr
-    assert no_model.stderr.strip().count("\n") == 0
-    bad_quant = salachat_cli("chat", str(SAMPLE), "--quant", "int3", timeout=60)
-    assert bad_quant.returncode == 2 and "int8 or nf4" in bad_quant.stderr
-    no_session = salachat_cli("resume", "nosuch", timeout=60)
-    assert no_session.returncode == 5 and "Traceback" not in no_session.stderr and "nosuch" in no_session.stderr
+    from salachat import tui
+
+    monkeypatch.setattr(tui, "run", lambda **_: pytest.fail("the window opened"))
+    code, _, err = salachat_main("chat", "missing.pdf")
+    assert code == 3 and err.strip().count("\n") == 0 and "missing.pdf" in err
+    code, _, err = salachat_main("chat", str(SAMPLE))  # the test's data folder has no model installed
+    assert code == 4 and "salachat models pull smollm2" in err and err.strip().count("\n") == 0
+    code, _, err = salachat_main("chat", str(SAMPLE), "--quant", "int3")
+    assert code == 2 and "int8 or nf4" in err
+    code, _, err = salachat_main("resume", "nosuch")
+    assert code == 5 and "Traceback" not in err and "nosuch" in err
