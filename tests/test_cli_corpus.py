@@ -142,12 +142,14 @@ def test_json_errors_are_one_object_on_stdout(run, tmp_path):
     (["sessions", "show", "nosuch"], "nosuch"),
     (["sessions", "rm", "nosuch"], "nosuch"),
     (["sessions", "export", "nosuch"], "nosuch"),
+    (["sessions", "rename", "nosuch", "other"], "nosuch"),
+    (["sessions", "rename", "nosuch", "../x"], "session name"),
     (["sessions", "show", "../etc"], "session name"),
     (["sessions", "show", MARKUP], MARKUP),
     (["resume", "name\n", "q"], "session name"),
     (["ask", "{story}", "q", "--session", "bad/name"], "session name"),
     (["chat", "--session", MARKUP], MARKUP),
-], ids=["resume-missing", "show-missing", "rm-missing", "export-missing", "dotdot", "markup-name", "newline",
+], ids=["resume-missing", "show-missing", "rm-missing", "export-missing", "rename-missing", "rename-bad-name", "dotdot", "markup-name", "newline",
         "ask-bad-name", "chat-markup-name"])
 def test_missing_or_misnamed_sessions_are_one_line_and_exit_5(run, story, args, needle):
     args = [a.replace("{story}", str(story)) for a in args]

@@ -130,3 +130,6 @@ def test_markup_in_titles_questions_and_answers_prints_as_typed(salachat_main, t
     assert code == 0 and f"1. {question}" in out and "[bold]notes[red].md" in out
     code, out, _ = salachat_main("sessions", "export", "marked")
     assert code == 0 and question in out
+    code, _, err = salachat_main("sessions", "rename", "marked", "plain")
+    assert code == 0 and "renamed session 'marked' to 'plain'" in err
+    assert salachat_main("sessions", "show", "plain")[0] == 0 and salachat_main("sessions", "show", "marked")[0] == 5

@@ -141,6 +141,15 @@ def sessions_rm(session_id: Id) -> None:
     err.print(Text(f"removed session {session_id!r}{size}"))
 
 
+def sessions_rename(old: Id, new: Annotated[str, typer.Argument(metavar="NEW", help="The new name.")]) -> None:
+    """Rename a session (refused while another salachat has it open)."""
+    from salachat.console import err
+    from salachat.sessions import rename_session, sessions_root
+
+    rename_session(sessions_root(), old, new)
+    err.print(Text(f"renamed session {old!r} to {new!r}"))
+
+
 def sessions_export(
     session_id: Id,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of Markdown.")] = False,
@@ -171,6 +180,7 @@ def register(app: typer.Typer) -> None:
     sessions_app.command("list")(opt.with_global_options(sessions_list))
     sessions_app.command("show")(opt.with_global_options(sessions_show))
     sessions_app.command("rm")(opt.with_global_options(sessions_rm))
+    sessions_app.command("rename")(opt.with_global_options(sessions_rename))
     sessions_app.command("export")(opt.with_global_options(sessions_export))
     app.add_typer(sessions_app, name="sessions")
     app.command("resume")(opt.with_global_options(resume))
