@@ -55,6 +55,7 @@ LONG_CONTEXT_MODES = ("auto", "on", "off")
 # Room left for a question and its answer when deciding that documents fit a dense model's trained length
 # (an eighth of it for short-context models).
 ANSWER_ROOM = 1024
+COUNT_CHARS = 4_000_000  # documents up to this many characters get their own token count in document_lines
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,9 @@ def with_long_context(loaded):
         return loaded
     if loaded.family != "llama":
         raise ModelLoadError("the long-context extension applies to Llama-family models")
-    copy = dataclasses.replace(loaded)
-    if hasattr(long_context, "enable"):
-        result = long_context.enable(copy)
-        return result if result is not None else copy
-    return dataclasses.replace(loaded, sparse=long_context.params_for(loaded.model),
-                               fingerprint=loaded.fingerprint + "+sparse")
+    extended = dataclasses.replace(loaded)
+    long_context.enable(extended)
+    return extended
 
 
 def _sessions_dir() -> Path:
@@ -162,8 +160,21 @@ class ChatSession:
         self.conversation = conversation  # salachat.conversation.Conversation: the state machine underneath
         self.documents = documents  # salachat.documents.Documents read in this process (None after resume)
         self.writer = writer  # a sessions.SessionWriter when the conversation is saved
-        self.document_lines: list[DocumentLine] = list(document_lines or [])
+        self._document_lines: list[DocumentLine] | None = None if document_lines is None else list(document_lines)
         self.notes: list[str] = list(notes or [])  # the lines `on_note` got (long-context switch …)
+
+    @property
+    def document_lines(self) -> list[DocumentLine]:
+        """One line a document: name, pages (files, chapters) and tokens; counted on first use, since only
+        the chat window shows them (tokens are left out of documents too long to count again cheaply)."""
+        if self._document_lines is None:
+            self._document_lines = [] if self.documents is None else _document_lines(
+                self.documents, self.conversation.tokenizer)
+        return self._document_lines
+
+    @document_lines.setter
+    def document_lines(self, lines: list[DocumentLine]) -> None:
+        self._document_lines = list(lines)
 
     # opening
 
@@ -219,8 +230,7 @@ class ChatSession:
             from salachat.sessions import SessionWriter
 
             writer = SessionWriter(folder, documents=documents.summary() if documents is not None else [])
-        lines = _document_lines(documents, conversation.tokenizer) if documents is not None else []
-        return cls(conversation, documents=documents, writer=writer, document_lines=lines, notes=notes)
+        return cls(conversation, documents=documents, writer=writer, notes=notes)
 
     @classmethod
     def _continue(cls, name, folder, documents, loaded, long_context, chunk_size, on_note):
@@ -237,7 +247,7 @@ class ChatSession:
             loaded = with_long_context(loaded)
         session = cls._load(name, folder, loaded, chunk_size)
         session.documents = documents
-        session.document_lines = _document_lines(documents, session.conversation.tokenizer)
+        session._document_lines = None  # counted from the documents read here, on first use
         return session
 
     @classmethod
@@ -410,7 +420,7 @@ class ChatSession:
     def fork(self) -> ChatSession:
         """An independent copy of the conversation at this message boundary, saved nowhere."""
         return ChatSession(self.conversation.clone(), documents=self.documents, writer=None,
-                           document_lines=self.document_lines, notes=self.notes)
+                           document_lines=self._document_lines, notes=self.notes)
 
 
 def _new_conversation(loaded, documents, system_prompt, chunk_size, long_context, note):
@@ -440,7 +450,7 @@ def _document_lines(documents, tokenizer) -> list[DocumentLine]:
 
     lines = []
     for doc in documents.docs:
-        tokens = len(tokenizer.encode(ingest.render_prompt([doc])))
+        tokens = len(tokenizer.encode(ingest.render_prompt([doc]))) if doc.text_chars <= COUNT_CHARS else None
         lines.append(DocumentLine(doc.source, doc.kind, len(doc.segments), tokens))
     return lines
 

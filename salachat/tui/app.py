@@ -199,6 +199,7 @@ class SalaChat(App[int]):
             if self.loaded is None and self.open_chat is None and loaded is not None \
                     and loaded.long_context != "extended":
                 self.loaded = loaded  # the next session opened reuses the model
+            chat.document_lines  # noqa: B018 - counted here, in the worker, not on the event loop
             self.chat = chat
             self.call_from_thread(self._show_transcript)
             self.call_from_thread(self.update_side)
