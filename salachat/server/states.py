@@ -65,7 +65,8 @@ class StateStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes for k in self.kept.values())
+        # list() copies the values in one step under the GIL: /health reads this while the model thread edits
+        return sum(k.nbytes for k in list(self.kept.values()))
 
     # what a request starts from
 
