@@ -35,6 +35,8 @@ def test_ask_session_then_resume_answers_without_reading_again(salachat_cli, smo
     again = salachat_cli("resume", "light", "In which year was it built?", "--json", "--max-tokens", "12")
     assert again.returncode == 0, again.stderr
     data = json.loads(again.stdout)
+    assert set(data) == set(json.loads(first.stdout))  # one --json schema for ask and resume
+    assert data["session"] == "light" and data["long_context"] == "dense" and data["context_limit"] == 8192
     assert data["prompt_tokens"] < read / 2  # only the new question was fed, not the documents
     assert data["context_tokens"] > read and "continuing the reading" not in again.stderr
 
