@@ -86,9 +86,11 @@ def test_bare_salachat_shows_the_help_and_exits_2(run):
     assert code == errors.USAGE and "Usage: salachat" in err and "Traceback" not in err and out == ""
 
 
-def test_help_exits_0(run):
+def test_help_and_version_exit_0(run):
     code, out, _ = run("--help")
     assert code == 0 and "ask" in out
+    code, out, _ = run("--version")
+    assert code == 0 and out.startswith("salachat ")
 
 
 BAD_INPUT = [
@@ -258,6 +260,7 @@ def test_every_command_lists_the_shared_options(run):
         (["models", "list"], ["--data-dir"]),
         (["models", "pull"], ["--data-dir"]),
         (["config", "show"], ["--data-dir"]),
+        (["serve"], ["--model", "--data-dir", "--kv-gpu-gb"]),
     ]:
         code, out, _ = run(*args, "--help")
         assert code == 0, args

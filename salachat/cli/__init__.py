@@ -7,6 +7,7 @@ one line on stderr (and, with --json, one JSON object on stdout) and a documente
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -23,8 +24,21 @@ app = typer.Typer(
 )
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"salachat {version('salachat')}")
+        except PackageNotFoundError:  # a source checkout that was never installed
+            print("salachat (not installed)")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main_options(ctx: typer.Context, data_dir: opt.DataDir = None, kv_gpu_gb: opt.KvGpuGb = None) -> None:
+def main_options(ctx: typer.Context, data_dir: opt.DataDir = None, kv_gpu_gb: opt.KvGpuGb = None,
+                 version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                                       help="Print salachat's version.")] = False) -> None:
     opt.apply_globals(data_dir, kv_gpu_gb)
     if ctx.invoked_subcommand != "config":  # a broken config file is named at once (`config` helps fix it)
         from salachat import config
