@@ -190,6 +190,7 @@ def test_a_data_folder_that_is_a_file_is_named(run, tmp_path, monkeypatch):
     afile = _write(tmp_path / "afile", b"")
     one_line(*run("--data-dir", afile, "sessions"), errors.USAGE, "afile", "not a folder")
     one_line(*run("sessions", "list", "--data-dir", afile), errors.USAGE, "--data-dir")  # after the command
+    one_line(*run("sessions", "--data-dir", afile), errors.USAGE, "--data-dir")  # after a bare group
     monkeypatch.setenv("SALACHAT_HOME", str(afile))
     one_line(*run("sessions"), errors.USAGE, "SALACHAT_HOME")
 

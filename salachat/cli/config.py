@@ -11,7 +11,6 @@ config_app = typer.Typer(help="The config file: defaults for the model, device, 
                               "and data folder.", invoke_without_command=True)
 
 
-@config_app.callback()
 def config_default(ctx: typer.Context) -> None:
     """Bare `salachat config` shows it."""
     if ctx.invoked_subcommand is None:
@@ -53,6 +52,7 @@ def config_show(as_json: opt.Json = False) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    config_app.callback()(opt.with_global_options(config_default))
     config_app.command("path")(opt.with_global_options(config_path))
     config_app.command("show")(opt.with_global_options(config_show))
     app.add_typer(config_app, name="config")

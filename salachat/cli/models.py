@@ -15,7 +15,6 @@ def _size(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
-@models_app.callback()
 def models_default(ctx: typer.Context) -> None:
     """Bare `salachat models` lists them."""
     if ctx.invoked_subcommand is None:
@@ -75,6 +74,7 @@ def models_pull(name: Annotated[str, typer.Argument(help="Model name, e.g. smoll
 
 
 def register(app: typer.Typer) -> None:
+    models_app.callback()(opt.with_global_options(models_default))
     models_app.command("list")(opt.with_global_options(models_list))
     models_app.command("show")(opt.with_global_options(models_show))
     models_app.command("rm")(opt.with_global_options(models_rm))

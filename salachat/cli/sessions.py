@@ -78,7 +78,6 @@ def resume(
     answer_with(chat, question, sampling, as_json, load_seconds=time.perf_counter() - t0)
 
 
-@sessions_app.callback()
 def sessions_default(ctx: typer.Context) -> None:
     """Bare `salachat sessions` lists them."""
     if ctx.invoked_subcommand is None:
@@ -177,6 +176,7 @@ def sessions_export(
 
 
 def register(app: typer.Typer) -> None:
+    sessions_app.callback()(opt.with_global_options(sessions_default))
     sessions_app.command("list")(opt.with_global_options(sessions_list))
     sessions_app.command("show")(opt.with_global_options(sessions_show))
     sessions_app.command("rm")(opt.with_global_options(sessions_rm))
