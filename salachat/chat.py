@@ -361,11 +361,16 @@ class ChatSession:
         # the cache may be mid-chunk: the last checkpoint is kept rather than this state saved
         if self.writer is None:
             return "stopped."
-        name, kept = self.writer.folder.name, self.saved_tokens
+        name, folder = self.writer.folder.name, self.writer.folder
+        from salachat.sessions import SessionError, read_manifest
+
+        try:  # what is on disk: Ctrl-C may have landed inside a save, after its manifest was written
+            kept = read_manifest(folder)["tokens"]
+        except SessionError:
+            kept = None
         if kept is None:
             from salachat.sessions import abandoned_before_first_save
 
-            folder = self.writer.folder
             if abandoned_before_first_save(folder):  # nothing to resume: leave no empty session behind
                 for path in folder.iterdir():
                     path.unlink(missing_ok=True)
