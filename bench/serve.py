@@ -10,8 +10,7 @@ user message each time. Measured in one run, time to the first answer token (TTF
                reuse does for every question: a re-reading server keeps nothing, so its second request
                costs what its first does)
 
-The servers run one after the other (never both reading at once), each a real `salachat serve` subprocess
-(`python -m salachat.server`, the same command).
+The servers run one after the other (never both reading at once), each a real `salachat serve` subprocess.
 
     .venv/bin/python bench/serve.py                       # 65,536 tokens, the default model on the CPU
     .venv/bin/python bench/serve.py --tokens 8192 --out /tmp/serve.json
@@ -56,7 +55,7 @@ def document_of(tokens: int, model: str | None) -> tuple[str, int]:
 class Server:
     def __init__(self, args: list[str]):
         env = {**os.environ, "COLUMNS": "200"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "salachat.server", "--port", "0", *args], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "salachat", "serve", "--port", "0", *args], cwd=ROOT,
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = None
         lines = []
