@@ -2,21 +2,22 @@
 
 import random
 
+import pytest
 import torch
-
-from salachat.engine.generate import Cancelled, Sampling, Stats, generate, prefill, sample
+from salachat.engine.generate import Cancelled, Sampling, Stats, generate, penalise_repeats, prefill, sample
 
 
 def test_cached_greedy_decode_equals_recomputing_the_full_sequence(smollm2):
     model, tok = smollm2.model, smollm2.tokenizer
     prompt = tok.encode_chat([{"role": "user", "content": "Name three colours of the rainbow."}])
     stats = Stats()
-    streamed = "".join(generate(model, tok, prompt, smollm2.new_cache(), Sampling(max_tokens=24), stats=stats))
+    sampling = Sampling(max_tokens=24)  # the defaults: greedy with the repeat penalty and min-p
+    streamed = "".join(generate(model, tok, prompt, smollm2.new_cache(), sampling, stats=stats))
     # Recompute: the whole sequence from an empty cache at every step, no cache reuse.
     ids = list(prompt)
     generated = []
     for _ in range(stats.generated_tokens):
-        token = int(model(torch.tensor(ids), smollm2.new_cache())[-1].argmax())
+        token = sample(model(torch.tensor(ids), smollm2.new_cache())[-1], sampling, None, generated)
         generated.append(token)
         ids.append(token)
         if token in tok.stop_ids:
@@ -71,3 +72,25 @@ def test_seeded_sampling_is_reproducible(smollm2):
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
+
+
+def test_repeat_penalty_follows_llama_cpp():
+    # positive logits are divided by the penalty, negative ones multiplied: both lose ground
+    logits = torch.tensor([3.0, 2.9, -1.0, -1.2])
+    sampling = Sampling(repeat_penalty=1.5, min_p=0.0)
+    assert sample(logits, sampling, None) == 0
+    assert sample(logits, sampling, None, recent=[0]) == 1  # 3.0 / 1.5 = 2.0 < 2.9
+    penalised = penalise_repeats(logits, [0, 2, 2], 1.5)
+    assert penalised.tolist() == pytest.approx([2.0, 2.9, -1.5, -1.2])
+    # only the last repeat_last_n tokens count
+    assert sample(logits, Sampling(repeat_penalty=1.5, repeat_last_n=1, min_p=0.0), None, recent=[0, 3]) == 0
+    assert sample(logits, Sampling(repeat_penalty=1.5, repeat_last_n=0, min_p=0.0), None, recent=[0]) == 0
+
+
+def test_min_p_drops_tokens_far_below_the_best():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample(logits, Sampling(temperature=1.0, min_p=0.35), gen) for _ in range(400)}
+    assert draws == {0, 1}  # 0.15 < 0.35 * 0.5
+    draws = {sample(logits, Sampling(temperature=1.0, min_p=0.0), gen) for _ in range(400)}
+    assert draws == {0, 1, 2, 3}

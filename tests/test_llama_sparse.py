@@ -1,12 +1,14 @@
-"""A dense Llama with the InfLLM-V2 cache (--sparse): equal to dense when the selection covers everything,
-and able to read past the trained length instead of refusing."""
+"""A dense Llama with the InfLLM-V2 block-sparse cache (a bare SparseParams): equal to dense when the
+selection covers everything; and reading past the trained length, which takes the long-context extension
+(engine/long_context.py) instead of a refusal."""
 
 import dataclasses
 
 import pytest
 import torch
-
+from salachat.engine import long_context
 from salachat.engine.sparse_cache import default_sparse_params_for
+
 from salachat.conversation import ContextTooLong, Conversation
 
 
@@ -27,18 +29,20 @@ def test_sparse_selection_differs_from_dense_once_blocks_are_left_out(smollm2):
     assert (dense[-50:] - sparse[-50:]).abs().max().item() > 1e-2  # sparse part really selects
 
 
-def test_reading_past_the_trained_length_needs_sparse(smollm2):
+def test_reading_past_the_trained_length_needs_the_extension(smollm2):
     text = "A line of the book. " * 30
     trained = smollm2.model.args
-    limited = dataclasses.replace(smollm2)  # a shallow copy: same weights, its own sparse setting
+    limited = dataclasses.replace(smollm2)  # a shallow copy: same weights, its own long-context setting
     smollm2.model.args = dataclasses.replace(trained, max_position_embeddings=128)
     try:
-        with pytest.raises(ContextTooLong, match="--sparse"):
+        with pytest.raises(ContextTooLong):
             Conversation(limited).set_documents(text)
-        limited.sparse = default_sparse_params_for(128)
+        long_context.enable(limited)
+        assert limited.sparse.dense_len == 128 and limited.sparse.memory_distance < 128
         conversation = Conversation(limited)
         conversation.set_documents(text)
         conversation.read()
         assert conversation.cache.position > 128
+        assert conversation.cache.layers[0].kind == "long_context_kv"
     finally:
         smollm2.model.args = trained
