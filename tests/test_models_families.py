@@ -201,7 +201,9 @@ def test_packed_matmul_equals_its_reference(qtype):
     exact = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
     assert torch.equal(dequantize_reference(torch.from_numpy(raw), qtype), exact)
     layer = QuantLinear.from_gguf(torch.from_numpy(raw), TensorInfo("w", (192, 96), kind, 0))
-    assert (layer.dequantized(torch.float32) - exact).abs().max().item() <= 0.01 * exact.abs().max().item()
+    # exact up to fp32 rounding: scales rounded to bf16 scaled whole groups alike, and the default model's answer
+    # to the sample question became a copy of its prompt
+    assert (layer.dequantized(torch.float32) - exact).abs().max().item() <= 1e-6 * exact.abs().max().item()
     for rows in (1, 3, 40):
         x = torch.from_numpy(rng.standard_normal((rows, 96)).astype(np.float32))
         assert rel_rms(layer(x), x @ exact.T) < 0.01, rows
