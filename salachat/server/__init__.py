@@ -6,9 +6,6 @@
   sessions), so a follow-up continues instead of reading again.
 - runner.py: the one model thread, its bounded queue, cancellation between tokens.
 - app.py: the Starlette routes and the API key.
-- serving.py: the listening socket, uvicorn and a clean stop (the `serve` command is salachat/cli/serve.py).
+- command.py: what the `serve` command (salachat/cli/serve.py) calls: the listening socket, uvicorn and a
+  clean stop.
 """
-
-from salachat.server.serving import is_loopback, listen, run
-
-__all__ = ["is_loopback", "listen", "run"]

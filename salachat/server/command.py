@@ -1,5 +1,5 @@
-"""Listening and running: the socket, uvicorn, and a clean stop. The `serve` command (salachat/cli/serve.py)
-parses the options and calls these."""
+"""What the `serve` command (salachat/cli/serve.py, which parses the options) calls: the listening socket,
+uvicorn, and a clean stop. The one module of the server that the command line imports."""
 
 from __future__ import annotations
 
