@@ -44,8 +44,8 @@ def serve(
     The sampling options are the defaults of requests that do not say."""
     from rich.text import Text
 
+    import salachat.server.command as server
     from salachat.console import err
-    from salachat.server import command as server
 
     chosen = opt.settings(model=model, device=device, quant=quant, dtype=dtype)
     sampling = opt.sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
