@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
-
 from salachat.kernels import dense_attention
 
 
@@ -26,7 +25,7 @@ class LayerCache(Protocol):
     def meta(self) -> dict[str, int | float | str]: ...
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LayerCache": ...
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LayerCache: ...
 
 
 CACHE_KINDS: dict[str, type] = {}
@@ -88,7 +87,7 @@ class KVCache:
         return {"length": self._length}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "KVCache":
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> KVCache:
         keys, values = tensors["keys"], tensors["values"]
         if keys.shape != values.shape or keys.dim() != 3:
             raise ValueError(f"kv cache tensors have shapes {tuple(keys.shape)} and {tuple(values.shape)}")
@@ -118,7 +117,7 @@ class ModelCache:
         return tensors, meta
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ModelCache":
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> ModelCache:
         layers = []
         for i, layer_meta in enumerate(meta["layers"]):
             kind = layer_meta["kind"]
@@ -129,6 +128,6 @@ class ModelCache:
             layers.append(CACHE_KINDS[kind].from_state(own, layer_meta))
         return cls(layers=layers, position=int(meta["position"]))
 
-    def to(self, device: torch.device | str) -> "ModelCache":
+    def to(self, device: torch.device | str) -> ModelCache:
         tensors, meta = self.state()
         return ModelCache.from_state({k: v.to(device) for k, v in tensors.items()}, meta)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-
 from salachat.engine.cache import register_cache
 from salachat.kernels import lightning_attention
 
@@ -38,7 +37,7 @@ class LightningState:
         return {"length": self._length}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LightningState":
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LightningState:
         recurrent = tensors["recurrent"]
         if recurrent.dim() != 3 or recurrent.shape[1] != recurrent.shape[2] or recurrent.dtype != torch.float32:
             raise ValueError(f"lightning state has shape {tuple(recurrent.shape)} and dtype {recurrent.dtype}")

@@ -15,10 +15,15 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-
 from salachat.engine.cache import register_cache
 from salachat.engine.kv_offload import HEADROOM_BLOCKS, OffloadedKV
-from salachat.kernels import SparseParams, block_sparse_attention, compress_keys, dense_attention, select_blocks
+from salachat.kernels import (
+    SparseParams,
+    block_sparse_attention,
+    compress_keys,
+    dense_attention,
+    select_blocks,
+)
 
 
 def _grow(buffer: torch.Tensor, need: int, step: int) -> torch.Tensor:

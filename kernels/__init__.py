@@ -10,7 +10,6 @@ import contextlib
 import os
 
 import torch
-
 from salachat.kernels.dense import dense_attention_impl
 from salachat.kernels.lightning.reference import lightning_attention_ref
 from salachat.kernels.pointwise.reference import rms_norm_ref, rope_ref

@@ -16,10 +16,9 @@ import sys
 import tempfile
 
 import triton
+from salachat.kernels.sparse import triton_attention, triton_select
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from salachat.kernels.sparse import triton_attention, triton_select
 
 SELECT_ARGS = ["Q", "K1", "LSE", "KEYS", "T", "n1", "n_blocks", "q_pos0", "scale", "per_split", "sqh", "sqt",
                "sk1h", "sk1t", "skeyh", "skeyt"]

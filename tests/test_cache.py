@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from salachat.engine.cache import KVCache, ModelCache, dense_attention
 
 

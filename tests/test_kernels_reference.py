@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from salachat.kernels import SparseParams
 from salachat.kernels.lightning.reference import lightning_attention_ref, lightning_recurrent_ref
 from salachat.kernels.sparse.reference import block_sparse_attention_ref, compress_keys_ref, select_blocks_ref

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from salachat import kernels
 from salachat.kernels import SparseParams, compress_keys
 from salachat.kernels.lightning.reference import lightning_attention_ref
 from salachat.kernels.sparse.reference import block_sparse_attention_ref, select_blocks_ref
+
+from salachat import kernels
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
@@ -222,7 +222,6 @@ def test_tiny_sala_model_through_every_triton_kernel_equals_the_reference_path(t
     """The whole model (8 layers: lightning, dense and InfLLM-V2 sparse) with kernels forced to Triton."""
     sys.path.insert(0, str(Path(__file__).parent))
     from sala_tiny import write_tiny_checkpoint
-
     from salachat.engine.loader import load_model
 
     tiny = load_model(str(write_tiny_checkpoint(tmp_path / "tiny")), device="cpu", dtype=torch.float32)

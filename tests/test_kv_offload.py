@@ -11,7 +11,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sala_tiny import write_tiny_checkpoint
-
 from salachat.engine.cache import ModelCache
 from salachat.engine.kv_offload import HEADROOM_BLOCKS, OffloadedKV
 from salachat.engine.loader import load_model
@@ -192,6 +191,7 @@ def test_kv_gpu_budget_from_the_loader_applies_to_new_and_resumed_caches(tiny, t
     resumed session (loaded straight into host memory) keeps only the budget's blocks on the device, with the
     same logits; a budget below one block is one clear error at load time."""
     from salachat.engine.loader import ModelLoadError
+
     from salachat.conversation import Conversation
     from salachat.sessions import SessionWriter, load_conversation
 

@@ -130,7 +130,6 @@ def test_hf_folder_llama_equals_transformers(tmp_path):
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from sala_tiny import _write_tokenizer
-
     from salachat.engine.loader import load_model
 
     config = transformers.LlamaConfig(

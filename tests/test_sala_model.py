@@ -9,12 +9,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sala_tiny import tiny_config, write_tiny_checkpoint  # noqa: E402
-from test_kernels_reference import naive_selection  # noqa: E402
-
-from salachat.engine.cache import ModelCache  # noqa: E402
-from salachat.engine.loader import ModelLoadError, load_model  # noqa: E402
-from salachat.kernels import SparseParams  # noqa: E402
+from sala_tiny import tiny_config, write_tiny_checkpoint
+from salachat.engine.cache import ModelCache
+from salachat.engine.loader import ModelLoadError, load_model
+from salachat.kernels import SparseParams
+from test_kernels_reference import naive_selection
 
 TOL = 2e-5  # fp32, over 4 layers: order-of-summation differences only
 
@@ -201,6 +200,7 @@ def test_quantised_logits_stay_near_bf16(tiny, mode, limit):
 
 def test_chat_with_the_checkpoint_template(tiny):
     from salachat.engine.generate import Sampling
+
     from salachat.conversation import Conversation
 
     conversation = Conversation(tiny)

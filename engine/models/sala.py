@@ -13,13 +13,12 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
-from torch import nn
-
 from salachat.engine.cache import ModelCache
 from salachat.engine.lightning_state import LightningState
 from salachat.engine.models.llama import MLP, RMSNorm, apply_rope, rope_cos_sin
 from salachat.engine.sparse_cache import SparseKVCache
 from salachat.kernels import SparseParams
+from torch import nn
 
 SPARSE_KINDS = {"minicpm4", "attention", "sparse"}
 LIGHTNING_KINDS = {"lightning-attn", "lightning", "lightning_attn"}
@@ -55,7 +54,7 @@ class SalaArgs:
     sparse: SparseParams = field(default_factory=SparseParams)
 
     @classmethod
-    def from_config(cls, config: dict) -> "SalaArgs":
+    def from_config(cls, config: dict) -> SalaArgs:
         if config.get("model_type") != "minicpm_sala":
             raise ValueError(f"config model_type is {config.get('model_type')!r}, expected 'minicpm_sala'")
         if config.get("rope_scaling"):

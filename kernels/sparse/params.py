@@ -20,7 +20,7 @@ class SparseParams:
         return self.topk + self.local_blocks
 
     @classmethod
-    def from_sparse_config(cls, config: dict) -> "SparseParams":
+    def from_sparse_config(cls, config: dict) -> SparseParams:
         block = int(config.get("block_size", 64))
         return cls(
             block_size=block,

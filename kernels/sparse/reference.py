@@ -19,7 +19,6 @@ Selection, for the query at position p (all in fp32):
 from __future__ import annotations
 
 import torch
-
 from salachat.kernels.sparse.params import SparseParams
 
 NEG_INF = float("-inf")

@@ -25,7 +25,6 @@ import warnings
 import torch
 import triton
 import triton.language as tl
-
 from salachat.kernels.sparse.params import SparseParams
 
 LOG2E = 1.4426950408889634

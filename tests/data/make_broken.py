@@ -7,7 +7,6 @@ import zipfile
 from pathlib import Path
 
 import pypdf
-
 from salachat.ingest.synthetic_pdf import make_pdf
 
 OUT = Path(__file__).parent / "broken"
