@@ -28,6 +28,18 @@ class LayerCache(Protocol):
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LayerCache: ...
 
 
+def grow_tokens(buffer: torch.Tensor, need: int, step: int) -> torch.Tensor:
+    """`buffer` [heads, capacity, dim] with room for `need` positions, in multiples of `step`, the valid
+    prefix copied over."""
+    if need <= buffer.shape[1]:
+        return buffer
+    target = max(need, buffer.shape[1] * 5 // 4)  # geometric: appending to 1M tokens copies O(L) bytes
+    capacity = (target + step - 1) // step * step
+    grown = buffer.new_empty(buffer.shape[0], capacity, buffer.shape[2])
+    grown[:, : buffer.shape[1]] = buffer
+    return grown
+
+
 CACHE_KINDS: dict[str, type] = {}
 
 

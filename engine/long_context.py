@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 import torch
-from salachat.engine.cache import register_cache
+from salachat.engine.cache import grow_tokens, register_cache
 from salachat.kernels import dense_attention, rope
 from salachat.kernels.long_context import extended_attention, rope_rows, select_memory_ref
 
@@ -76,16 +76,6 @@ def enable(loaded) -> None:
     loaded.sparse = params_for(loaded.model)
 
 
-def _grow(buffer: torch.Tensor, need: int, step: int) -> torch.Tensor:
-    if need <= buffer.shape[1]:
-        return buffer
-    target = max(need, buffer.shape[1] * 5 // 4)  # geometric: appending to 1M tokens copies O(L) bytes
-    capacity = (target + step - 1) // step * step
-    grown = buffer.new_empty(buffer.shape[0], capacity, buffer.shape[2])
-    grown[:, : buffer.shape[1]] = buffer
-    return grown
-
-
 @register_cache
 class LongContextCache:
     """One attention layer's cache for the extension: every token's unrotated K and V, and the rotated keys
@@ -109,12 +99,12 @@ class LongContextCache:
         p = self.params
         start, need = self._length, self._length + k.shape[1]
         step = p.block_size * 16
-        self.keys, self.values = _grow(self.keys, need, step), _grow(self.values, need, step)
+        self.keys, self.values = grow_tokens(self.keys, need, step), grow_tokens(self.values, need, step)
         self.keys[:, start:need] = k
         self.values[:, start:need] = v
         if rotated is not None and rotated.shape[1]:
             n = rotated.shape[1]
-            self.rotated = _grow(self.rotated, start + n, step)
+            self.rotated = grow_tokens(self.rotated, start + n, step)
             self.rotated[:, start : start + n] = rotated
         self._length = need
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from salachat.engine.cache import register_cache
+from salachat.engine.cache import grow_tokens, register_cache
 from salachat.engine.kv_offload import HEADROOM_BLOCKS, OffloadedKV
 from salachat.kernels import (
     SparseParams,
@@ -24,16 +24,6 @@ from salachat.kernels import (
     dense_attention,
     select_blocks,
 )
-
-
-def _grow(buffer: torch.Tensor, need: int, step: int) -> torch.Tensor:
-    if need <= buffer.shape[1]:
-        return buffer
-    target = max(need, buffer.shape[1] * 5 // 4)  # geometric: appending to 1M tokens copies O(L) bytes
-    capacity = (target + step - 1) // step * step
-    grown = buffer.new_empty(buffer.shape[0], capacity, buffer.shape[2])
-    grown[:, : buffer.shape[1]] = buffer
-    return grown
 
 
 @register_cache
@@ -68,7 +58,7 @@ class SparseKVCache:
             return self._append_offloaded(k, v)
         need = self._length + k.shape[1]
         block = self.params.block_size * 16
-        self.keys, self.values = _grow(self.keys, need, block), _grow(self.values, need, block)
+        self.keys, self.values = grow_tokens(self.keys, need, block), grow_tokens(self.values, need, block)
         self.keys[:, self._length : need] = k
         self.values[:, self._length : need] = v
         self._length = need
@@ -96,7 +86,7 @@ class SparseKVCache:
             return compressed, count
         first = count * stride  # tokens that the new chunks cover
         fresh = compress_keys(self._keys(first, (total - 1) * stride + kernel), kernel, stride)
-        compressed = _grow(compressed, total, 256)
+        compressed = grow_tokens(compressed, total, 256)
         compressed[:, count:total] = fresh
         return compressed, total
 
