@@ -7,6 +7,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network in tests, ever
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests compare outputs bit for bit across calls; torch's thread count, which salachat otherwise follows the
+# machine's load with, changes the order of reductions (the extension against dense differed in the 6th digit).
+os.environ.setdefault("SALACHAT_THREADS", "1")
 try:  # without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before they are defined
     import torch
 
