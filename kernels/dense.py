@@ -14,14 +14,22 @@ def dense_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_prefix_and_chunk(q, k, v, pos0, scale)
-    t, length = q.shape[1], k.shape[1]
+    return _grouped_sdpa(q, k, v, pos0, scale)
+
+
+def _grouped_sdpa(q, k, v, pos0: int, scale: float) -> torch.Tensor:
+    """SDPA with a KV group's query heads stacked as rows, so K/V are never repeated per head: on the CPU,
+    `enable_gqa` copies them for every head and falls back to the unfused math path (measured on 2 cores,
+    9 heads over 3: a decode step over 8K keys 31.8 ms against 0.83 ms, a 512-query chunk 382 against 99)."""
+    heads, t, d = q.shape
+    kv_heads, length = k.shape[0], k.shape[1]
+    grouped_q = q.reshape(kv_heads, (heads // kv_heads) * t, d)[None]
     mask = None
-    if t > 1:
+    if t > 1:  # row (head, i) sees key j iff j <= pos0 + i
         query_pos = torch.arange(pos0, pos0 + t, device=q.device)[:, None]
-        mask = torch.arange(length, device=q.device)[None, :] <= query_pos
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
-    )
+        mask = (torch.arange(length, device=q.device)[None, :] <= query_pos).repeat(heads // kv_heads, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped_q, k[None], v[None], attn_mask=mask, scale=scale)
+    return out[0].reshape(heads, t, d)
 
 
 def _flash(q, k, v, causal: bool, scale: float):
