@@ -33,9 +33,9 @@ def _call(kv_heads, per, head_dim, pos0, t, block, window, topk, dtype, device, 
             head_dim**-0.5)
 
 
-def _check(args, atol):
+def _check(args, atol, impl="triton"):
     ref = extended_attention(*args, impl="ref").float()
-    fast = extended_attention(*args, impl="triton").float()
+    fast = extended_attention(*args, impl=impl).float()
     err = (ref - fast).abs().max().item()
     rms = ((ref - fast).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     assert err < atol and rms < atol, f"max-abs {err:.2e}, rel-RMS {rms:.2e}"
@@ -49,6 +49,23 @@ def test_extended_attention_triton_matches_reference(per, head_dim, pos0, t):
     args = _call(2, per, head_dim, pos0, t, block=16, window=32, topk=3, dtype=torch.float32, device="cpu")
     assert (args[4][:, -1] >= 0).sum() > 1  # the last group really reads selected memory blocks
     _check(args, 2e-4)
+
+
+@pytest.mark.parametrize("per", [1, 3, 4, 7], ids=lambda p: f"group{p}")
+@pytest.mark.parametrize("head_dim,pos0,t", [(64, 0, 100), (64, 200, 50), (64, 245, 1), (128, 200, 50)],
+                         ids=["d64-start", "d64-chunk", "d64-decode", "d128-chunk"])
+def test_extended_attention_cpu_matches_reference(per, head_dim, pos0, t):
+    args = _call(2, per, head_dim, pos0, t, block=16, window=32, topk=3, dtype=torch.float32, device="cpu")
+    assert (args[4][:, -1] >= 0).sum() > 1
+    _check(args, 1e-5, impl="cpu")
+
+
+def test_extended_attention_cpu_with_a_head_that_has_no_memory():
+    args = list(_call(2, 3, 64, 200, 50, block=16, window=32, topk=3, dtype=torch.float32, device="cpu"))
+    memory = args[4].clone()
+    memory[1] = -1  # the second KV head attends its local span only
+    args[4] = memory
+    _check(tuple(args), 1e-5, impl="cpu")
 
 
 def test_selection_takes_the_block_one_head_attends_to_and_never_the_local_span():

@@ -1,9 +1,11 @@
-"""Attention past a RoPE model's trained length: the reference (reference.py) and its Triton kernel
-(triton.py), picked here: Triton on CUDA, the reference elsewhere; `impl` or `salachat.kernels.use` forces one."""
+"""Attention past a RoPE model's trained length: the reference (reference.py), its Triton kernel (triton.py)
+and its fused CPU form (cpu.py), picked here: Triton on CUDA, the CPU form elsewhere; `impl` ("ref",
+"triton", "cpu") or `salachat.kernels.use` forces one."""
 
 from __future__ import annotations
 
 import torch
+from salachat.kernels.long_context.cpu import extended_attention_cpu
 from salachat.kernels.long_context.reference import extended_attention_ref, rope_rows, select_memory_ref
 
 from salachat import kernels
@@ -27,5 +29,7 @@ def extended_attention(q_loc, q_mem, keys, values, memory, row_group, group_star
         fast = _triton()
         if fast is None and impl == "triton":
             raise NotImplementedError("Triton is not installed")
+    if impl == "cpu" or (impl is None and not q_loc.is_cuda):
+        fast = extended_attention_cpu
     fn = fast or extended_attention_ref
     return fn(q_loc, q_mem, keys, values, memory, row_group, group_start, pos0, cos, sin, block, scale)
