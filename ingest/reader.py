@@ -32,7 +32,8 @@ CODE_SUFFIXES = {
     ".proto", ".graphql", ".dockerfile", ".gradle", ".dart",
 }
 EARLY_HTML_BYTES = 4 << 20  # markup read before a page may be refused on an extrapolated estimate
-SUPPORTED = ".pdf, .epub, .txt, .md, .rst, .html, source code files, a folder, or any of these .gz-compressed"
+SUPPORTED = (".pdf, .epub, .txt, .md, .rst, .html, source code files, any other plain text file, a folder, "
+             "or any of these .gz-compressed")
 __all__ = ["MAX_INPUT_BYTES", "PROSE_KINDS", "SUPPORTED", "detect_kind", "open_input", "read_path", "read_paths"]
 
 
@@ -185,7 +186,7 @@ def detect_kind(name: str, data: bytes, source: str) -> str:
         return PROSE_KINDS[suffix]
     if suffix in CODE_SUFFIXES or name in ("Makefile", "Dockerfile", "CMakeLists.txt"):
         return "code"
-    if suffix == "" and not looks_binary(data):
-        return "text"  # README, LICENSE, NOTES: extensionless files are usually text
+    if not looks_binary(data):
+        return "text"  # README, LICENSE, Apache-2.0, server.log, data.csv: whatever reads as text is text
     shown = f"{suffix} files" if suffix else "binary files without an extension"
     raise Unsupported(source, f"{shown} are not supported", hint=f"supported: {SUPPORTED}")

@@ -10,6 +10,7 @@ import pytest
 from salachat.ingest import IngestError, find_passage, read_paths, render_prompt
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")  # base-files: on every Debian system
+APACHE = Path("/usr/share/common-licenses/Apache-2.0")  # base-files too: a text whose name has a suffix
 BZIP2_HTML = Path("/usr/share/doc/bzip2/manual.html")  # apt package bzip2-doc
 
 
@@ -99,6 +100,18 @@ def test_extensionless_text_file_is_read_as_text(tmp_path):
     path = tmp_path / "NOTES"
     path.write_text("just notes\n")
     assert read_paths([path])[0].kind == "text"
+
+
+def test_a_text_file_with_a_suffix_of_no_known_format_is_read_as_text(tmp_path):
+    doc = read_paths([_need(APACHE, "base-files")])[0]
+    assert doc.kind == "text" and "Apache License" in render_prompt([doc])
+    log = tmp_path / "server.log"
+    log.write_text("12:00 started\n12:01 listening on port 8000\n", encoding="utf-8")
+    assert "listening on port 8000" in render_prompt(read_paths([log]))
+    blob = tmp_path / "table.dat"
+    blob.write_bytes(bytes(range(256)) * 8)  # NUL and control bytes: still refused, naming the suffix
+    with pytest.raises(IngestError, match=r"\.dat files are not supported"):
+        read_paths([blob])
 
 
 def test_single_source_file_gets_numbered_lines(tmp_path):
