@@ -64,7 +64,7 @@ def test_compress_keys_are_means_of_whole_chunks():
 
 def naive_selection(q, k, q_pos0, p: SparseParams, scale):
     """Block selection for each query, written as loops from the definition."""
-    heads, t, d = q.shape
+    heads, t, _d = q.shape
     kv_heads = k.shape[0]
     group = heads // kv_heads
     results = torch.full((kv_heads, t, p.selected), -1, dtype=torch.int32)

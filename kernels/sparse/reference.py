@@ -102,7 +102,7 @@ def block_sparse_attention_ref(q, k, v, idx, q_pos0: int, block_size: int, scale
     selections once and masks, per query, what that query did not select: the cost grows with the selected
     blocks, not with the context length.
     """
-    heads, t, d = q.shape
+    heads, t, _d = q.shape
     kv_heads, length, _ = k.shape
     group = heads // kv_heads
     out = torch.empty_like(q)
