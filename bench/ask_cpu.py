@@ -83,9 +83,10 @@ def worker_llama_cpp(model: str, threads: int, ids: list[int]) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    if os.environ.get("ASK_CPU_LLAMA_EXTRA_BUFTS", "1") == "0":
-        # llama-cpp-python 0.3.36's AMX matmul (an "extra buffer type") segfaults on some AMX CPUs; this
-        # turns extra buffer types off, which also turns off llama.cpp's weight repacking
+    if os.environ.get("ASK_CPU_LLAMA_EXTRA_BUFTS", "0") == "0":
+        # llama-cpp-python 0.3.36's AMX matmul (an "extra buffer type") segfaults on some AMX CPUs (this
+        # one: SIGSEGV at any prompt length); off by default, which also turns off llama.cpp's weight
+        # repacking. ASK_CPU_LLAMA_EXTRA_BUFTS=1 where it works
         default_params = llama_cpp_c.llama_model_default_params
 
         def params():
@@ -101,7 +102,7 @@ def worker_llama_cpp(model: str, threads: int, ids: list[int]) -> dict:
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
 
     result = {"threads": threads, "model_rss_bytes": _rss() - base,
-              "extra_buffer_types": os.environ.get("ASK_CPU_LLAMA_EXTRA_BUFTS", "1") != "0"}
+              "extra_buffer_types": os.environ.get("ASK_CPU_LLAMA_EXTRA_BUFTS", "0") != "0"}
     for n in PROMPTS:
         llm.reset()
         start = time.perf_counter()
