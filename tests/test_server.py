@@ -320,6 +320,44 @@ def test_ask_and_resume_with_engine_use_the_server(server, tmp_path):
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
 
 
+def test_chat_window_with_engine_answers_through_the_server(server, tmp_path):
+    """`salachat chat --engine URL`: the window reads nothing itself; the server answers, as it would any
+    client sending the same documents and question."""
+    import asyncio
+
+    from salachat.chat import read_documents
+    from salachat.tui.app import Answer, Options, SalaChat
+
+    document = tmp_path / "skerry.txt"
+    document.write_text(DOCUMENTS + "\n", encoding="utf-8")
+    question = "Who ran the ferry?"
+
+    async def chat() -> tuple[str, str]:
+        app = SalaChat(Options(paths=[document], max_tokens=8, engine=server.url))
+        async with app.run_test(size=(110, 32)) as pilot:
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            await pilot.click("#question")
+            await pilot.press(*question)
+            await pilot.press("enter")
+            deadline = asyncio.get_running_loop().time() + 120
+            while not any(w.has_class("answer") for w in app.query(Answer)) or app.busy:
+                assert asyncio.get_running_loop().time() < deadline, "no answer from the server"
+                await pilot.pause(0.05)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            shown = [w.source for w in app.query(Answer) if w.has_class("answer")][-1]
+            return shown, str(app.query_one("#status").render())
+
+    shown, status = asyncio.run(chat())
+    sent = read_documents([document]).prompt_text
+    direct = server.client().chat.completions.create(model=server.model, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": f"<documents>\n{sent}\n</documents>\n\n{question}"}])
+    assert shown.strip() and shown == direct.choices[0].message.content
+    assert direct.usage.prompt_tokens_details.cached_tokens > 40  # the window's request left its reading kept
+    assert "answered" in status
+
+
 def test_remote_session_asks_through_the_server_and_reuses_its_reading(server):
     from salachat.engine.generate import Sampling, Stats
 
