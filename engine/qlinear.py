@@ -136,6 +136,35 @@ class QuantLinear(nn.Module):
             weight = w if weight is None else weight + w
         return weight.reshape(n, k).to(dtype)
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """W[index] [R, in_features] in fp32, exactly as the file holds it (as `dequantized` reads it)."""
+        n, k = self.out_features, self.in_features
+        block, j = index // 64, (index % 64)
+        weight = None
+        for i in range(self.n_packs):
+            blocks = getattr(self, f"packed{i}").view(n // 64, k, 32)[block]  # [R, k, 32]: 2 rows a byte
+            byte = blocks.gather(2, (j % 32).view(-1, 1, 1).expand(-1, k, 1)).squeeze(2)
+            q = torch.where((j >= 32)[:, None], byte >> 4, byte & 0xF)
+            scales_zeros = getattr(self, f"scales_zeros{i}")[:, index]  # [k / GROUP, R, 2]
+            scale = scales_zeros[..., 0].T.repeat_interleave(GROUP, dim=1)
+            zero = scales_zeros[..., 1].T.repeat_interleave(GROUP, dim=1)
+            w = (q.float() - 8) * scale + zero
+            weight = w if weight is None else weight + w
+        return weight
+
+    def refine_top(self, x: torch.Tensor, y: torch.Tensor, k: int = 64) -> torch.Tensor:
+        """y = this layer's output for x [T, in] from the kernel, its k largest entries per row recomputed in
+        fp32 from the exact weights and the fp32 input. The kernel takes bf16 activations and returns bf16:
+        logits a bf16 step apart (0.03 at 7.5) tie, and which of two near-equal tokens greedy decoding
+        picks then hangs on rounding (the sample question's answer did, on a change of attention kernel)."""
+        k = min(k, self.out_features)
+        top = y.topk(k, dim=-1).indices  # [T, k]
+        w = self.rows(top.flatten()).view(*top.shape, self.in_features)
+        exact = torch.einsum("tkd,td->tk", w, x.float())
+        if self.bias is not None:
+            exact = exact + self.bias.float()[top]
+        return y.float().scatter(-1, top, exact)
+
     def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         out = None
         for i in range(self.n_packs):

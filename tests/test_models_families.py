@@ -207,3 +207,14 @@ def test_packed_matmul_equals_its_reference(qtype):
     for rows in (1, 3, 40):
         x = torch.from_numpy(rng.standard_normal((rows, 96)).astype(np.float32))
         assert rel_rms(layer(x), x @ exact.T) < 0.01, rows
+    # rows read back one by one, and the top entries of a kernel output recomputed from them in fp32
+    index = torch.tensor([0, 31, 32, 63, 64, 100, 191])
+    assert (layer.rows(index) - exact[index]).abs().max().item() <= 1e-6 * exact.abs().max().item()
+    x = torch.from_numpy(rng.standard_normal((2, 96)).astype(np.float32))
+    refined, kernel = layer.refine_top(x, layer(x), k=8), layer(x).float()
+    top = kernel.topk(8, dim=-1).indices
+    want = (x @ exact.T).gather(-1, top)
+    assert torch.allclose(refined.gather(-1, top), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(kernel.gather(-1, top), want, rtol=1e-5, atol=1e-5)  # bf16: off by more
+    rest = torch.ones_like(kernel, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(refined[rest], kernel[rest])

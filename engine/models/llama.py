@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, fields
 import torch
 import torch.nn.functional as F
 from salachat.engine.cache import KVCache, ModelCache
+from salachat.engine.qlinear import PREFILL_ROWS, QuantLinear
 from salachat.engine.threads import keep_fitting
 from torch import nn
 
@@ -302,4 +303,8 @@ class LlamaForCausalLM(nn.Module):
         for layer, layer_cache in zip(self.model.layers, cache.layers):
             h = layer(h, cos, sin, layer_cache, pos0, self.rotary)
         cache.position = pos0 + ids.shape[0]
-        return self.lm_head(self.model.norm(h[-1:] if last_only else h)).float()
+        x = self.model.norm(h[-1:] if last_only else h)
+        logits = self.lm_head(x).float()
+        if isinstance(self.lm_head, QuantLinear) and x.shape[0] < PREFILL_ROWS:  # the kernel's bf16 logits
+            logits = self.lm_head.refine_top(x, logits)
+        return logits
