@@ -56,6 +56,14 @@ def dequantize_reference(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     return ((g - 8) * scale[..., None] + zero[..., None]).reshape(rows, cols)
 
 
+def _affine(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """Weights [R, K] in fp32 from 4-bit codes q [R, K] and one (scale, zero) per GROUP inputs and row
+    ([K / GROUP, R, 2], the packs' layout): w = (q - 8) · scale + zero, the int4 kernel's rule."""
+    rows, k = q.shape
+    scale, zero = scales_zeros[..., 0].T[..., None], scales_zeros[..., 1].T[..., None]
+    return ((q.view(rows, k // GROUP, GROUP).float() - 8) * scale.float() + zero.float()).reshape(rows, k)
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W held as one or two int4 packs.
 
@@ -129,12 +137,10 @@ class QuantLinear(nn.Module):
         weight = None
         for i in range(self.n_packs):
             blocks = getattr(self, f"packed{i}").view(n // 64, k, 32)
-            q = torch.cat([blocks & 0xF, blocks >> 4], dim=2).transpose(1, 2).reshape(n, k // GROUP, GROUP)
-            scales_zeros = getattr(self, f"scales_zeros{i}").float()
-            scale, zero = scales_zeros[..., 0].T[..., None], scales_zeros[..., 1].T[..., None]
-            w = (q.float() - 8) * scale + zero
+            q = torch.cat([blocks & 0xF, blocks >> 4], dim=2).transpose(1, 2).reshape(n, k)
+            w = _affine(q, getattr(self, f"scales_zeros{i}"))
             weight = w if weight is None else weight + w
-        return weight.reshape(n, k).to(dtype)
+        return weight.to(dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """W[index] [R, in_features] in fp32, exactly as the file holds it (as `dequantized` reads it)."""
@@ -145,10 +151,7 @@ class QuantLinear(nn.Module):
             blocks = getattr(self, f"packed{i}").view(n // 64, k, 32)[block]  # [R, k, 32]: 2 rows a byte
             byte = blocks.gather(2, (j % 32).view(-1, 1, 1).expand(-1, k, 1)).squeeze(2)
             q = torch.where((j >= 32)[:, None], byte >> 4, byte & 0xF)
-            scales_zeros = getattr(self, f"scales_zeros{i}")[:, index]  # [k / GROUP, R, 2]
-            scale = scales_zeros[..., 0].T.repeat_interleave(GROUP, dim=1)
-            zero = scales_zeros[..., 1].T.repeat_interleave(GROUP, dim=1)
-            w = (q.float() - 8) * scale + zero
+            w = _affine(q, getattr(self, f"scales_zeros{i}")[:, index])
             weight = w if weight is None else weight + w
         return weight
 

@@ -56,6 +56,12 @@ def _flash_prefix_and_chunk(q, k, v, pos0: int, scale: float) -> torch.Tensor:
     chunk_k = k[:, pos0:].repeat_interleave(group, 0)
     chunk_v = v[:, pos0:].repeat_interleave(group, 0)
     o2, lse2 = _flash(q, chunk_k, chunk_v, True, scale)
+    return merge_by_lse(o1, lse1, o2, lse2).to(q.dtype)
+
+
+def merge_by_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """One softmax over two key sets from each set's attention output [..., D] and log-sum-exp [...], in fp32
+    (a row with no key in a set has lse -inf there)."""
     top = torch.maximum(lse1, lse2)
     w1, w2 = torch.exp(lse1 - top)[..., None], torch.exp(lse2 - top)[..., None]
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
+    return (o1.float() * w1 + o2.float() * w2) / (w1 + w2)

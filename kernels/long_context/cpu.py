@@ -10,7 +10,8 @@ head dim 64), a 512-token chunk past the trained length: see docs/architecture.m
 from __future__ import annotations
 
 import torch
-from salachat.kernels.long_context.reference import rope_rows
+from salachat.kernels.dense import merge_by_lse
+from salachat.kernels.long_context.reference import memory_kv, rope_rows
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -25,8 +26,6 @@ def extended_attention_cpu(q_loc: torch.Tensor, q_mem: torch.Tensor, keys: torch
     dtype = q_loc.dtype
     out = torch.empty_like(q_loc)
     counts = torch.bincount(row_group, minlength=memory.shape[1]).tolist()
-    offsets = torch.arange(block, device=keys.device)
-    kv_idx = torch.arange(hkv, device=keys.device)[:, None]
     r0 = 0
     for g, n in enumerate(counts):
         if n == 0:
@@ -41,20 +40,15 @@ def extended_attention_cpu(q_loc: torch.Tensor, q_mem: torch.Tensor, keys: torch
         ql = q_loc[:, r0:r1].reshape(hkv, per * n, d)[None]
         o, lse = _flash(ql, k_loc[None], v_loc[None], 0.0, False, attn_mask=local_mask, scale=scale)
         o, lse = o[0], lse[0]  # [Hkv, per*n, d], [Hkv, per*n]
-        blocks = memory[:, g].long()  # [Hkv, M]
-        valid = blocks >= 0
+        valid = memory[:, g] >= 0  # [Hkv, M]
         if bool(valid.any()):
-            span = (blocks.clamp(min=0)[:, :, None] * block + offsets).flatten(1)  # [Hkv, M*B]
-            k_mem, v_mem = keys[kv_idx, span].to(dtype), values[kv_idx, span].to(dtype)
-            key_ok = valid[:, :, None].expand(-1, -1, block).flatten(1)
-            mem_mask = torch.zeros(hkv, 1, span.shape[1], dtype=dtype).masked_fill_(~key_ok[:, None], float("-inf"))
+            k_mem, v_mem, key_ok = memory_kv(keys, values, memory[:, g], block)
+            mem_mask = torch.zeros(hkv, 1, key_ok.shape[1], dtype=dtype).masked_fill_(~key_ok[:, None], float("-inf"))
             qm = q_mem[:, r0:r1].reshape(hkv, per * n, d)[None]
-            om, lsem = _flash(qm, k_mem[None], v_mem[None], 0.0, False, attn_mask=mem_mask[None], scale=scale)
+            om, lsem = _flash(qm, k_mem.to(dtype)[None], v_mem.to(dtype)[None], 0.0, False,
+                              attn_mask=mem_mask[None], scale=scale)
             # a head with no valid memory key: the kernel reports lse 0 and output 0 for it, not -inf
-            om, lsem = om[0], lsem[0].masked_fill(~valid.any(1)[:, None], float("-inf"))
-            top = torch.maximum(lse, lsem)
-            w, wm = torch.exp(lse - top)[..., None], torch.exp(lsem - top)[..., None]
-            o = (o.float() * w + om.float() * wm) / (w + wm)
+            o = merge_by_lse(o, lse, om[0], lsem[0].masked_fill(~valid.any(1)[:, None], float("-inf")))
         out[:, r0:r1] = o.reshape(heads, n, d).to(out.dtype)
         r0 = r1
     return out

@@ -47,6 +47,16 @@ def select_memory_ref(qbar: torch.Tensor, keys: torch.Tensor, n_before: torch.Te
     return out
 
 
+def memory_kv(keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor, block: int):
+    """The keys and values of one group's memory blocks (blocks [Hkv, M], -1: none): k, v [Hkv, M*B, D] and
+    which of their positions are real [Hkv, M*B]."""
+    blocks = blocks.long()
+    span = (blocks.clamp(min=0)[:, :, None] * block + torch.arange(block, device=keys.device)).flatten(1)
+    kv_idx = torch.arange(keys.shape[0], device=keys.device)[:, None]
+    key_ok = (blocks >= 0)[:, :, None].expand(-1, -1, block).flatten(1)
+    return keys[kv_idx, span], values[kv_idx, span], key_ok
+
+
 def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """rotate_half RoPE of x [..., T, D] by per-row cos, sin [T, D] (fp32), in x's dtype."""
     x32 = x.float()
@@ -67,7 +77,6 @@ def extended_attention_ref(q_loc: torch.Tensor, q_mem: torch.Tensor, keys: torch
     hkv = keys.shape[0]
     per = heads // hkv
     out = torch.empty_like(q_loc)
-    kv_idx = torch.arange(hkv, device=keys.device)[:, None]
     for g in range(memory.shape[1]):
         rows = (row_group == g).nonzero().flatten()
         if rows.numel() == 0:
@@ -76,13 +85,8 @@ def extended_attention_ref(q_loc: torch.Tensor, q_mem: torch.Tensor, keys: torch
         ls, end = int(group_start[g]), pos0 + r1
         k_loc = rope_rows(keys[:, ls:end], cos[: end - ls], sin[: end - ls]).float()
         v_loc = values[:, ls:end].float()
-        blocks = memory[:, g].long()  # [Hkv, M]
-        valid = blocks >= 0
-        span = blocks.clamp(min=0)[:, :, None] * block + torch.arange(block, device=keys.device)
-        span = span.flatten(1)  # [Hkv, M*B] token indices
-        k_mem = keys[kv_idx, span].float()
-        v_mem = values[kv_idx, span].float()
-        key_ok = valid[:, :, None].expand(-1, -1, block).flatten(1)  # [Hkv, M*B]
+        k_mem, v_mem, key_ok = memory_kv(keys, values, memory[:, g], block)
+        k_mem, v_mem = k_mem.float(), v_mem.float()
         ql = q_loc[:, r0:r1].float().reshape(hkv, per * (r1 - r0), d)
         qm = q_mem[:, r0:r1].float().reshape(hkv, per * (r1 - r0), d)
         s_loc = ql @ k_loc.transpose(1, 2) * scale
