@@ -107,9 +107,14 @@ def haystack(paragraphs: list[str], tokenizer, n_tokens: int, needles: list[tupl
 
 
 def ask_once(loaded, text: str | None, question: str, mode: str, sampling, chunk_size: int | None,
-             documents=None) -> dict:
-    """Open a conversation over `text` (what stdin would give `salachat ask`) and ask one question."""
+             documents=None, variants: dict | None = None) -> list[dict]:
+    """Open a conversation over `text` (what stdin would give `salachat ask`), read it once and ask one
+    question: as the product does, or, with `variants` ({name: LongContextParams fields}), once per variant on
+    a fork of the same reading (the fields change how the question is answered, not how it was read)."""
+    import dataclasses
+
     from salachat.engine.generate import Stats
+    from salachat.engine.long_context import LongContextCache
 
     from salachat.chat import ChatSession
     from salachat.conversation import ContextTooLong
@@ -119,21 +124,32 @@ def ask_once(loaded, text: str | None, question: str, mode: str, sampling, chunk
         session = ChatSession.open(text=text, documents=documents, loaded=loaded, long_context=mode,
                                    chunk_size=chunk_size)
     except ContextTooLong:
-        return {"mode": "dense", "status": "refused: past the trained length"}
+        return [{"mode": "dense", "variant": "", "status": "refused: past the trained length"}]
     t1 = time.perf_counter()
     session.read()
     t2 = time.perf_counter()
-    stats = Stats()
-    answer = "".join(session.ask(question, sampling, stats=stats))
     read_tokens = session.conversation.document_tokens
-    return {"mode": session.context().long_context, "status": "ok", "tokens": read_tokens,
-            "answer": answer.strip()[:200], "ingest_seconds": round(t1 - t0, 2),
-            "read_seconds": round(t2 - t1, 2), "read_tokens_per_second": round(read_tokens / (t2 - t1), 1),
-            "answer_seconds": round(stats.prefill_seconds + stats.decode_seconds, 2),
-            "generated_tokens": stats.generated_tokens}
+    extended = session.context().long_context == "extended"
+    rows = []
+    for name, overrides in (variants if extended and variants else {"": {}}).items():
+        asked = session.fork() if variants else session
+        for layer in asked.conversation.cache.layers:
+            if isinstance(layer, LongContextCache) and overrides:
+                layer.params = dataclasses.replace(layer.params, **overrides)
+        stats = Stats()
+        answer = "".join(asked.ask(question, sampling, stats=stats))
+        focus = next((layer.focus for layer in asked.conversation.cache.layers
+                      if isinstance(layer, LongContextCache)), None)
+        rows.append({"mode": session.context().long_context, "variant": name, "status": "ok",
+                     "tokens": read_tokens, "answer": answer.strip()[:200], "ingest_seconds": round(t1 - t0, 2),
+                     "read_seconds": round(t2 - t1, 2), "read_tokens_per_second": round(read_tokens / (t2 - t1), 1),
+                     "answer_seconds": round(stats.prefill_seconds + stats.decode_seconds, 2),
+                     "generated_tokens": stats.generated_tokens,
+                     "focus_blocks": [] if focus is None else focus.tolist()})
+    return rows
 
 
-def passkey_rows(loaded, paragraphs, lengths, depths, modes, sampling, chunk, seed=0) -> list[dict]:
+def passkey_rows(loaded, paragraphs, lengths, depths, modes, sampling, chunk, variants=None, seed=0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for length in lengths:
@@ -143,14 +159,14 @@ def passkey_rows(loaded, paragraphs, lengths, depths, modes, sampling, chunk, se
             text = haystack(paragraphs, loaded.tokenizer, length, [(depth / 100, needle)],
                             offset=rng.randrange(len(paragraphs)))
             for mode in modes:
-                row = {"task": "passkey", "length": length, "depth": depth, "expected": key,
-                       **ask_once(loaded, text, PASSKEY_QUESTION, mode, sampling, chunk)}
-                row["correct"] = row["status"] == "ok" and key in row["answer"]
-                rows.append(_show(row))
+                for found in ask_once(loaded, text, PASSKEY_QUESTION, mode, sampling, chunk, variants=variants):
+                    row = {"task": "passkey", "length": length, "depth": depth, "expected": key, **found}
+                    row["correct"] = row["status"] == "ok" and key in row["answer"]
+                    rows.append(_show(row))
     return rows
 
 
-def multikey_rows(loaded, paragraphs, lengths, trials, modes, sampling, chunk, seed=1) -> list[dict]:
+def multikey_rows(loaded, paragraphs, lengths, trials, modes, sampling, chunk, variants=None, seed=1) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for length in lengths:
@@ -163,24 +179,26 @@ def multikey_rows(loaded, paragraphs, lengths, trials, modes, sampling, chunk, s
             text = haystack(paragraphs, loaded.tokenizer, length, needles, offset=rng.randrange(len(paragraphs)))
             question = f"What is the pass key of the {asked} box? Answer with the number only."
             for mode in modes:
-                row = {"task": "multikey", "length": length, "depth": depths[LABELS.index(asked)],
-                       "expected": keys[asked], **ask_once(loaded, text, question, mode, sampling, chunk)}
-                row["correct"] = row["status"] == "ok" and keys[asked] in row["answer"]
-                rows.append(_show(row))
+                for found in ask_once(loaded, text, question, mode, sampling, chunk, variants=variants):
+                    row = {"task": "multikey", "length": length, "depth": depths[LABELS.index(asked)],
+                           "expected": keys[asked], **found}
+                    row["correct"] = row["status"] == "ok" and keys[asked] in row["answer"]
+                    rows.append(_show(row))
     return rows
 
 
-def pdf_rows(loaded, modes, sampling, chunk) -> list[dict]:
+def pdf_rows(loaded, modes, sampling, chunk, variants=None) -> list[dict]:
     from salachat.chat import read_documents
 
     documents = read_documents([TASN1_PDF])
     rows = []
     for question, answer, page in PDF_QUESTIONS:
         for mode in modes:
-            row = {"task": "pdf", "length": None, "depth": f"p.{page}", "expected": answer,
-                   **ask_once(loaded, None, question, mode, sampling, chunk, documents=documents)}
-            row["correct"] = row["status"] == "ok" and answer.lower() in row["answer"].lower()
-            rows.append(_show(row))
+            for found in ask_once(loaded, None, question, mode, sampling, chunk, documents=documents,
+                                  variants=variants):
+                row = {"task": "pdf", "length": None, "depth": f"p.{page}", "expected": answer, **found}
+                row["correct"] = row["status"] == "ok" and answer.lower() in row["answer"].lower()
+                rows.append(_show(row))
     return rows
 
 
@@ -194,7 +212,7 @@ def _show(row: dict) -> dict:
         Path(_PROGRESS["path"]).write_text(json.dumps({**_PROGRESS["head"], "rows": _PROGRESS["rows"]}, indent=1)
                                            + "\n", encoding="utf-8")
     mark = {True: "ok", False: "--"}[bool(row.get("correct"))]
-    print(f"  {row['task']:<8} {row['length']!s:>8} {row['depth']!s:>5} {row['mode']:<9} {mark} "
+    print(f"  {row['task']:<8} {row['length']!s:>8} {row['depth']!s:>5} {row['mode']:<9} {row['variant']:<10} {mark} "
           f"{row.get('tokens', '')!s:>8} {row.get('read_seconds', '')!s:>7}s  {row.get('answer', row['status'])[:60]!r}",
           flush=True)
     return row
@@ -203,11 +221,13 @@ def _show(row: dict) -> dict:
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["length"], r["mode"], r.get("sampling", "")), []).append(r)
+        groups.setdefault((r["task"], r["length"], r["mode"], r.get("variant", ""), r.get("sampling", "")),
+                          []).append(r)
     table = []
-    for (task, length, mode, sampling), rs in groups.items():
+    for (task, length, mode, variant, sampling), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
-        table.append({"task": task, "length": length, "mode": mode, "sampling": sampling, "runs": len(rs),
+        table.append({"task": task, "length": length, "mode": mode, "variant": variant, "sampling": sampling,
+                      "runs": len(rs),
                       "correct": sum(r["correct"] for r in rs),
                       "accuracy": round(sum(r["correct"] for r in rs) / len(rs), 3),
                       "read_tokens_per_second": round(sum(r["read_tokens_per_second"] for r in ok) / len(ok), 1)
@@ -218,11 +238,11 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def print_table(table: list[dict]) -> None:
-    print(f"\n{'task':<9}{'length':>9} {'mode':<9} {'sampling':<9} {'correct':>8} {'acc':>6} {'read tok/s':>11} "
+    print(f"\n{'task':<9}{'length':>9} {'mode':<9} {'variant':<10} {'sampling':<9} {'correct':>8} {'acc':>6} {'read tok/s':>11} "
           f"{'max read s':>11}  status")
     for t in table:
         acc = f"{t['correct']}/{t['runs']}"
-        print(f"{t['task']:<9}{t['length']!s:>9} {t['mode']:<9} {t['sampling']:<9} {acc:>8} {t['accuracy']:>6} "
+        print(f"{t['task']:<9}{t['length']!s:>9} {t['mode']:<9} {t['variant']:<10} {t['sampling']:<9} {acc:>8} {t['accuracy']:>6} "
               f"{t['read_tokens_per_second']!s:>11} {t['read_seconds_max']!s:>11}  {t['status']}")
 
 
@@ -241,6 +261,9 @@ def main(argv=None) -> int:
                         help="defaults: Sampling() as the CLI uses it; plain: greedy with no repeat penalty/min-p")
     parser.add_argument("--chunk", type=int, default=None, help="reading chunk (default: the product's)")
     parser.add_argument("--params", default=None, help="JSON of LongContextParams fields to override")
+    parser.add_argument("--variants", default=None,
+                        help='JSON {name: LongContextParams fields}: ask each question once per variant on the same '
+                             'reading, e.g. \'{"focus": {}, "no-focus": {"focus_spans": 0}}\'')
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -265,6 +288,7 @@ def main(argv=None) -> int:
         long_context.params_for = params_for
     paragraphs = vim_paragraphs() if args.haystack == "vim" else stdlib_paragraphs()
     modes = ["on"] if args.no_dense else ["on", "off"]
+    variants = json.loads(args.variants) if args.variants else None
     samplings = {"defaults": Sampling(max_tokens=24),
                  "plain": Sampling(max_tokens=24, repeat_penalty=1.0, min_p=0.0)}
     params = long_context.params_for(loaded.model)
@@ -277,10 +301,11 @@ def main(argv=None) -> int:
     for name in args.sampling:
         sampling = samplings[name]
         _PROGRESS["head"]["sampling"] = name
-        found = passkey_rows(loaded, paragraphs, args.lengths, args.depths, modes, sampling, args.chunk)
-        found += multikey_rows(loaded, paragraphs, args.multikey, args.multikey_trials, modes, sampling, args.chunk)
+        found = passkey_rows(loaded, paragraphs, args.lengths, args.depths, modes, sampling, args.chunk, variants)
+        found += multikey_rows(loaded, paragraphs, args.multikey, args.multikey_trials, modes, sampling, args.chunk,
+                               variants)
         if args.pdf:
-            found += pdf_rows(loaded, modes, sampling, args.chunk)
+            found += pdf_rows(loaded, modes, sampling, args.chunk, variants)
         for r in found:
             r["sampling"] = name
         rows += found

@@ -13,6 +13,9 @@ import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import torch
+
+from salachat.engine import long_context
 from salachat.engine.generate import Progress, Sampling, Stats, generate, prefill
 from salachat.engine.loader import LoadedModel
 
@@ -25,8 +28,6 @@ _QUESTION_SLOT = "\u0000QUESTION\u0000"
 
 def trained_length(loaded: LoadedModel) -> int | None:
     """The length a dense model was trained on (None for MiniCPM-SALA, which reads any length)."""
-    from salachat.engine import long_context
-
     if hasattr(long_context, "trained_length"):
         return long_context.trained_length(loaded)
     if loaded.family == "llama":
@@ -65,6 +66,7 @@ class Conversation:
         self.pending_ids: list[int] = []  # tokens of the reading that are not yet in the cache
         self.document_tokens = 0  # system prompt + documents, as read
         self.reading_text = ""  # the reading as queued: system prompt + documents, up to the first question
+        self._reading_ids = None  # its token ids (int32), for the long-context focus; made again after resume
 
     @classmethod
     def from_session_state(cls, state) -> Conversation:
@@ -119,6 +121,13 @@ class Conversation:
         twin.pending_ids = list(self.pending_ids)
         return twin
 
+    def reading_ids(self) -> torch.Tensor:
+        """The token ids of the reading (what the cache's first `document_tokens` positions hold)."""
+        if self._reading_ids is None or self._reading_ids.numel() != self.document_tokens:
+            ids = self.tokenizer.encode(self.reading_text, add_bos=True)[: self.document_tokens]
+            self._reading_ids = torch.tensor(ids, dtype=torch.int32)
+        return self._reading_ids
+
     def _messages(self, next_question: str | None) -> list[dict]:
         messages = [{"role": "system", "content": self.system_prompt}]
         questions = [t.question for t in self.turns] + ([next_question] if next_question is not None else [])
@@ -158,6 +167,7 @@ class Conversation:
         full = self.tokenizer.apply_chat_template(self._messages(_QUESTION_SLOT), add_generation_prompt=True)
         reading_text = full[: full.index(_QUESTION_SLOT)]
         self.pending_ids = self.tokenizer.encode(reading_text, add_bos=True)
+        self._reading_ids = torch.tensor(self.pending_ids, dtype=torch.int32)
         self.document_tokens = len(self.pending_ids)
         self.reading_text = reading_text
         self._check_room(len(self.pending_ids))  # after the fields: a caller may switch to the extension
@@ -204,6 +214,8 @@ class Conversation:
         delta = self._delta(full)
         prompt_ids = self.tokenizer.encode(delta, add_bos=not self.fed_text)
         self._check_room(len(prompt_ids) + sampling.max_tokens)
+        if self.loaded.long_context == "extended" and self.document_tokens:
+            long_context.focus_on(self.cache, self.reading_ids(), self.tokenizer.encode(question), self.tokenizer)
         stats = stats if stats is not None else Stats()
         pieces: list[str] = []
         turn = Turn(question, "")

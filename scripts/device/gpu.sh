@@ -55,6 +55,16 @@ section_capped() {  # a 24 GB workstation GPU: nf4 weights, 2 GB of sparse K/V o
 # ---- sections of other parts of the product (long-context Llama, sessions …) go here, named section_<name>
 # and listed in SECTIONS below; each writes under $RESULTS ----
 
+section_longdoc() {  # retrieval with the default model past its trained length (needs it in $SALACHAT_HOME,
+    # Vim's manual and the Libtasn1 PDF where bench/longdoc.py looks); LONGDOC overrides the lengths and tasks
+    local variants='{"focus": {}, "no-focus": {"focus_spans": 0}}' name=${LONGDOC_OUT:-longdoc_gpu}
+    [ -n "${LONGDOC_VARIANTS:-}" ] && variants=$LONGDOC_VARIANTS
+    # shellcheck disable=SC2086  # LONGDOC is a list of arguments
+    timeout 580 python3 bench/longdoc.py --device cuda ${LONGDOC:---lengths 4096 16384 65536 262144 1048576 \
+        --multikey 16384 65536 262144 --pdf} --variants "$variants" --out "$RESULTS/$name.json" 2>&1 \
+        | tail -"${LONGDOC_TAIL:-60}" | tee "$RESULTS/$name.log"
+}
+
 SECTIONS=${*:-tests kernels e2e e2e_1m capped}
 for s in $SECTIONS; do
     echo "== $s $(date -u +%H:%M:%S)"
