@@ -5,11 +5,11 @@ No query-key distance the model attends over exceeds what it was trained on:
   bit for bit;
 - past it, queries go in groups of `block_size` positions (aligned, like the key blocks). Group g starting
   at position g0 attends its local span [g0 - window, p] at true relative distances (at most window +
-  block_size - 1), and memory: the initial block and `topk` selected blocks from before the span, laid out
-  in reading order just before the span as one short text (key i of memory slot m at position
-  m * block_size + i), so the farthest distance is `longest_distance`;
-- blocks are selected by the group's mean query (per head, rotated by `memory_distance` = window +
-  block_size) against every unrotated key of each candidate block; a block scores by the attention mass it
+  block_size - 1), plus the initial block and `topk` selected blocks from before the span, all placed
+  `memory_distance` = window + block_size away: memory keys are kept unrotated (position 0) and the query
+  is rotated by that distance;
+- blocks are scored in that same frame: the group's mean query (per head, rotated by the memory
+  distance) against every unrotated key of each candidate block; a block scores by the attention mass it
   would get (log-sum-exp over its keys) from the head of its KV group that wants it most;
 - while a question is answered, its words choose the memory instead (`focus_on`, engine/focus.py): the
   blocks of the span of the document that shares most terms with it, and `focus_topk` selected blocks.
@@ -30,7 +30,6 @@ from salachat.kernels import dense_attention, rope
 from salachat.kernels.long_context import (
     add_memory_blocks,
     extended_attention,
-    in_reading_order,
     rope_rows,
     select_memory_ref,
 )
@@ -45,7 +44,7 @@ class LongContextParams:
     dense_len: int = 8192  # queries before this position attend densely (the trained length)
     focus_spans: int = 1  # spans of the document a question's words point at (engine/focus.py): their blocks are
     # attended while answering it
-    focus_topk: int = 1  # blocks selected by attention beside them while a question has a focus
+    focus_topk: int = 0  # blocks selected by attention beside them while a question has a focus
 
     def __post_init__(self):
         b = self.block_size
@@ -55,20 +54,12 @@ class LongContextParams:
 
     @property
     def memory_distance(self) -> int:
-        """The distance blocks are scored at (select_memory_ref): just before the farthest local key."""
         return self.window + self.block_size
 
     @property
-    def memory_slots(self) -> int:
-        """The most memory slots a query group attends: the initial blocks and the selected ones, or, while a
-        question has a focus, the focus spans' blocks (two at most each) and the few selected beside them."""
-        return self.init_blocks + max(self.topk, self.focus_topk + 2 * self.focus_spans)
-
-    @property
     def longest_distance(self) -> int:
-        """The farthest query-key distance past dense_len: from the last query of a group to the first key
-        of the first memory slot."""
-        return self.memory_slots * self.block_size + self.window + self.block_size - 1
+        """The farthest query-key distance past dense_len: the memory distance."""
+        return self.memory_distance
 
     def layer_cache(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> LongContextCache:
         return LongContextCache(n_kv_heads, head_dim, self, dtype, device)
@@ -76,16 +67,11 @@ class LongContextParams:
 
 def params_for(model) -> LongContextParams:
     """Settings for a dense Llama-family model: a 4K window (half the trained length for shorter models),
-    everything inside the trained length dense, and as many memory slots (up to 16 selected blocks) as keep
-    every distance inside the trained length."""
+    everything inside the trained length dense."""
     trained = int(model.args.max_position_embeddings)
     block = 128 if trained >= 2048 else 32
     window = max(block, min(4096, trained // 2) // block * block)
-    init = 1
-    room = max((trained - window - block) // block - init, 0)  # slots besides the initial block
-    spans = 1 if room >= 3 else 0
-    return LongContextParams(block_size=block, window=window, init_blocks=init, topk=min(16, room),
-                             dense_len=trained, focus_spans=spans, focus_topk=min(1, room - 2 * spans))
+    return LongContextParams(block_size=block, window=window, dense_len=trained)
 
 
 def trained_length(loaded) -> int | None:
@@ -154,10 +140,9 @@ class LongContextCache:
         self._length = need
 
     def _rotary_tables(self, rotary, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for distances 0 .. longest_distance (and the scoring distance)."""
-        size = max(self.params.longest_distance, self.params.memory_distance) + 1
-        if self._tables is None or self._tables[0].device != device or self._tables[0].shape[0] < size:
-            self._tables = rotary.cos_sin(torch.arange(size, device=device))
+        if self._tables is None or self._tables[0].device != device:
+            positions = torch.arange(self.params.memory_distance + 1, device=device)
+            self._tables = rotary.cos_sin(positions)
         return self._tables
 
     def attend_unrotated(self, q, k, v, pos0: int, scale: float, rotary) -> torch.Tensor:
@@ -196,10 +181,10 @@ class LongContextCache:
         group_start = (group_first - p.window).clamp(min=0)
         rel = positions - group_start[row_group]
         q_loc = rope_rows(q, cos_tab[rel], sin_tab[rel])
-        q_score = rope_rows(q, cos_tab[p.memory_distance][None], sin_tab[p.memory_distance][None])
-        # each group's mean scoring-frame query over its rows, per head: [Hkv, G, heads per KV head, D]
+        q_mem = rope_rows(q, cos_tab[p.memory_distance][None], sin_tab[p.memory_distance][None])
+        # each group's mean memory-frame query over its rows, per head: [Hkv, G, heads per KV head, D]
         sums = torch.zeros(heads, n_groups, d, dtype=torch.float32, device=dev)
-        sums.index_add_(1, row_group, q_score.float())
+        sums.index_add_(1, row_group, q_mem.float())
         counts = torch.bincount(row_group, minlength=n_groups).clamp(min=1)
         qbar = (sums / counts[None, :, None]).view(hkv, heads // hkv, n_groups, d).transpose(1, 2)
         n_before = group_start // p.block_size
@@ -209,9 +194,6 @@ class LongContextCache:
                                    p.focus_topk if focused else p.topk, p.block_size, scale)
         if focused:
             memory = add_memory_blocks(memory, self.focus.to(dev), n_before)
-        memory = in_reading_order(memory)
-        after_memory = rel + memory.shape[-1] * p.block_size
-        q_mem = rope_rows(q, cos_tab[after_memory], sin_tab[after_memory])
         end = start + t
         return extended_attention(q_loc, q_mem, self.keys[:, :end], self.values[:, :end], memory, row_group,
                                   group_start, start, cos_tab, sin_tab, p.block_size, scale)

@@ -38,7 +38,7 @@ def test_reading_past_the_trained_length_needs_the_extension(smollm2):
         with pytest.raises(ContextTooLong):
             Conversation(limited).set_documents(text)
         long_context.enable(limited)
-        assert limited.sparse.dense_len == 128 and limited.sparse.longest_distance < 128
+        assert limited.sparse.dense_len == 128 and limited.sparse.memory_distance < 128
         conversation = Conversation(limited)
         conversation.set_documents(text)
         conversation.read()

@@ -48,7 +48,7 @@ def test_the_local_part_keeps_true_relative_positions(smollm2, prose_ids):
     assert (dense - extended).abs().max().item() < 1e-3
 
 
-def test_past_dense_len_no_query_key_distance_exceeds_the_longest_distance(smollm2, prose_ids):
+def test_past_dense_len_no_query_key_distance_exceeds_the_memory_distance(smollm2, prose_ids):
     asked = []
     rotary = smollm2.model.rotary
     original = rotary.cos_sin
@@ -69,7 +69,7 @@ def test_past_dense_len_no_query_key_distance_exceeds_the_longest_distance(smoll
     # the dense prefix's positions and the table of relative distances, never beyond
     own = set(range(99, len(ids), 100)) | {len(ids) - 1}
     cache_asks = [p for p in asked if p not in own]
-    assert max(cache_asks) == max(SMALL.dense_len - 1, SMALL.longest_distance)
+    assert max(cache_asks) == max(SMALL.dense_len - 1, SMALL.memory_distance)
     layer = cache.layers[0]
     assert layer.length == len(ids) and layer.state()["rotated"].shape[1] == SMALL.dense_len
 
@@ -113,7 +113,7 @@ def test_params_enable_and_trained_length(smollm2):
     params = long_context.params_for(smollm2.model)
     trained = smollm2.model.args.max_position_embeddings
     assert long_context.trained_length(smollm2) == trained
-    assert params.dense_len == trained and params.longest_distance < trained
+    assert params.dense_len == trained and params.memory_distance < trained
     copy = dataclasses.replace(smollm2)
     long_context.enable(copy)
     assert copy.sparse == params and copy.long_context == "extended" and smollm2.sparse is None

@@ -9,14 +9,13 @@ from salachat.kernels.long_context.cpu import extended_attention_cpu
 from salachat.kernels.long_context.reference import (
     add_memory_blocks,
     extended_attention_ref,
-    in_reading_order,
     rope_rows,
     select_memory_ref,
 )
 
 from salachat import kernels
 
-__all__ = ["add_memory_blocks", "extended_attention", "in_reading_order", "rope_rows", "select_memory_ref"]
+__all__ = ["add_memory_blocks", "extended_attention", "rope_rows", "select_memory_ref"]
 
 
 def _triton():

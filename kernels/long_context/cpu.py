@@ -43,7 +43,6 @@ def extended_attention_cpu(q_loc: torch.Tensor, q_mem: torch.Tensor, keys: torch
         valid = memory[:, g] >= 0  # [Hkv, M]
         if bool(valid.any()):
             k_mem, v_mem, key_ok = memory_kv(keys, values, memory[:, g], block)
-            k_mem = rope_rows(k_mem, cos[: k_mem.shape[1]], sin[: k_mem.shape[1]])
             mem_mask = torch.zeros(hkv, 1, key_ok.shape[1], dtype=dtype).masked_fill_(~key_ok[:, None], float("-inf"))
             qm = q_mem[:, r0:r1].reshape(hkv, per * n, d)[None]
             om, lsem = _flash(qm, k_mem.to(dtype)[None], v_mem.to(dtype)[None], 0.0, False,

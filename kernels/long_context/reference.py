@@ -3,12 +3,10 @@
 Keys are kept unrotated. Queries come in groups of `block` consecutive positions (the same aligned spans as
 the key blocks); group g attends
 - its local span [ls_g, p] at true relative distances: keys rotated by (j - ls_g), the query by (p - ls_g);
-- M memory slots (the initial block, the selected ones, in reading order; -1: an empty slot) laid out
-  before the span as one short text: key i of slot m rotated by m*block + i, the query by (p - ls_g) +
-  M*block. Order inside a block is kept: a number the tokenizer cuts into digits is read in order (with all
-  memory keys at one position, as InfLLM places them, the default model read back single digits).
-Both parts share one softmax. Blocks are chosen by each block's keys at position 0 against the group's mean
-query rotated by `memory_distance` (see select_memory_ref): the slot a block will take is not known yet.
+- memory blocks (the initial block and the selected ones) as if they sat `memory_distance` away: keys
+  unrotated (position 0), the query rotated by `memory_distance`.
+Both parts share one softmax. Blocks are chosen in the frame they are attended in: each block's keys at
+position 0 against the group's mean query rotated by the memory distance (see select_memory_ref).
 """
 
 from __future__ import annotations
@@ -59,13 +57,6 @@ def add_memory_blocks(memory: torch.Tensor, blocks: torch.Tensor, n_before: torc
     return torch.cat([memory, torch.where(ok, extra, -1)], dim=-1)
 
 
-def in_reading_order(memory: torch.Tensor) -> torch.Tensor:
-    """memory [..., M] sorted by block id, empty slots (-1) last: the order the slots are laid out in."""
-    last = torch.iinfo(memory.dtype).max
-    ordered = torch.where(memory < 0, last, memory).sort(-1).values
-    return torch.where(ordered == last, -1, ordered)
-
-
 def memory_kv(keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor, block: int):
     """The keys and values of one group's memory blocks (blocks [Hkv, M], -1: none): k, v [Hkv, M*B, D] and
     which of their positions are real [Hkv, M*B]."""
@@ -89,10 +80,9 @@ def extended_attention_ref(q_loc: torch.Tensor, q_mem: torch.Tensor, keys: torch
                            cos: torch.Tensor, sin: torch.Tensor, block: int, scale: float) -> torch.Tensor:
     """Attention of queries at pos0.. (rows of q_loc/q_mem [H, T, D]) over unrotated keys/values [Hkv, L, D].
 
-    q_loc is rotated by (p - ls) where ls = group_start[row_group[row]], q_mem by (p - ls) + M*block;
-    memory [Hkv, G, M] lists each group's memory slots (-1: empty); cos, sin [P, D] are the model's rotary
-    tables for relative positions 0..P-1 (P > M*block + the longest local distance). Returns [H, T, D] in
-    q's dtype."""
+    q_loc is rotated by (p - ls) where ls = group_start[row_group[row]], q_mem by the memory distance;
+    memory [Hkv, G, M] lists each group's memory blocks (-1: none); cos, sin [P, D] are the model's
+    rotary tables for relative positions 0..P-1. Returns [H, T, D] in q's dtype."""
     heads, _, d = q_loc.shape
     hkv = keys.shape[0]
     per = heads // hkv
@@ -106,8 +96,7 @@ def extended_attention_ref(q_loc: torch.Tensor, q_mem: torch.Tensor, keys: torch
         k_loc = rope_rows(keys[:, ls:end], cos[: end - ls], sin[: end - ls]).float()
         v_loc = values[:, ls:end].float()
         k_mem, v_mem, key_ok = memory_kv(keys, values, memory[:, g], block)
-        slots = k_mem.shape[1]
-        k_mem, v_mem = rope_rows(k_mem, cos[:slots], sin[:slots]).float(), v_mem.float()
+        k_mem, v_mem = k_mem.float(), v_mem.float()
         ql = q_loc[:, r0:r1].float().reshape(hkv, per * (r1 - r0), d)
         qm = q_mem[:, r0:r1].float().reshape(hkv, per * (r1 - r0), d)
         s_loc = ql @ k_loc.transpose(1, 2) * scale

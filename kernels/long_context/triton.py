@@ -1,8 +1,8 @@
 """Extended attention (see reference.py) as one Triton kernel: a program per (query tile, query head).
 
-A tile is up to BQ rows of one query group. It reads the group's memory slots (key i of slot m rotated in
-registers by m*BLOCK + i from the rotary table, against the query rotated by (p - ls) + M*BLOCK), then its
-local span with each key tile rotated by (j - ls), all under one online softmax. A program serves one query head, so any GQA group
+A tile is up to BQ rows of one query group. It reads the group's memory blocks (unrotated keys, the query
+rotated by the memory distance), then its local span with each key tile rotated in registers by (j - ls)
+from the rotary table, all under one online softmax. A program serves one query head, so any GQA group
 size works (no power-of-two arange over heads) and K/V stay unrepeated in memory.
 """
 
@@ -44,14 +44,9 @@ def _extended_kernel(QL, QM, K, V, O, MEM, TILE_ROW0, TILE_ROWS, TILE_GROUP, GRO
         if b >= 0:
             for j in range(0, BLOCK, BM):
                 keys = b * BLOCK + j + tl.arange(0, BM)
-                slot = i * BLOCK + j + tl.arange(0, BM)  # the keys' positions in the memory frame
-                k = tl.load(k_base + keys[:, None] * skt + cols[None, :]).to(tl.float32)
-                kp = tl.load(k_base + keys[:, None] * skt + partner[None, :])
-                cos = tl.load(COS + slot[:, None] * D + cols[None, :])
-                sin = tl.load(SIN + slot[:, None] * D + cols[None, :])
-                k_rot = (tl.fma(k, cos, 0.0) + tl.fma(kp.to(tl.float32) * sign[None, :], sin, 0.0)).to(kp.dtype)
+                k = tl.load(k_base + keys[:, None] * skt + cols[None, :])
                 v = tl.load(v_base + keys[:, None] * skt + cols[None, :])
-                s = tl.dot(qm, tl.trans(k_rot)) * scale
+                s = tl.dot(qm, tl.trans(k)) * scale
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 p = tl.exp(s - m_new[:, None])
                 alpha = tl.exp(m_i - m_new)
