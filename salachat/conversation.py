@@ -24,6 +24,7 @@ SYSTEM_PROMPT = (
     "Answer from the documents, briefly and exactly; say so when the documents do not contain the answer."
 )
 _QUESTION_SLOT = "\u0000QUESTION\u0000"
+QUOTE_HEADER = "From the documents:"  # before a passage placed ahead of the question (Conversation._focus)
 
 
 def trained_length(loaded: LoadedModel) -> int | None:
@@ -44,6 +45,7 @@ class Turn:
     question: str
     answer: str
     stats: dict = field(default_factory=dict)
+    quoted: str = ""  # the passage of the documents placed before the question (long-context focus)
 
 
 class Conversation:
@@ -78,7 +80,7 @@ class Conversation:
         conversation.fed_text = state.fed_text
         conversation.pending_ids = list(state.pending_ids)
         conversation.document_tokens = state.document_tokens
-        conversation.turns = [Turn(t.question, t.answer, dict(t.stats)) for t in state.turns]
+        conversation.turns = [Turn(t.question, t.answer, dict(t.stats), getattr(t, "quoted", "")) for t in state.turns]
         return conversation
 
     @property
@@ -117,9 +119,27 @@ class Conversation:
         tensors, meta = self.cache.state()
         twin.cache = ModelCache.from_state({name: t.clone() for name, t in tensors.items()}, meta)
         twin.cache.extra = dict(self.cache.extra)
-        twin.turns = [Turn(t.question, t.answer, dict(t.stats)) for t in self.turns]
+        twin.turns = [Turn(t.question, t.answer, dict(t.stats), t.quoted) for t in self.turns]
         twin.pending_ids = list(self.pending_ids)
         return twin
+
+    def _focus(self, question: str) -> str:
+        """Past a dense model's trained length: point the long-context layers at the document blocks the
+        question's words are about (engine/focus.py) and return their text, which goes before the question.
+        Read from memory at a far distance the default model often gets a number's digits wrong (passkey 2 of
+        5 at 64K, docs/architecture.md); the same words right before the question are read at positions it
+        knows. "" where the extension is off, the question still starts inside the trained length (where the
+        dense model's answer is kept exactly), or no block shares a word with the question."""
+        params = self.loaded.sparse
+        if self.loaded.long_context != "extended" or not self.document_tokens or params is None:
+            return ""
+        ids = self.reading_ids()
+        blocks = long_context.focus_on(self.cache, ids, self.tokenizer.encode(question), self.tokenizer)
+        if not blocks or self.cache.position < params.dense_len:
+            return ""
+        first, last = min(blocks), max(blocks)  # the blocks of one span: adjacent
+        text = self.tokenizer.decode(ids[first * params.block_size : (last + 1) * params.block_size].tolist())
+        return text.strip()
 
     def reading_ids(self) -> torch.Tensor:
         """The token ids of the reading (what the cache's first `document_tokens` positions hold)."""
@@ -128,13 +148,15 @@ class Conversation:
             self._reading_ids = torch.tensor(ids, dtype=torch.int32)
         return self._reading_ids
 
-    def _messages(self, next_question: str | None) -> list[dict]:
+    def _messages(self, next_question: str | None, next_quoted: str = "") -> list[dict]:
         messages = [{"role": "system", "content": self.system_prompt}]
-        questions = [t.question for t in self.turns] + ([next_question] if next_question is not None else [])
-        for i, question in enumerate(questions):
-            content = question
+        questions = [(t.question, t.quoted) for t in self.turns]
+        if next_question is not None:
+            questions.append((next_question, next_quoted))
+        for i, (question, quoted) in enumerate(questions):
+            content = f"{QUOTE_HEADER}\n{quoted}\n\n{question}" if quoted else question
             if i == 0 and self.documents_text:
-                content = f"<documents>\n{self.documents_text}\n</documents>\n\n{question}"
+                content = f"<documents>\n{self.documents_text}\n</documents>\n\n{content}"
             messages.append({"role": "user", "content": content})
             if i < len(self.turns):
                 messages.append({"role": "assistant", "content": self.turns[i].answer})
@@ -210,15 +232,14 @@ class Conversation:
         sampling = sampling if sampling is not None else Sampling()
         if self.pending_ids:
             self.read(progress, should_stop)
-        full = self.tokenizer.apply_chat_template(self._messages(question), add_generation_prompt=True)
+        quoted = self._focus(question)
+        full = self.tokenizer.apply_chat_template(self._messages(question, quoted), add_generation_prompt=True)
         delta = self._delta(full)
         prompt_ids = self.tokenizer.encode(delta, add_bos=not self.fed_text)
         self._check_room(len(prompt_ids) + sampling.max_tokens)
-        if self.loaded.long_context == "extended" and self.document_tokens:
-            long_context.focus_on(self.cache, self.reading_ids(), self.tokenizer.encode(question), self.tokenizer)
         stats = stats if stats is not None else Stats()
         pieces: list[str] = []
-        turn = Turn(question, "")
+        turn = Turn(question, "", quoted=quoted)
         self.turns.append(turn)  # the question is in the cache from here on, whatever happens next
         self.fed_text = full[: len(full) - len(delta)] + delta
         try:

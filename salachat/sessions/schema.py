@@ -14,7 +14,7 @@ import re
 from salachat.sessions import atomic
 
 # engine.cache registry names; store.py checks at load that the engine still knows them all
-CACHE_KIND_NAMES = ("kv", "sparse_kv", "lightning")
+CACHE_KIND_NAMES = ("kv", "sparse_kv", "long_context_kv", "lightning")
 DTYPE_NAMES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -144,6 +144,8 @@ def check(manifest: dict) -> dict:
         _str(_key(turn, "question", f"conversation.turns[{i}]"), f"conversation.turns[{i}].question")
         _str(_key(turn, "answer", f"conversation.turns[{i}]"), f"conversation.turns[{i}].answer")
         _dict(_key(turn, "stats", f"conversation.turns[{i}]"), f"conversation.turns[{i}].stats")
+        if "quoted" in turn:  # the passage placed before the question (sessions read past a trained length)
+            _str(turn["quoted"], f"conversation.turns[{i}].quoted")
 
     cache = _dict(_key(manifest, "cache", ""), "cache")
     _check_cache(cache, files, tokens)

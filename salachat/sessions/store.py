@@ -69,6 +69,7 @@ class SavedTurn:
     question: str
     answer: str
     stats: dict = field(default_factory=dict)
+    quoted: str = ""
 
 
 @dataclass
@@ -222,7 +223,8 @@ class SessionWriter:
                 "fed_text": None if fed_from_reading else state.fed_text,
                 "pending_tokens": len(state.pending_ids),
                 "pending_sha256": _ids_hash(state.pending_ids),
-                "turns": [{"question": t.question, "answer": t.answer, "stats": t.stats} for t in state.turns],
+                "turns": [{"question": t.question, "answer": t.answer, "stats": t.stats,
+                           **({"quoted": t.quoted} if getattr(t, "quoted", "") else {})} for t in state.turns],
             },
             "cache": {"meta": cache_meta, "tensors": plan.entries},
             "files": files,
@@ -438,7 +440,7 @@ def load_session(folder: Path, loaded, verify: bool = True, lazy: bool = True) -
     state = ConversationState(
         loaded=loaded, cache=cache, system_prompt=text["system_prompt"], documents_text=text["documents_text"],
         reading_text=text["reading_text"], fed_text=fed_text, pending_ids=pending,
-        turns=[SavedTurn(t["question"], t["answer"], t["stats"]) for t in saved["turns"]],
+        turns=[SavedTurn(t["question"], t["answer"], t["stats"], t.get("quoted", "")) for t in saved["turns"]],
         chunk_size=saved["chunk_size"], document_tokens=manifest["document_tokens"])
     return ResumedSession(state, manifest, saved_model(manifest), fill)
 
@@ -478,7 +480,7 @@ def load_conversation(folder: Path, loaded, verify: bool = True, lazy: bool = Tr
     conversation.documents_text = state.documents_text
     conversation._reading_text = state.reading_text
     conversation.document_tokens = state.document_tokens
-    conversation.turns = [Turn(t.question, t.answer, t.stats) for t in state.turns]
+    conversation.turns = [Turn(t.question, t.answer, t.stats, t.quoted) for t in state.turns]
     conversation.fed_text = state.fed_text
     conversation.pending_ids = state.pending_ids
     return conversation, resumed.manifest

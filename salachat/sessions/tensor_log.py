@@ -17,7 +17,7 @@ import torch
 from salachat.sessions.safetensors_io import DTYPES, FROM_NAME
 
 # Cache kinds (engine.cache registry names) whose tensors only ever grow, and along which axis.
-APPEND_ONLY_AXIS: dict[str, int] = {"kv": 1, "sparse_kv": 1}
+APPEND_ONLY_AXIS: dict[str, int] = {"kv": 1, "sparse_kv": 1, "long_context_kv": 1}
 
 
 def _edge_hash(tensor: torch.Tensor, dim: int, length: int) -> str:
