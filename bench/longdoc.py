@@ -10,6 +10,11 @@ The PDF is the GNU Libtasn1 manual (Debian libtasn1-doc: /usr/share/doc/libtasn1
 
     python bench/longdoc.py --lengths 4096 16384 65536 --out bench/results/longdoc_cpu.json
     python bench/longdoc.py --device cuda --lengths 4096 65536 262144 1048576 --multikey 65536 262144 --pdf
+    python bench/longdoc.py --lengths 16384 --variants '{"focus": {}, "no-focus": {"focus_spans": 0}}'
+
+`--variants` reads each document once and asks its question once per variant (LongContextParams fields
+changed on a fork of the reading): "focus_spans": 0 turns the question's focus off (no passage before the
+question, the attention-mass selection for its answer).
 
 Prints a table; writes JSON rows (task, target length, tokens read, depth, mode, correct, answer, seconds).
 """
