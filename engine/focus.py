@@ -18,13 +18,12 @@ from __future__ import annotations
 import torch
 
 K1 = 1.2  # BM25's usual constant (Robertson & Zaragoza)
-_FOLDS: dict[int, torch.Tensor] = {}  # id(tokenizer backend) -> term id of every token id (-1: no term)
 
 
 def term_ids(tokenizer) -> torch.Tensor:
-    """[vocab] int64: each token id's term (the first id with the same folded spelling), -1 for none."""
-    key = id(tokenizer.backend)
-    fold = _FOLDS.get(key)
+    """[vocab] int64: each token id's term (the first id with the same folded spelling), -1 for none; made
+    once per tokenizer (0.1 s for 49K ids) and kept on it."""
+    fold = getattr(tokenizer, "_focus_terms", None)
     if fold is None:
         vocab = tokenizer.vocab_size
         texts = tokenizer.backend.decode_batch([[i] for i in range(vocab)], skip_special_tokens=True)
@@ -36,7 +35,7 @@ def term_ids(tokenizer) -> torch.Tensor:
                 out.append(-1)
             else:
                 out.append(first.setdefault(word, i))
-        fold = _FOLDS[key] = torch.tensor(out, dtype=torch.int64)
+        fold = tokenizer._focus_terms = torch.tensor(out, dtype=torch.int64)
     return fold
 
 
