@@ -70,18 +70,26 @@ class KVCache:
     def length(self) -> int:
         return self._length
 
+    def reserve(self, total: int) -> None:
+        """Room for `total` positions at once (a reading of known length): no regrowth while it is read, so
+        the cache's peak memory is its size, not a grown copy beside the old buffer."""
+        if total > self.keys.shape[1]:
+            self._grow(((total + self.GROW - 1) // self.GROW) * self.GROW)
+
+    def _grow(self, capacity: int) -> None:
+        grown_k = self.keys.new_empty(self.keys.shape[0], capacity, self.keys.shape[2])  # the cache keeps its dtype
+        grown_v = self.values.new_empty(self.values.shape[0], capacity, self.values.shape[2])
+        grown_k[:, : self._length] = self.keys[:, : self._length]
+        grown_v[:, : self._length] = self.values[:, : self._length]
+        self.keys, self.values = grown_k, grown_v
+
     def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v of shape [n_kv_heads, T, head_dim]; return all keys and values so far."""
         t = k.shape[1]
         need = self._length + t
         if need > self.keys.shape[1]:
             target = max(need, self.keys.shape[1] * 5 // 4)
-            capacity = ((target + self.GROW - 1) // self.GROW) * self.GROW
-            grown_k = k.new_empty(k.shape[0], capacity, k.shape[2])
-            grown_v = v.new_empty(v.shape[0], capacity, v.shape[2])
-            grown_k[:, : self._length] = self.keys[:, : self._length]
-            grown_v[:, : self._length] = self.values[:, : self._length]
-            self.keys, self.values = grown_k, grown_v
+            self._grow(((target + self.GROW - 1) // self.GROW) * self.GROW)
         self.keys[:, self._length : need] = k
         self.values[:, self._length : need] = v
         self._length = need

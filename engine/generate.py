@@ -79,6 +79,9 @@ def prefill(
     if total == 0:
         raise ValueError("nothing to read: the prompt is empty")
     logits = None
+    for layer in cache.layers:  # caches that can take the whole reading's room at once
+        if hasattr(layer, "reserve"):
+            layer.reserve(layer.length + total)
     for begin in range(0, total, chunk_size):
         if should_stop is not None and should_stop():
             raise Cancelled(f"stopped after {begin} of {total} tokens")

@@ -175,6 +175,10 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quanti
         raise ModelLoadError(str(e)) from None
     rope_freqs = tensors.pop("rope_freqs", None)
     model = _build(cls, args, tensors, device, dtype, str(path))
+    if keep_quantised and device.type == "cpu":
+        # fp32 activations, K/V kept in bf16 (llama.cpp keeps f16): half the cache's memory, and half the bytes
+        # a decoded token's attention reads (docs/architecture.md, "Models")
+        model.kv_dtype = torch.bfloat16
     if rope_freqs is not None:
         try:
             model.scale_rope_frequencies(rope_freqs)

@@ -14,6 +14,8 @@ def dense_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_prefix_and_chunk(q, k, v, pos0, scale)
+    if k.dtype != q.dtype:  # a bf16 cache under fp32 activations (packed GGUF models on the CPU)
+        return _grouped_sdpa(q.to(k.dtype), k, v, pos0, scale).to(q.dtype)
     return _grouped_sdpa(q, k, v, pos0, scale)
 
 

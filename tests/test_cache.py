@@ -56,3 +56,14 @@ def test_kv_cache_grows_and_round_trips_through_state():
 def test_unknown_cache_kind_is_refused():
     with pytest.raises(ValueError, match="unknown cache kind"):
         ModelCache.from_state({}, {"position": 0, "layers": [{"kind": "martian"}]})
+
+
+def test_a_bf16_cache_under_fp32_queries_keeps_its_dtype_and_attends_like_fp32():
+    torch.manual_seed(1)
+    cache = KVCache(2, 16, torch.bfloat16, "cpu")
+    exact = KVCache(2, 16, torch.float32, "cpu")
+    for pos0, t in [(0, 700), (700, 1), (701, 600)]:  # the second append grows the buffer past GROW
+        q, k, v = torch.randn(6, t, 16), torch.randn(2, t, 16), torch.randn(2, t, 16)
+        out, want = cache.attend(q, k, v, pos0, 0.25), exact.attend(q, k, v, pos0, 0.25)
+        assert cache.keys.dtype == cache.values.dtype == torch.bfloat16 and out.dtype == torch.float32
+        assert (out - want).abs().max().item() < 3e-2

@@ -253,6 +253,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    kv_dtype: torch.dtype | None = None  # the caches' dtype where it is not the activations' (loader.py)
+
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.args = args
@@ -276,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
         or for bare SparseParams InfLLM-V2 block-sparse caches."""
         a = self.args
         p = next(self.parameters())
-        dtype = p.dtype if p.dtype.is_floating_point else torch.bfloat16
+        dtype = self.kv_dtype or (p.dtype if p.dtype.is_floating_point else torch.bfloat16)
         if sparse is None:
             layers = [KVCache(a.num_key_value_heads, a.head_dim, dtype, p.device) for _ in range(a.num_hidden_layers)]
         elif hasattr(sparse, "layer_cache"):
