@@ -34,6 +34,7 @@ class LoadedModel:
     kv_gpu_gb: float | None = None  # sparse layers' K/V kept on the device; the rest in host memory
     quant: str | None = None  # "int8" | "nf4" | None, as loaded
     architecture: str = ""  # "llama", "qwen2", "qwen3", "minicpm_sala"
+    packed: bool = False  # GGUF weights kept quantised (CPU): what a session must be resumed with too
 
     @property
     def long_context(self) -> str:
@@ -185,7 +186,8 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quanti
         except ValueError as e:
             raise ModelLoadError(f"{path}: {e}") from None
     fingerprint = _file_fingerprint(path, json.dumps(config, sort_keys=True).encode())
-    return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype, architecture=config["model_type"])
+    return LoadedModel(model, tokenizer, str(path), fingerprint, "llama", device, dtype, architecture=config["model_type"],
+                       packed=any(isinstance(m, QuantLinear) for m in model.modules()))
 
 
 @contextlib.contextmanager

@@ -484,8 +484,8 @@ def _model_for(manifest: dict, model: str | None, device: str):
 
     saved = manifest["model"]
     dtype = getattr(torch, str(saved.get("dtype", "")), None)
-    if not isinstance(dtype, torch.dtype):
-        dtype = None
+    if not isinstance(dtype, torch.dtype) or saved.get("packed"):
+        dtype = None  # a dtype would dequantise a GGUF the session was read with packed
     try:
         return open_model(model or saved["id"], device=device, quant=_saved_quant(manifest), dtype=dtype)
     except ModelLoadError as e:

@@ -160,3 +160,33 @@ def test_checkpointer_keeps_saving_under_its_budget():
     assert checkpointer.save_seconds <= 0.05 * reading + 0.5  # the first save is taken before anything is known
     # 0.5 s / 5% = 10 s of reading = 100 chunks = 1000 tokens (one more chunk where float sums fall short)
     assert len(saves) >= 3 and checkpointer.intervals[-1] in (1000, 1010)
+
+
+def test_a_packed_model_resumes_packed_and_a_session_saved_with_fp32_kv_still_resumes(smollm2_path):
+    """The default model keeps its GGUF weights packed and its K/V in bf16; its session says so (`packed`),
+    so `resume` loads it packed again (a dtype would dequantise it). A session saved while the CPU cache was
+    fp32 resumes with that cache, as it was saved."""
+    from salachat.engine.loader import load_model
+
+    from salachat.chat import ChatSession, _model_for
+    from salachat.sessions.manifest import read_manifest
+
+    smollm2 = load_model(str(smollm2_path), device="cpu")  # as the CLI loads it: packed
+    greedy = Sampling(max_tokens=4)
+    chat = ChatSession.open(text=TEXT.encode(), loaded=smollm2, session="packed")
+    chat.answer(QUESTIONS[0], greedy)
+    manifest = read_manifest(chat.writer.folder)
+    assert manifest["model"]["packed"] is True and chat.conversation.cache.layers[0].keys.dtype == torch.bfloat16
+    again = _model_for(manifest, smollm2.model_id, "cpu")
+    assert again.packed and again.new_cache().layers[0].keys.dtype == torch.bfloat16
+
+    smollm2.model.kv_dtype = torch.float32  # what the CPU cache was before
+    try:
+        old = ChatSession.open(text=TEXT.encode(), loaded=smollm2, session="fp32-kv")
+        old.answer(QUESTIONS[0], greedy)
+        twin = old.fork()
+    finally:
+        smollm2.model.kv_dtype = torch.bfloat16
+    resumed = ChatSession.resume("fp32-kv", loaded=smollm2)
+    assert resumed.conversation.cache.layers[0].keys.dtype == torch.float32
+    assert resumed.answer(QUESTIONS[1], greedy)[0] == twin.answer(QUESTIONS[1], greedy)[0]

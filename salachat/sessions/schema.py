@@ -103,6 +103,8 @@ def check(manifest: dict) -> dict:
             raise ManifestOutdated("it was read in the old '+sparse' mode")
         model["long_context"] = "native" if model["family"] == "minicpm_sala" else "dense"
     _choice(model["long_context"], "model.long_context", LONG_CONTEXT_MODES)
+    if type(model.setdefault("packed", False)) is not bool:  # GGUF weights kept quantised when read
+        _fail("model.packed", "is not true or false")
 
     for i, doc in enumerate(_list(_key(manifest, "documents", ""), "documents")):
         doc = _dict(doc, f"documents[{i}]")

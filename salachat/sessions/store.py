@@ -212,7 +212,8 @@ class SessionWriter:
             "created": previous.get("created", _now()), "updated": _now(),
             "model": {"id": loaded.model_id, "fingerprint": loaded.fingerprint, "family": loaded.family,
                       "dtype": _dtype_name(loaded.dtype), "quant": getattr(loaded, "quant", None),
-                      "long_context": getattr(loaded, "long_context", None) or _default_mode(loaded.family)},
+                      "long_context": getattr(loaded, "long_context", None) or _default_mode(loaded.family),
+                      **({"packed": True} if getattr(loaded, "packed", False) else {})},
             "documents": self.documents or [],
             "tokens": state.cache.position,
             "document_tokens": state.document_tokens,
@@ -301,7 +302,12 @@ def _check_layout(manifest: dict, fresh: ModelCache, name: str) -> None:
     for tensor, entry in entries.items():
         want, shape = expected[tensor], entry["shape"]
         axis = entry["axis"]
-        if DTYPES[want.dtype] != entry["dtype"] or len(shape) != want.dim() or any(
+        # on the CPU a cache attends in whatever float dtype it holds: sessions saved with fp32 K/V (before
+        # packed models kept theirs in bf16) resume as they were saved
+        kind = meta["layers"][int(tensor.split(".")[1])]["kind"]
+        either = (want.device.type == "cpu" and kind in ("kv", "long_context_kv")
+                  and {DTYPES[want.dtype], entry["dtype"]} <= {"F32", "BF16"})
+        if (DTYPES[want.dtype] != entry["dtype"] and not either) or len(shape) != want.dim() or any(
                 a != b for j, (a, b) in enumerate(zip(shape, want.shape)) if j != axis):
             raise damaged(name, f"manifest: {tensor} is {entry['dtype']} {shape}, this model's is "
                                 f"{DTYPES[want.dtype]} {list(want.shape)}")
