@@ -92,8 +92,8 @@ def focus_on(cache, document_ids, question_ids, tokenizer) -> list[int]:
     p = layers[0].params
     blocks = rank_blocks(document_ids, question_ids, term_ids(tokenizer), p.block_size, p.focus_spans,
                          p.init_blocks)
-    for layer in layers:
-        layer.focus = torch.tensor(blocks, dtype=torch.int32) if blocks else None
+    for layer in layers:  # on the cache's device once, not copied there by every decode step of every layer
+        layer.focus = torch.tensor(blocks, dtype=torch.int32, device=layer.keys.device) if blocks else None
         layer.focus_from = cache.position
     return blocks
 
