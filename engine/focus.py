@@ -15,6 +15,10 @@ is what tells the block that answers from the many that use both words.
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
+
 import torch
 
 K1 = 1.2  # BM25's usual constant (Robertson & Zaragoza)
@@ -90,3 +94,43 @@ def _with_pairs(terms: torch.Tensor, vocab: int) -> torch.Tensor:
         a, b = terms[:-1], terms[1:]
         pairs[:-1] = torch.where((a >= 0) & (b >= 0), vocab + a * vocab + b, -1)
     return torch.cat([terms, pairs])
+
+
+def quote(passage: str, question: str, reach: int = 4, heading_words: int = 6) -> str:
+    """The paragraph of `passage` (the text of the focus blocks) around the line that best matches the
+    question: at most `reach` lines either side of it, not across a blank line. The blocks start wherever a
+    block boundary fell, mid-paragraph; the default model tends to answer by copying the first line it was
+    quoted ("Patch 8.2.0431" before the key it was asked for), so the quote starts where the matching text
+    does. A paragraph of fewer than `heading_words` words (a heading) brings the paragraph after it. Lines are
+    scored by the question's words they hold, each weighted by BM25's idf over the passage's lines; the
+    passage is returned whole when no line shares a word with the question."""
+    lines = passage.strip().split("\n")
+    asked = set(_words(question))
+    held = [set(_words(line)) & asked for line in lines]
+    df = Counter(word for words in held for word in words)
+    n = sum(1 for line in lines if line.strip())
+    scores = [sum(math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5)) for w in words) for words in held]
+    best = max(range(len(lines)), key=lambda i: (scores[i], -i))
+    if scores[best] <= 0:
+        return passage.strip()
+    lo, hi = _paragraph(lines, best, reach)
+    if len(_words(" ".join(lines[lo : hi + 1]))) < heading_words:
+        following = hi + 1
+        while following < len(lines) and not lines[following].strip():
+            following += 1
+        if following < len(lines):
+            hi = _paragraph(lines, following, reach)[1]
+    return "\n".join(lines[lo : hi + 1]).strip()
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w\w+", text.lower())
+
+
+def _paragraph(lines: list[str], at: int, reach: int) -> tuple[int, int]:
+    lo = hi = at
+    while lo > 0 and at - lo < reach and lines[lo - 1].strip():
+        lo -= 1
+    while hi < len(lines) - 1 and hi - at < reach and lines[hi + 1].strip():
+        hi += 1
+    return lo, hi

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from salachat.engine import long_context
+from salachat.engine import focus, long_context
 from salachat.engine.generate import Progress, Sampling, Stats, generate, prefill
 from salachat.engine.loader import LoadedModel
 
@@ -128,7 +128,8 @@ class Conversation:
         question's words are about (engine/focus.py) and return their text, which goes before the question.
         Read from memory at a far distance the default model often gets a number's digits wrong (passkey 2 of
         5 at 64K, docs/architecture.md); the same words right before the question are read at positions it
-        knows. "" where the extension is off, the question still starts inside the trained length (where the
+        knows. Quoted is the paragraph of those blocks around the line that matches the question best
+        (focus.quote). "" where the extension is off, the question still starts inside the trained length (where the
         dense model's answer is kept exactly), or no block shares a word with the question."""
         params = self.loaded.sparse
         if self.loaded.long_context != "extended" or not self.document_tokens or params is None:
@@ -139,7 +140,7 @@ class Conversation:
             return ""
         first, last = min(blocks), max(blocks)  # the blocks of one span: adjacent
         text = self.tokenizer.decode(ids[first * params.block_size : (last + 1) * params.block_size].tolist())
-        return text.strip()
+        return focus.quote(text, question)
 
     def reading_ids(self) -> torch.Tensor:
         """The token ids of the reading (what the cache's first `document_tokens` positions hold)."""

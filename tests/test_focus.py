@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from salachat.engine.focus import rank_blocks, term_ids
+from salachat.engine.focus import quote, rank_blocks, term_ids
 from salachat.engine.generate import Sampling
 from salachat.engine.long_context import LongContextCache
 
@@ -130,3 +130,25 @@ def test_inside_the_trained_length_nothing_is_quoted(smollm2, paragraphs):
     on = ChatSession.open(text=b"The pass key is 52525.", loaded=smollm2, long_context="on")
     on.answer(longdoc.PASSKEY_QUESTION, Sampling(max_tokens=2))
     assert on.turns[0].quoted == "" and "From the documents" not in on.conversation.fed_text
+
+
+def test_the_quote_is_the_paragraph_of_the_line_that_matches_the_question(paragraphs):
+    rng = random.Random(7)
+    for _ in range(20):
+        start = rng.randrange(len(paragraphs) - 6)
+        before, after = paragraphs[start : start + 3], paragraphs[start + 3 : start + 6]
+        needle = f"The pass key of the blue box is {rng.randint(10000, 99999)}."
+        # the blocks begin mid-paragraph: the quote must not start with what precedes the matching line
+        passage = "\n\n".join([before[0][len(before[0]) // 2 :], *before[1:], needle, *after])
+        assert quote(passage, "What is the pass key of the blue box? Answer with the number only.") == needle
+
+
+def test_a_quote_reaches_a_few_lines_around_its_line_and_a_heading_brings_its_paragraph():
+    manual = "\n".join(f"line {i} of the description" for i in range(12))
+    lines = manual.split("\n")
+    lines[6] = "Searches for an element called name starting from pointer."
+    got = quote("\n".join(lines), "Which function searches for an element called name?")
+    assert got == "\n".join(lines[2:11])  # four lines either side, within one paragraph
+    heading = "Intro text here.\n\n4.5 Trademarks\n\nNo rights to any marks are granted.\nMore.\n\nNext part."
+    assert quote(heading, "Tell me about trademarks") == "4.5 Trademarks\n\nNo rights to any marks are granted.\nMore."
+    assert quote("Nothing in common.\nAt all.", "What is the pass key?") == "Nothing in common.\nAt all."
