@@ -76,9 +76,27 @@ class KVCache:
         if total > self.keys.shape[1]:
             self._grow(((total + self.GROW - 1) // self.GROW) * self.GROW)
 
-    def _grow(self, capacity: int) -> None:
-        grown_k = self.keys.new_empty(self.keys.shape[0], capacity, self.keys.shape[2])  # the cache keeps its dtype
-        grown_v = self.values.new_empty(self.values.shape[0], capacity, self.values.shape[2])
+    @staticmethod
+    def reserve_together(layers: list, total: int) -> None:
+        """`reserve(total)` for every KVCache among `layers`, those alike sharing one allocation: a heap of
+        per-layer buffers between a prefill's transients is memory the allocator keeps after they are freed
+        (a glibc process reading 8K tokens held 68 MB more than its cache and model); one block of the
+        whole cache is mapped on its own and comes back whole."""
+        alike: dict[tuple, list[KVCache]] = {}
+        for layer in layers:
+            if type(layer) is KVCache and total > layer.keys.shape[1]:
+                k = layer.keys
+                alike.setdefault((k.shape[0], k.shape[2], k.dtype, k.device), []).append(layer)
+        for (heads, dim, dtype, device), group in alike.items():
+            capacity = ((total + KVCache.GROW - 1) // KVCache.GROW) * KVCache.GROW
+            block = torch.empty(len(group), 2, heads, capacity, dim, dtype=dtype, device=device)
+            for layer, buffers in zip(group, block):
+                layer._grow(capacity, buffers[0], buffers[1])
+
+    def _grow(self, capacity: int, grown_k: torch.Tensor | None = None, grown_v: torch.Tensor | None = None) -> None:
+        if grown_k is None:
+            grown_k = self.keys.new_empty(self.keys.shape[0], capacity, self.keys.shape[2])  # keeps its dtype
+            grown_v = self.values.new_empty(self.values.shape[0], capacity, self.values.shape[2])
         grown_k[:, : self._length] = self.keys[:, : self._length]
         grown_v[:, : self._length] = self.values[:, : self._length]
         self.keys, self.values = grown_k, grown_v

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from salachat.engine.cache import ModelCache
+from salachat.engine.cache import KVCache, ModelCache
 from salachat.engine.tokenizer import StreamDecoder, Tokenizer
 
 # progress(done_tokens, total_tokens, elapsed_seconds)
@@ -79,8 +79,9 @@ def prefill(
     if total == 0:
         raise ValueError("nothing to read: the prompt is empty")
     logits = None
-    for layer in cache.layers:  # caches that can take the whole reading's room at once
-        if hasattr(layer, "reserve"):
+    KVCache.reserve_together(cache.layers, cache.position + total)  # the whole reading's room at once
+    for layer in cache.layers:  # other caches that can take it
+        if hasattr(layer, "reserve") and type(layer) is not KVCache:
             layer.reserve(layer.length + total)
     for begin in range(0, total, chunk_size):
         if should_stop is not None and should_stop():

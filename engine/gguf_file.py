@@ -166,6 +166,16 @@ class GGUFFile:
         self._buf = buf
         return self
 
+    def drop_pages(self) -> None:
+        """Let go of the file's pages this process touched (they stay in the page cache): a mapped file counts
+        in the process's resident memory, and a loader that reads every tensor once would otherwise hold
+        the whole file beside the model it built (94 of 387 MiB at the default model's load peak)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._buf.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
     def raw(self, info: TensorInfo) -> np.ndarray:
         """The stored bytes of a tensor, [rows, row_bytes], a view of the mapped file."""
         if info.offset + info.rows * info.row_bytes > len(self._buf):

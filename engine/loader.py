@@ -175,7 +175,7 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quanti
     except (GGUFError, ValueError) as e:
         raise ModelLoadError(str(e)) from None
     rope_freqs = tensors.pop("rope_freqs", None)
-    model = _build(cls, args, tensors, device, dtype, str(path))
+    model = _build(cls, args, tensors, device, dtype, str(path), release=gguf.drop_pages)
     if keep_quantised and device.type == "cpu":
         # fp32 activations, K/V kept in bf16 (llama.cpp keeps f16): half the cache's memory, and half the bytes
         # a decoded token's attention reads (docs/architecture.md, "Models")
@@ -236,9 +236,10 @@ def _check_gguf_tensors(gguf, cls, args, source: str) -> list[str]:
     return list(expected)
 
 
-def _build(cls, args, tensors: dict[str, object], device, dtype, source: str):
+def _build(cls, args, tensors: dict[str, object], device, dtype, source: str, release=lambda: None):
     """The model on `device` with the checkpoint's tensors; a tensor given as (packed bytes, GGUF info) makes
-    its linear layer a quantised one."""
+    its linear layer a quantised one. `release` is called after each such layer copied what it keeps (a
+    mapped file's pages, counted in the process's memory while mapped, are let go there)."""
     from salachat.engine.qlinear import QuantEmbedding, QuantLinear
 
     with torch.device("meta"), _no_init():
@@ -258,14 +259,17 @@ def _build(cls, args, tensors: dict[str, object], device, dtype, source: str):
             raise ModelLoadError(f"{source}: tensor {name} has shape {shape}, expected {tuple(ref.shape)}")
         if isinstance(value, tuple):
             _set_quantised(model, name.removesuffix(".weight"), value)
+            release()
         else:
             plain[name] = value.to(dtype)
     model.load_state_dict(plain, strict=False, assign=True)
     embed = model.model.embed_tokens
     if args.tie_word_embeddings:
-        model.lm_head = QuantLinear.from_gguf(*tensors["model.embed_tokens.weight"]) if isinstance(
-            embed, QuantEmbedding) else model.lm_head
-        if not isinstance(embed, QuantEmbedding):
+        if isinstance(embed, QuantEmbedding):
+            model.lm_head = QuantLinear.from_gguf(*tensors["model.embed_tokens.weight"])
+            model.model.embed_tokens = QuantEmbedding.tied(model.lm_head)
+            release()
+        else:
             model.lm_head.weight = embed.weight
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:

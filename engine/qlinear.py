@@ -56,31 +56,58 @@ def dequantize_reference(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     return ((g - 8) * scale[..., None] + zero[..., None]).reshape(rows, cols)
 
 
-def _affine(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """Weights [R, K] in fp32 from 4-bit codes q [R, K] and one (scale, zero) per GROUP inputs and row
-    ([K / GROUP, R, 2], the packs' layout): w = (q - 8) · scale + zero, the int4 kernel's rule."""
+def _affine(q: torch.Tensor, scale_offset: torch.Tensor) -> torch.Tensor:
+    """Weights [R, K] in fp32 from 4-bit codes q [R, K] and one (scale, offset) per GROUP inputs and row
+    ([K / GROUP, R, 2], the packs' layout): w = q · scale + offset, exactly GGUF's dequantisation."""
     rows, k = q.shape
-    scale, zero = scales_zeros[..., 0].T[..., None], scales_zeros[..., 1].T[..., None]
-    return ((q.view(rows, k // GROUP, GROUP).float() - 8) * scale.float() + zero.float()).reshape(rows, k)
+    scale, offset = scale_offset[..., 0].T[..., None], scale_offset[..., 1].T[..., None]
+    return (q.view(rows, k // GROUP, GROUP).float() * scale.float() + offset.float()).reshape(rows, k)
+
+
+def _scale_offset(rows: torch.Tensor, qtype: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """GGUF blocks [rows, row_bytes] → per pack (4-bit codes [rows, cols], scale, offset [rows, cols/32]) with
+    w = q · scale + offset summed over the packs; scale and offset are GGUF's fp16 numbers times a power of
+    two, in fp32: Q4_0 d and -8 d, Q4_1 d and m, Q8_0's hi + 8 with 16 d and -128 d, lo with d and 0."""
+    block = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
+    blocks = rows.reshape(rows.shape[0], -1, block)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    if qtype == "Q8_0":
+        q = blocks[..., 2:].contiguous().view(torch.int8).to(torch.int32).reshape(rows.shape[0], -1)
+        hi = torch.div(q, 16, rounding_mode="floor")
+        return [(hi + 8, 16 * d, -128 * d), (q - 16 * hi, d, torch.zeros_like(d))]
+    nibbles = blocks[..., 2:] if qtype == "Q4_0" else blocks[..., 4:]
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).to(torch.int32).reshape(rows.shape[0], -1)
+    offset = -8 * d if qtype == "Q4_0" else blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+    return [(q, d, offset)]
+
+
+def _exact_half(x: torch.Tensor) -> torch.Tensor:
+    """x in fp16 where that holds it exactly (GGUF's scales are fp16; times 16 or -128 they stay so unless
+    they overflow), else in fp32."""
+    half = x.half()
+    return half.contiguous() if torch.equal(half.float(), x) else x.contiguous()
 
 
 class QuantLinear(nn.Module):
     """y = x W^T + b with W held as one or two int4 packs.
 
-    Scales and zeros are kept in fp32 (exact: GGUF's are fp16) for the dequantised prefill matmul, and in
-    bf16, the kernel's dtype, for decode. Rounding the scales to bf16 everywhere scaled whole groups of 32
-    weights by up to 0.4 % alike: the default model's logits moved by up to 0.69 and its answer to the sample
-    question became a copy of the prompt; rounded once per weight (prefill) or only in decode, it answers
-    as in fp32."""
+    Each pack's (scale, offset) are kept in fp16, exactly as GGUF stores them (w = q · scale + offset in fp32
+    is the file's dequantisation, for prefill's dense matmul and the LM head's refined rows), and as the
+    kernel's bf16 (scale, zero = offset + 8 scale) for decode. Rounding the scales to bf16 everywhere scaled
+    whole groups of 32 weights by up to 0.4 % alike: the default model's logits moved by up to 0.69 and its
+    answer to the sample question became a copy of the prompt; rounded only in decode, it answers as in
+    fp32. (fp32 copies of the exact numbers were 20 % of the default model's memory.)"""
 
     def __init__(self, in_features: int, out_features: int, packs: list[tuple[torch.Tensor, torch.Tensor]],
                  qtype: str, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
-        for i, (packed, scales_zeros) in enumerate(packs):
+        for i, (packed, scale_offset) in enumerate(packs):
             self.register_buffer(f"packed{i}", packed)
-            self.register_buffer(f"scales_zeros{i}", scales_zeros.float())
-            self.register_buffer(f"kernel_scales_zeros{i}", scales_zeros.to(torch.bfloat16), persistent=False)
+            self.register_buffer(f"scale_offset{i}", scale_offset)
+            kernel = torch.stack([scale_offset[..., 0].float(), scale_offset[..., 1].float()
+                                  + 8 * scale_offset[..., 0].float()], dim=-1)
+            self.register_buffer(f"kernel_scales_zeros{i}", kernel.to(torch.bfloat16), persistent=False)
         self.n_packs = len(packs)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
@@ -101,16 +128,10 @@ class QuantLinear(nn.Module):
         for begin in range(0, out_features, PACK_ROWS):
             rows = raw[begin : begin + PACK_ROWS]
             rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows.copy())
-            q, scale, zero = unpack_blocks(rows, qtype)
-            if qtype == "Q8_0":
-                hi = torch.div(q, 16, rounding_mode="floor")
-                halves = [(hi + 8, 16 * scale, torch.zeros_like(scale)), (q - 16 * hi, scale, 8 * scale)]
-            else:
-                halves = [(q, scale, zero)]
-            for i, (nibbles, s, z) in enumerate(halves):
+            for i, (nibbles, scale, offset) in enumerate(_scale_offset(rows, qtype)):
                 packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
-                parts[i].append((packed, torch.stack([s.T, z.T], dim=-1).float()))
-        packs = [(torch.cat([p for p, _ in chunks]), torch.cat([sz for _, sz in chunks], dim=1).contiguous())
+                parts[i].append((packed, torch.stack([scale.T, offset.T], dim=-1)))
+        packs = [(torch.cat([p for p, _ in chunks]), _exact_half(torch.cat([so for _, so in chunks], dim=1)))
                  for chunks in parts]
         b = torch.zeros(out_features) if bias else None
         return cls(in_features, out_features, packs, qtype, b)
@@ -125,7 +146,7 @@ class QuantLinear(nn.Module):
                or (l.bias is None) != (first.bias is None) for l in layers):
             return None
         packs = [(torch.cat([getattr(l, f"packed{i}") for l in layers]),
-                  torch.cat([getattr(l, f"scales_zeros{i}") for l in layers], dim=1).contiguous())
+                  torch.cat([getattr(l, f"scale_offset{i}") for l in layers], dim=1).contiguous())
                  for i in range(first.n_packs)]
         bias = torch.cat([l.bias.data for l in layers]) if first.bias is not None else None
         return cls(first.in_features, sum(l.out_features for l in layers), packs, first.qtype, bias)
@@ -138,7 +159,7 @@ class QuantLinear(nn.Module):
         for i in range(self.n_packs):
             blocks = getattr(self, f"packed{i}").view(n // 64, k, 32)
             q = torch.cat([blocks & 0xF, blocks >> 4], dim=2).transpose(1, 2).reshape(n, k)
-            w = _affine(q, getattr(self, f"scales_zeros{i}"))
+            w = _affine(q, getattr(self, f"scale_offset{i}"))
             weight = w if weight is None else weight + w
         return weight.to(dtype)
 
@@ -148,10 +169,9 @@ class QuantLinear(nn.Module):
         block, j = index // 64, (index % 64)
         weight = None
         for i in range(self.n_packs):
-            blocks = getattr(self, f"packed{i}").view(n // 64, k, 32)[block]  # [R, k, 32]: 2 rows a byte
-            byte = blocks.gather(2, (j % 32).view(-1, 1, 1).expand(-1, k, 1)).squeeze(2)
+            byte = getattr(self, f"packed{i}").view(n // 64, k, 32)[block, :, j % 32]  # [R, k]: 2 rows a byte
             q = torch.where((j >= 32)[:, None], byte >> 4, byte & 0xF)
-            w = _affine(q, getattr(self, f"scales_zeros{i}")[:, index])
+            w = _affine(q, getattr(self, f"scale_offset{i}")[:, index])
             weight = w if weight is None else weight + w
         return weight
 
@@ -193,12 +213,23 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """Token embeddings kept as GGUF blocks; looked-up rows are dequantised (exactly, in fp32)."""
+    """Token embeddings kept as GGUF blocks; looked-up rows are dequantised (exactly, in fp32). Tied to a
+    packed LM head (`tied`), the rows are read from the head's packs, which hold the same tensor exactly:
+    one copy of the vocabulary's weights in memory instead of two (29 of the default model's 145 MiB)."""
 
-    def __init__(self, raw, qtype: str, embedding_dim: int):
+    def __init__(self, raw, qtype: str, embedding_dim: int, head: QuantLinear | None = None):
         super().__init__()
-        self.register_buffer("raw", torch.tensor(raw) if not isinstance(raw, torch.Tensor) else raw)
+        if raw is not None and not isinstance(raw, torch.Tensor):
+            raw = torch.tensor(raw)
+        self.register_buffer("raw", raw)
         self.qtype, self.embedding_dim = qtype, embedding_dim
+        self._head = (head,)  # a tuple: the head is the model's module, registered once, under lm_head
+
+    @classmethod
+    def tied(cls, head: QuantLinear) -> QuantEmbedding:
+        return cls(None, head.qtype, head.in_features, head)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_reference(self.raw[ids.reshape(-1)], self.qtype).reshape(*ids.shape, self.embedding_dim)
+        flat = ids.reshape(-1)
+        rows = self._head[0].rows(flat) if self.raw is None else dequantize_reference(self.raw[flat], self.qtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)

@@ -1,5 +1,5 @@
-"""Dense causal GQA attention with a query offset: the reference (SDPA with a mask) and, on CUDA, two
-flash-attention calls that never build the [T, L] mask."""
+"""Dense causal GQA attention with a query offset: the reference (SDPA with a mask) and two flash-attention
+calls that never build the [T, L] mask (on CUDA, and on the CPU under a bf16 cache)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ def dense_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_prefix_and_chunk(q, k, v, pos0, scale)
     if k.dtype != q.dtype:  # a bf16 cache under fp32 activations (packed GGUF models on the CPU)
-        return _grouped_sdpa(q.to(k.dtype), k, v, pos0, scale).to(q.dtype)
+        if q.shape[1] == 1:
+            return _grouped_sdpa(q.to(k.dtype), k, v, pos0, scale).to(q.dtype)
+        # a chunk: SDPA given a mask builds the [rows, keys] scores in fp32 (50 MB of a 512-token chunk over
+        # 8K keys, the default model's prefill peak); the flash form never does
+        return _flash_prefix_and_chunk(q.to(k.dtype), k, v, pos0, scale).to(q.dtype)
     return _grouped_sdpa(q, k, v, pos0, scale)
 
 
@@ -35,7 +39,12 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float) -> torch.Tensor:
 
 
 def _flash(q, k, v, causal: bool, scale: float):
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q[None], k[None], v[None], 0.0, causal, False,
+                                                                      scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal,
+                                                                              scale=scale)[:2]
     return out[0], lse[0]
 
 

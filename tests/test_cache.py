@@ -67,3 +67,16 @@ def test_a_bf16_cache_under_fp32_queries_keeps_its_dtype_and_attends_like_fp32()
         out, want = cache.attend(q, k, v, pos0, 0.25), exact.attend(q, k, v, pos0, 0.25)
         assert cache.keys.dtype == cache.values.dtype == torch.bfloat16 and out.dtype == torch.float32
         assert (out - want).abs().max().item() < 3e-2
+
+
+def test_caches_reserved_together_share_one_block_and_attend_as_apart():
+    torch.manual_seed(2)
+    layers = [KVCache(2, 16, torch.bfloat16, "cpu") for _ in range(3)]
+    apart = [KVCache(2, 16, torch.bfloat16, "cpu") for _ in range(3)]
+    KVCache.reserve_together(layers + ["not a kv cache"], 1500)
+    assert all(layer.keys.shape[1] == 2048 for layer in layers)
+    assert len({layer.keys.untyped_storage().data_ptr() for layer in layers}) == 1
+    for pos0, t in [(0, 700), (700, 1), (701, 1400)]:  # the last append grows one past its reserve
+        q, k, v = torch.randn(6, t, 16), torch.randn(2, t, 16), torch.randn(2, t, 16)
+        for i, (together, alone) in enumerate(zip(layers, apart)):
+            assert torch.equal(together.attend(q, k * i, v, pos0, 0.25), alone.attend(q, k * i, v, pos0, 0.25))

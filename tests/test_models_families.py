@@ -193,7 +193,7 @@ def test_gguf_kept_quantised_follows_transformers(tmp_path, family, qtype):
 def test_packed_matmul_equals_its_reference(qtype):
     """QuantLinear, both paths, against dequantising the GGUF blocks by gguf's own code."""
     from salachat.engine.gguf_file import TensorInfo
-    from salachat.engine.qlinear import QuantLinear, dequantize_reference
+    from salachat.engine.qlinear import QuantEmbedding, QuantLinear, dequantize_reference
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((192, 96)).astype(np.float32)
@@ -202,15 +202,19 @@ def test_packed_matmul_equals_its_reference(qtype):
     exact = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
     assert torch.equal(dequantize_reference(torch.from_numpy(raw), qtype), exact)
     layer = QuantLinear.from_gguf(torch.from_numpy(raw), TensorInfo("w", (192, 96), kind, 0))
-    # exact up to fp32 rounding: scales rounded to bf16 scaled whole groups alike, and the default model's answer
-    # to the sample question became a copy of its prompt
-    assert (layer.dequantized(torch.float32) - exact).abs().max().item() <= 1e-6 * exact.abs().max().item()
+    # exact: scales rounded to bf16 scaled whole groups alike, and the default model's answer to the sample
+    # question became a copy of its prompt
+    assert torch.equal(layer.dequantized(torch.float32), exact)
     for rows in (1, 3, 40):
         x = torch.from_numpy(rng.standard_normal((rows, 96)).astype(np.float32))
         assert rel_rms(layer(x), x @ exact.T) < 0.01, rows
     # rows read back one by one, and the top entries of a kernel output recomputed from them in fp32
     index = torch.tensor([0, 31, 32, 63, 64, 100, 191])
-    assert (layer.rows(index) - exact[index]).abs().max().item() <= 1e-6 * exact.abs().max().item()
+    assert torch.equal(layer.rows(index), exact[index])
+    # an embedding tied to the layer reads its rows from the packs; one of its own from the blocks
+    ids = index.view(1, -1).repeat(2, 1)
+    assert torch.equal(QuantEmbedding.tied(layer)(ids), exact[ids])
+    assert torch.equal(QuantEmbedding(torch.from_numpy(raw), qtype, 96)(ids), exact[ids])
     x = torch.from_numpy(rng.standard_normal((2, 96)).astype(np.float32))
     refined, kernel = layer.refine_top(x, layer(x), k=8), layer(x).float()
     top = kernel.topk(8, dim=-1).indices
