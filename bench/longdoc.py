@@ -14,7 +14,8 @@ The PDF is the GNU Libtasn1 manual (Debian libtasn1-doc: /usr/share/doc/libtasn1
 
 `--variants` reads each document once and asks its question once per variant (LongContextParams fields
 changed on a fork of the reading): "focus_spans": 0 turns the question's focus off (no passage before the
-question, the attention-mass selection for its answer).
+question, the attention-mass selection for its answer); "sampling": "plain" asks that variant with plain
+greedy decoding instead of the CLI's defaults (repetition penalty, min-p).
 
 Prints a table; writes JSON rows (task, target length, tokens read, depth, mode, correct, answer, seconds).
 """
@@ -44,6 +45,9 @@ PDF_QUESTIONS = [
 ]
 PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
 LABELS = ["red", "green", "blue", "yellow"]
+SAMPLINGS = {"defaults": {},  # Sampling fields besides max_tokens; the CLI's defaults: repetition penalty, min-p
+             "plain": {"repeat_penalty": 1.0, "min_p": 0.0}}
+ANSWER_TOKENS = 24
 
 
 def vim_paragraphs(pattern: str = VIM_DOCS) -> list[str]:
@@ -137,12 +141,16 @@ def ask_once(loaded, text: str | None, question: str, mode: str, sampling, chunk
     extended = session.context().long_context == "extended"
     rows = []
     for name, overrides in (variants if extended and variants else {"": {}}).items():
+        overrides = dict(overrides)
+        asked_with = sampling
+        if "sampling" in overrides:
+            asked_with = type(sampling)(max_tokens=ANSWER_TOKENS, **SAMPLINGS[overrides.pop("sampling")])
         asked = session.fork() if variants else session
         for layer in asked.conversation.cache.layers:
             if isinstance(layer, LongContextCache) and overrides:
                 layer.params = dataclasses.replace(layer.params, **overrides)
         stats = Stats()
-        answer = "".join(asked.ask(question, sampling, stats=stats))
+        answer = "".join(asked.ask(question, asked_with, stats=stats))
         focus = next((layer.focus for layer in asked.conversation.cache.layers
                       if isinstance(layer, LongContextCache)), None)
         rows.append({"mode": session.context().long_context, "variant": name, "status": "ok",
@@ -294,8 +302,6 @@ def main(argv=None) -> int:
     paragraphs = vim_paragraphs() if args.haystack == "vim" else stdlib_paragraphs()
     modes = ["on"] if args.no_dense else ["on", "off"]
     variants = json.loads(args.variants) if args.variants else None
-    samplings = {"defaults": Sampling(max_tokens=24),
-                 "plain": Sampling(max_tokens=24, repeat_penalty=1.0, min_p=0.0)}
     params = long_context.params_for(loaded.model)
     print(f"longdoc: {loaded.model_id} on {args.device} ({torch.get_num_threads()} threads), "
           f"haystack {args.haystack}, {params}")
@@ -304,7 +310,7 @@ def main(argv=None) -> int:
                          "params": dataclasses.asdict(params), "partial": True}
     rows = []
     for name in args.sampling:
-        sampling = samplings[name]
+        sampling = Sampling(max_tokens=ANSWER_TOKENS, **SAMPLINGS[name])
         _PROGRESS["head"]["sampling"] = name
         found = passkey_rows(loaded, paragraphs, args.lengths, args.depths, modes, sampling, args.chunk, variants)
         found += multikey_rows(loaded, paragraphs, args.multikey, args.multikey_trials, modes, sampling, args.chunk,
