@@ -264,8 +264,19 @@ class ChatSession:
         if _saved_long_context(manifest) == "extended":
             loaded = with_long_context(loaded)
         session = cls._load(name, folder, loaded, chunk_size)
-        if session.pending_tokens and on_note is not None:
-            on_note(f"continuing the reading of session {name!r}: {session.pending_tokens:,} tokens left")
+        lines = []  # kept in `notes` (the chat window's log shows them) and given to on_note
+        if _saved_long_context(manifest) == "extended" and loaded.family != "minicpm_sala":
+            from salachat.conversation import trained_length
+
+            tokens, limit = session.conversation.document_tokens, trained_length(loaded)
+            lines.append(f"session {name!r} was read with the long-context extension ({tokens:,} tokens of documents"
+                         + (f", past the model's trained {limit:,}" if limit and tokens > limit else "")
+                         + "): answering with it")
+        if session.pending_tokens:
+            lines.append(f"continuing the reading of session {name!r}: {session.pending_tokens:,} tokens left")
+        session.notes.extend(lines)
+        for line in lines if on_note is not None else []:
+            on_note(line)
         return session
 
     @classmethod

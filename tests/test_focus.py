@@ -110,7 +110,11 @@ def test_past_the_trained_length_the_passage_goes_before_the_question_and_resume
         assert "40817" in smollm2.tokenizer.decode(ids[min(focus) * 32 : (max(focus) + 1) * 32].tolist())
 
         twin = chat.fork()
-        resumed = ChatSession.resume("keys", loaded=smollm2)
+        notes = []
+        resumed = ChatSession.resume("keys", loaded=smollm2, on_note=notes.append)
+        assert len(notes) == 1 and notes[0].startswith("session 'keys' was read with the long-context extension (")
+        assert notes[0].endswith(" tokens of documents, past the model's trained 256): answering with it")
+        assert resumed.notes == notes  # the chat window's log shows them
         assert resumed.turns[0].quoted == turn.quoted and resumed.turns[0].answer == answer
         follow_up = "Which key was it again?"
         again, _ = resumed.answer(follow_up, greedy)
