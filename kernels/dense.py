@@ -41,12 +41,7 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float) -> torch.Tensor:
 
 
 def _flash(q, k, v, causal: bool, scale: float):
-    if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q[None], k[None], v[None], 0.0, causal, False,
-                                                                      scale=scale)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal,
-                                                                              scale=scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q[None], k[None], v[None], 0.0, causal, False, scale=scale)[:2]
     return out[0], lse[0]
 
 

@@ -261,11 +261,12 @@ class ChatSession:
         manifest = read_manifest(folder)
         if loaded is None or (model is None and not _same_weights(loaded, manifest)):
             loaded = _model_for(manifest, model, device)
-        if _saved_long_context(manifest) == "extended":
+        extended = _saved_long_context(manifest) == "extended"
+        if extended:
             loaded = with_long_context(loaded)
         session = cls._load(name, folder, loaded, chunk_size)
         lines = []  # kept in `notes` (the chat window's log shows them) and given to on_note
-        if _saved_long_context(manifest) == "extended" and loaded.family != "minicpm_sala":
+        if extended and loaded.family != "minicpm_sala":
             from salachat.conversation import trained_length
 
             tokens, limit = session.conversation.document_tokens, trained_length(loaded)
