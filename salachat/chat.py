@@ -456,7 +456,8 @@ def _new_conversation(loaded, documents, system_prompt, chunk_size, long_context
     if long_context == "auto" and loaded.long_context == "dense" and limit and \
             tokens + min(ANSWER_ROOM, limit // 8) > limit:
         conversation.use_model(with_long_context(loaded))
-        note(f"the documents are {tokens:,} tokens, past the model's trained {limit:,}: "
+        past = "past" if tokens > limit else "with room for an answer, past"  # 7,845 tokens "past" 8,192 misread
+        note(f"the documents are {tokens:,} tokens, {past} the model's trained {limit:,}: "
              "reading with the long-context extension")
     return conversation
 

@@ -162,6 +162,11 @@ def test_the_long_context_extension_turns_on_only_when_the_documents_do_not_fit(
         assert long.context().long_context == "extended" and long.context().limit is None
         assert len(notes) == 1 and "long-context extension" in notes[0] and long.notes == notes
         assert smollm2.long_context == "dense"  # the shared model itself is left as it was
+        assert ", past the model's trained 256" in notes[0]  # the documents alone are past it
+        notes.clear()  # documents that fit, but not with room for an answer: said so, not "past"
+        near = ChatSession.open(text=("A line. " * 16).encode(), loaded=smollm2, on_note=notes.append)
+        assert near.context().long_context == "extended" and len(notes) == 1, notes
+        assert "with room for an answer, past the model's trained 256" in notes[0]
         long.read()
         assert long.context().tokens > 256
         with pytest.raises(ContextTooLong):
