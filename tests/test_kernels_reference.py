@@ -149,3 +149,17 @@ def test_block_sparse_attention_over_a_compact_buffer_equals_the_full_cache():
     cidx = idx.clone().apply_(lambda b: where[b] if b >= 0 else -1)
     compact = block_sparse_attention_ref(q, ck, cv, cidx, 80, 16, 0.4, block_pos=origin)
     assert torch.allclose(compact, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (517, 576), (3, 9, 64)])
+def test_cpu_rms_norm_in_fp32_gives_the_references_bits(shape):
+    """The CPU path in fp32 is torch's fused rms_norm: it must give the reference's bits, not nearly them."""
+    from salachat import kernels
+    from salachat.kernels.pointwise.reference import rms_norm_ref
+
+    torch.manual_seed(len(shape))
+    x, weight = torch.randn(*shape) * 3, torch.randn(shape[-1])
+    assert torch.equal(kernels.rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5))
+    # bf16 rounds between the normalising and the scaling (HF's order), which the fused kernel does not
+    xb, wb = x.bfloat16(), weight.bfloat16()
+    assert torch.equal(kernels.rms_norm(xb, wb, 1e-5), rms_norm_ref(xb, wb, 1e-5))

@@ -210,7 +210,8 @@ class Attention(nn.Module):
             # the long-context extension keeps keys unrotated and decides each query-key distance itself
             out = cache.attend_unrotated(q, k, v, pos0, self.head_dim**-0.5, rotary)
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # one call rotates q and k together: at decode every call is a handful of small kernels
+            q, k = apply_rope(torch.cat([q, k]), cos, sin).split([self.n_heads, self.n_kv])
             out = cache.attend(q, k, v, pos0, self.head_dim**-0.5)
         return self.o_proj(out.transpose(0, 1).reshape(t, -1))
 
