@@ -210,6 +210,33 @@ def peaks(device: str) -> tuple[float | None, float | None]:
     return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
 
 
+def warm_up(model, chunks: list[int], device: str, kv_gpu_gb: float | None) -> float:
+    """Read past dense_len in each chunk size and decode a few tokens, untimed: the first reading of a process
+    compiles the Triton kernels (seconds), which a timed reading must not include (Triton keeps them on disk,
+    so a user's later runs do not pay it either). Returns the seconds it took."""
+    start = time.perf_counter()
+    vocab = model.model.embed_tokens.num_embeddings
+    sparse = getattr(model.args, "sparse", None)
+    dense_len = sparse.dense_len if sparse is not None else 8192
+    for chunk in chunks:
+        length = dense_len + 2 * chunk
+        ids = torch.randint(vocab // 100, vocab - 1, (length,), device=device)
+        cache = fresh_cache(model, kv_gpu_gb)
+        try:
+            logits = read(model, ids, cache, chunk, float("inf"))
+            token = logits.argmax().view(1)
+            for _ in range(3):
+                token = model(token, cache)[-1].argmax().view(1)
+            sync(device)
+        except torch.OutOfMemoryError:
+            pass  # the timed reading finds this chunk's limit itself
+        del cache
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return time.perf_counter() - start
+
+
 def run_one(model, context: int, chunks: list[int], decode_tokens: int, time_cap: float, device: str,
             kv_gpu_gb: float | None = None, profile_to: Path | None = None, smallest: int = 1024) -> dict:
     """Read `context` random tokens in each of `chunks` (a chunk that runs out of memory is tried again in
@@ -350,6 +377,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         wbytes = stored_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers())
         report["runs"][name] = {"weight_bytes": wbytes, "contexts": {}}
+        if sala or device == "cuda":
+            chunks = args.chunks if sala else [8192]
+            report["runs"][name]["warm_up_seconds"] = w = warm_up(model, chunks, device, args.kv_gpu_gb if sala else None)
+            print(f"{name}: warm-up (kernels compiled, untimed) {w:.1f} s", flush=True)
         failed = False
         for context in args.contexts:
             if failed:

@@ -257,3 +257,4 @@ def test_e2e_bench_smoke_times_each_chunk_and_reads_the_baseline_in_halves_past_
     assert str(sala["chunk"]) == min(sala["chunks_tried"], key=sala["chunks_tried"].get)
     assert dense["status"] == "ok" and dense["chunks_tried"]["160"] == "out of memory" and dense["chunk"] == 80
     assert sala["speedup_vs_dense"] > 0 and sala["decode_ms_per_token"] > 0
+    assert saved["runs"]["sala"]["warm_up_seconds"] > 0  # kernels compiled before anything is timed

@@ -42,7 +42,8 @@ section_e2e() {  # 256K: the hybrid at three chunk sizes against the dense Trans
 }
 
 section_e2e_1m() {  # 1M tokens read and 64 decoded, with profiles of a decode step and of a prefill chunk
-    timeout 200 python3 bench/e2e.py --models sala --contexts 1048576 --chunks "${CHUNK_1M:-16384}" \
+    # shellcheck disable=SC2086  # CHUNK_1M is a list of chunk sizes
+    timeout 300 python3 bench/e2e.py --models sala --contexts 1048576 --chunks ${CHUNK_1M:-16384 32768} \
         --time-cap 150 --profile --out "$RESULTS/e2e_sala_1m.json" 2>&1 | tail -8 | tee "$RESULTS/e2e_sala_1m.log"
 }
 
