@@ -252,11 +252,14 @@ def _build(cls, args, tensors: dict[str, object], device, dtype, source: str, re
         raise ModelLoadError(f"{source}: checkpoint lacks tensor {missing[0]}"
                              + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     plain = {}
+    tied_packed = args.tie_word_embeddings and isinstance(tensors.get("model.embed_tokens.weight"), tuple)
     for name, ref in expected.items():
         value = tensors[name]
         shape = tuple(value[1].shape) if isinstance(value, tuple) else tuple(value.shape)
         if shape != tuple(ref.shape):
             raise ModelLoadError(f"{source}: tensor {name} has shape {shape}, expected {tuple(ref.shape)}")
+        if tied_packed and name == "model.embed_tokens.weight":
+            continue  # read from the LM head's packs, built below: no copy of the file's blocks to throw away
         if isinstance(value, tuple):
             _set_quantised(model, name.removesuffix(".weight"), value)
             release()
@@ -265,7 +268,7 @@ def _build(cls, args, tensors: dict[str, object], device, dtype, source: str, re
     model.load_state_dict(plain, strict=False, assign=True)
     embed = model.model.embed_tokens
     if args.tie_word_embeddings:
-        if isinstance(embed, QuantEmbedding):
+        if tied_packed:
             model.lm_head = QuantLinear.from_gguf(*tensors["model.embed_tokens.weight"])
             model.model.embed_tokens = QuantEmbedding.tied(model.lm_head)
             release()

@@ -24,7 +24,7 @@ from torch import nn
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 GROUP = 32
 PREFILL_ROWS = 16  # from this many tokens on, dequantise once and use a dense bf16 matmul
-PACK_ROWS = 4096  # a multiple of the kernel's 64-row blocks
+PACK_ROWS = 1024  # a multiple of the kernel's 64-row blocks
 
 
 def unpack_blocks(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,16 +123,21 @@ class QuantLinear(nn.Module):
         qtype = info.qtype.name
         out_features, in_features = info.shape
         n_packs = 2 if qtype == "Q8_0" else 1
-        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_packs)]
-        # rows a slice at a time: the kernel's packing wants int32 codes, 8x the bytes of the file's
+        packed = scale_offset = None
+        # rows a slice at a time, written into the finished buffers: the kernel's packing wants int32 codes,
+        # 8x the bytes of the file's, and slices of a few MB are reused by the allocator where large ones
+        # fragmented its heap (the tied 49K-row head of the default model raised the load peak by 178 MiB)
         for begin in range(0, out_features, PACK_ROWS):
             rows = raw[begin : begin + PACK_ROWS]
             rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows.copy())
             for i, (nibbles, scale, offset) in enumerate(_scale_offset(rows, qtype)):
-                packed = torch._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
-                parts[i].append((packed, torch.stack([scale.T, offset.T], dim=-1)))
-        packs = [(torch.cat([p for p, _ in chunks]), _exact_half(torch.cat([so for _, so in chunks], dim=1)))
-                 for chunks in parts]
+                part = torch._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
+                if packed is None:
+                    packed = [part.new_empty(out_features, *part.shape[1:]) for _ in range(n_packs)]
+                    scale_offset = [scale.new_empty(scale.shape[1], out_features, 2) for _ in range(n_packs)]
+                packed[i][begin : begin + part.shape[0]] = part
+                scale_offset[i][:, begin : begin + part.shape[0]] = torch.stack([scale.T, offset.T], dim=-1)
+        packs = [(packed[i], _exact_half(scale_offset[i])) for i in range(n_packs)]
         b = torch.zeros(out_features) if bias else None
         return cls(in_features, out_features, packs, qtype, b)
 
