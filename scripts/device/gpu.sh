@@ -6,7 +6,7 @@
 # Everything lands under $RESULTS (default $OUT, else bench/results/gpu): one log per section and the
 # benchmarks' JSON and profiles; after each section results.tgz in $OUT (or $RESULTS) bundles them, so a
 # device tool that returns few files from $OUT gets all of them in one. bitsandbytes (for --quant nf4) is
-# installed from .whl/ when it is not importable. Sections: tests kernels e2e e2e_1m capped, then the ones
+# installed from .whl/ when it is not importable. Sections: tests kernels e2e e2e_1m capped sessions, then the ones
 # that other parts of the product add below (their benchmarks, each writing under $RESULTS too).
 set -o pipefail
 RESULTS=${RESULTS:-${OUT:-bench/results/gpu}}
@@ -53,6 +53,12 @@ section_capped() {  # a 24 GB workstation GPU: nf4 weights, 2 GB of sparse K/V o
         2>&1 | tail -8 | tee "$RESULTS/e2e_sala_nf4_24gb_1m.log"
 }
 
+section_sessions() {  # resuming a saved 128K and 1M session: time to the first answer token, lazy and full
+    timeout 540 python3 bench/sessions_bench.py --device cuda --config sala9b --tokens "${SESSION_TOKENS:-131072,1048576}" \
+        --chunk 16384 --skip-checkpointed --dir "${SESSION_DIR:-/tmp/salachat-sessions-bench}" \
+        --out "$RESULTS/sessions_sala9b_cuda_resume.json" 2>&1 | tail -30 | tee "$RESULTS/sessions.log"
+}
+
 # ---- sections of other parts of the product (long-context Llama, sessions …) go here, named section_<name>
 # and listed in SECTIONS below; each writes under $RESULTS ----
 
@@ -66,7 +72,7 @@ section_longdoc() {  # retrieval with the default model past its trained length 
         | tail -"${LONGDOC_TAIL:-60}" | tee "$RESULTS/$name.log"
 }
 
-SECTIONS=${*:-tests kernels e2e e2e_1m capped}
+SECTIONS=${*:-tests kernels e2e e2e_1m capped sessions}
 for s in $SECTIONS; do
     echo "== $s $(date -u +%H:%M:%S)"
     "section_$s"
