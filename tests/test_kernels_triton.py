@@ -67,16 +67,17 @@ def test_lightning_kernel_reads_strided_heads_first_views():
 
 
 # positions before and after the first level-2 key (p = 31 at kernel 8), lengths off block edges, decode;
-# GQA groups 1, 2, 3, 4, 7, 8, 16 (3 and 7 are padded to a power of two inside the kernels)
-@pytest.mark.parametrize("scorer", ["flash", "tile"])
+# GQA groups 1, 2, 3, 4, 7, 8, 16 (3 and 7 are padded to a power of two inside the kernels); the Triton top-k
+# (the GPU's default) after either scorer, torch.topk (the fallback) after the flash scorer
+@pytest.mark.parametrize("scorer, topk_method", [("flash", "triton"), ("tile", "triton"), ("flash", "topk")])
 @pytest.mark.parametrize("h, hkv, length, t", [(4, 2, 300, 40), (8, 2, 200, 1), (2, 2, 150, 150), (16, 1, 333, 33),
                                                (4, 2, 20, 20), (4, 4, 97, 7), (9, 3, 300, 37), (7, 1, 260, 1),
                                                (3, 1, 500, 70), (14, 2, 700, 5)])
-def test_block_selection_kernel_equals_reference(h, hkv, length, t, scorer):
+def test_block_selection_kernel_equals_reference(h, hkv, length, t, scorer, topk_method):
     q, k, _ = _sparse_inputs(h, hkv, length, t, 16, seed=length + t)
     k1 = compress_keys(k, SMALL.kernel_size, SMALL.kernel_stride)
     k2 = compress_keys(k, 4 * SMALL.kernel_size, 4 * SMALL.kernel_stride)
-    got = select_blocks_triton(q, k1, k2, length - t, SMALL, 0.3, scorer=scorer)
+    got = select_blocks_triton(q, k1, k2, length - t, SMALL, 0.3, scorer=scorer, topk_method=topk_method)
     assert torch.equal(got, select_blocks_ref(q, k1, k2, length - t, SMALL, 0.3))
 
 
@@ -96,7 +97,8 @@ def test_block_selection_across_tile_and_split_edges(params, h, hkv, length, t, 
     q, k, _ = _sparse_inputs(h, hkv, length, t, 16, seed=length + t)
     k1 = compress_keys(k, params.kernel_size, params.kernel_stride)
     k2 = compress_keys(k, 4 * params.kernel_size, 4 * params.kernel_stride)
-    got = select_blocks_triton(q, k1, k2, length - t, params, 0.3, block_tile=block_tile, block_splits=block_splits)
+    got = select_blocks_triton(q, k1, k2, length - t, params, 0.3, block_tile=block_tile, block_splits=block_splits,
+                               topk_method="triton")
     assert torch.equal(got, select_blocks_ref(q, k1, k2, length - t, params, 0.3))
 
 
@@ -138,6 +140,7 @@ def test_block_selection_kernel_breaks_ties_toward_the_lower_block_like_the_refe
     got = select_blocks_triton(q, k1, k2, 395, SMALL, 0.25)
     assert torch.equal(got, select_blocks_ref(q, k1, k2, 395, SMALL, 0.25))
     assert got[0, 0, 0].item() == 0 and got[0, 0, 1].item() == 1  # block 0 forced, then the lowest ids
+    assert torch.equal(select_blocks_triton(q, k1, k2, 395, SMALL, 0.25, topk_method="triton"), got)
 
 
 def test_block_selection_kernel_splits_long_query_runs_into_tiles():
@@ -145,20 +148,24 @@ def test_block_selection_kernel_splits_long_query_runs_into_tiles():
     k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
     tiled = select_blocks_triton(q, k1, k2, 160, SMALL, 0.3, query_tile=32)
     assert torch.equal(tiled, select_blocks_ref(q, k1, k2, 160, SMALL, 0.3))
+    assert torch.equal(select_blocks_triton(q, k1, k2, 160, SMALL, 0.3, query_tile=32, topk_method="triton"), tiled)
 
 
+@pytest.mark.parametrize("topk_method", ["topk", "triton"])
 @pytest.mark.parametrize("length, t", [(333, 33), (333, 1), (401, 1), (290, 290)])
-def test_block_selection_in_two_rounds_of_top_k_is_the_same_selection(length, t):
-    """Long rows take the best of each tile of blocks, then the best of those; the last tile is padded."""
+def test_block_selection_in_two_rounds_of_top_k_is_the_same_selection(length, t, topk_method):
+    """Long rows take the best of each tile of blocks, then the best of those; the last tile is padded for
+    torch.topk, and narrower than the others for the Triton kernel."""
     q, k, _ = _sparse_inputs(4, 2, length, t, 16, seed=length)
     k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
     want = select_blocks_ref(q, k1, k2, length - t, SMALL, 0.3)
-    assert torch.equal(select_blocks_triton(q, k1, k2, length - t, SMALL, 0.3, topk_tile=8), want)
+    assert torch.equal(select_blocks_triton(q, k1, k2, length - t, SMALL, 0.3, topk_tile=8,
+                                            topk_method=topk_method), want)
     # every score tied bit for bit (as in the tie test above): the lowest ids must win across tiles too
     q = torch.randint(-2, 3, (4, t, 16), generator=torch.Generator().manual_seed(length)).float()
     ones = torch.ones(2, length, 16)
     o1, o2 = compress_keys(ones, 8, 4), compress_keys(ones, 32, 16)
-    assert torch.equal(select_blocks_triton(q, o1, o2, length - t, SMALL, 0.25, topk_tile=8),
+    assert torch.equal(select_blocks_triton(q, o1, o2, length - t, SMALL, 0.25, topk_tile=8, topk_method=topk_method),
                        select_blocks_ref(q, o1, o2, length - t, SMALL, 0.25))
 
 
@@ -315,6 +322,22 @@ def test_block_selection_scorers_bf16_on_gpu_any_group(h, hkv, length, t):
         got = select_blocks_triton(q, k1, k2, length - t, p, 128**-0.5, scorer=scorer)
         assert got.shape == want.shape
         assert (got != want).float().mean().item() < 1e-3, scorer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length, t", [(1000000 + 7, 1), (1000000 + 7, 300), (300000, 2048 + 5), (5000, 77)])
+def test_block_selection_on_gpu_finds_its_top_k_in_triton_by_default(length, t):
+    """On CUDA the Triton top-k is the default: the same blocks as torch.topk over the same scorer's keys
+    (for torch.topk the rows are padded to whole tiles of 1024 blocks; padding columns are never chosen)."""
+    from salachat.kernels.sparse import triton_select
+
+    p = SparseParams()
+    q, k, _ = _sparse_inputs(32, 2, length, t, 128, device="cuda", dtype=torch.bfloat16, seed=t)
+    k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
+    got = select_blocks_triton(q, k1, k2, length - t, p, 128**-0.5)
+    assert not triton_select._TOPK_FAILED
+    assert torch.equal(got, select_blocks_triton(q, k1, k2, length - t, p, 128**-0.5, topk_method="topk"))
+    assert torch.equal(got, select_blocks_triton(q, k1, k2, length - t, p, 128**-0.5, topk_method="triton"))
 
 
 @pytest.mark.gpu

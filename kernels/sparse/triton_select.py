@@ -5,8 +5,9 @@ as the reference does (fp32 softmax of the level-1 scores normalised by the leve
 the group's heads, max over the level-1 chunks overlapping the block, forced blocks +inf, blocks past the query
 -inf) and pack it with the block id into one int64 sort key:
     key = monotone_int32(score) * 2^32 + (2^31 - 1 - block)
-Keys are unique, so `torch.topk` on them is exactly the reference's stable sort (ties go to the lower block).
-Only the [T, n_blocks] keys reach memory, never the [H, T, n1] scores.
+Keys are unique, so their k largest are exactly the reference's stable sort (ties go to the lower block): on
+the GPU `triton_topk.py` finds them, elsewhere (and as its reference) `_top_blocks` with `torch.topk`. Only the
+[T, n_blocks] keys reach memory, never the [H, T, n1] scores.
 
 Two scorers. `_flash_score_kernel` (every geometry where a block owns a power of two of level-1 chunks and
 overlaps at most one chunk of the block before it: MiniCPM-SALA's 64/32/16 and the Llama defaults) is written
@@ -26,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from salachat.kernels.sparse.params import SparseParams
+from salachat.kernels.sparse.triton_topk import TOPK_ROW, fits, top_blocks_triton
 
 LOG2E = 1.4426950408889634
 
@@ -231,8 +233,9 @@ TOPK_TILE = 1024
 
 
 def _top_blocks(keys: torch.Tensor, k: int, tile: int, method: str = "topk") -> torch.Tensor:
-    """Block ids of the k largest keys of each row, ascending. The block id is in the key's low 32 bits.
-    `method` "sort" sorts each row whole instead (the same set: keys are unique), for benchmarks to compare."""
+    """Block ids of the k largest keys of each row, ascending: the reference of `top_blocks_triton`, and what
+    runs off the GPU. The block id is in the key's low 32 bits. `method` "sort" sorts each row whole instead
+    (the same set: keys are unique), for benchmarks to compare."""
     if method == "sort":
         best = keys.sort(dim=-1, descending=True).values[..., :k]
     else:
@@ -277,14 +280,35 @@ def _launch_flash(qs, k1, lse, keys, n, n1, width, pos0, scale, geometry, p, gro
 
 
 _FLASH_FAILED: list[str] = []  # why the flash scorer failed in this process, if it did
+_TOPK_FAILED: list[str] = []  # why the Triton top-k failed in this process, if it did
+
+
+def _chosen_blocks(keys: torch.Tensor, k: int, method: str, forced: bool, tile: int, tiled: bool) -> torch.Tensor:
+    """The k best blocks of each row by `method`: "triton", or `_top_blocks`'s "topk" or "sort"."""
+    if method == "triton":
+        if forced or (not _TOPK_FAILED and fits(keys.shape[-1], k, tile)):
+            try:
+                return top_blocks_triton(keys, k, row=tile)
+            except Exception as e:
+                if forced or isinstance(e, torch.OutOfMemoryError):
+                    raise
+                # as with the flash scorer: torch.topk chooses the same blocks, more slowly; say so once
+                _TOPK_FAILED.append(f"{type(e).__name__}: {e}")
+                warnings.warn(f"Triton top-k unavailable ({type(e).__name__}); using torch.topk", RuntimeWarning,
+                              stacklevel=3)
+        method = "topk"  # over the whole row: the Triton kernel's rows are not padded to torch.topk's tiles
+    return _top_blocks(keys, k, tile if tiled else 0, method)
 
 
 def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, query_tile: int = 4096,
-                         topk_tile: int = TOPK_TILE, scorer: str | None = None, num_warps: int | None = None,
+                         topk_tile: int | None = None, scorer: str | None = None, num_warps: int | None = None,
                          num_stages: int = 3, block_tile: int | None = None, block_splits: int | None = None,
-                         rows: int = 128):
+                         rows: int = 128, topk_method: str | None = None):
     """Same contract as select_blocks_ref: idx [Hkv, T, topk + local] (ascending ids, then -1).
     `scorer` "flash" or "tile" forces one (tests, benchmarks); by default the flash scorer where it applies.
+    `topk_method` "triton" (the default on CUDA), "topk" (torch.topk, the default elsewhere) or "sort" forces
+    how the best blocks are found; `topk_tile` is the width of a tile of the two-round top-k (a Triton
+    program's row, TOPK_ROW, or torch.topk's tile, TOPK_TILE), small in tests to cross tile edges.
     `block_tile` (blocks a tile of the flash scorer) and `block_splits` (programs sharing a row of blocks)
     let tests cross tile and split edges at small shapes; `rows` (query rows a program at prefill, all heads of
     its queries) and the warps and stages are for tuning."""
@@ -300,6 +324,8 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
     if scorer == "flash" and geometry is None:
         raise ValueError(f"the flash scorer does not apply to {p}")
     flash = geometry is not None and scorer != "tile" and (scorer == "flash" or not _FLASH_FAILED)
+    method = topk_method or ("triton" if q.is_cuda and not _TOPK_FAILED else "topk")
+    topk_tile = topk_tile or (TOPK_ROW if method == "triton" else TOPK_TILE)
     gpad, bq = _group_rows(group, rows if t > 1 else 16)
     out = None
     for begin in range(0, t, query_tile):  # bounds the [Hkv, tile, n_blocks] keys at a long context
@@ -315,9 +341,10 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
             GROUP=group, GPAD=gpad, BQ=bq, D=d, BN=64, KERNEL=p.kernel_size, STRIDE=p.kernel_stride,
             SPLITS=splits, PRECISION=precision, num_warps=num_warps or (8 if gpad * bq >= 128 else 4),
         )
-        # a long row's top-k goes in two rounds (the best of each tile of blocks, then the best of those):
-        # the same set, as keys are unique, and far more parallel than one radix select over 16K blocks
-        tiled = n_blocks > 2 * topk_tile and p.selected <= topk_tile
+        # torch.topk takes a long row in two rounds (the best of each tile of blocks, then the best of those):
+        # the same set, as keys are unique, and far more parallel than one radix select over 16K blocks. The
+        # Triton top-k tiles a row itself and needs no padding.
+        tiled = method == "topk" and n_blocks > 2 * topk_tile and p.selected <= topk_tile
         width = triton.cdiv(n_blocks, topk_tile) * topk_tile if tiled else n_blocks
         keys = torch.empty(kv_heads, n, width, dtype=torch.int64, device=q.device)
         if flash:
@@ -343,7 +370,8 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
                 STRIDE=p.kernel_stride, WIDTH=chunks, INIT=p.init_blocks, LOCAL=p.local_blocks, SPLITS=splits,
                 PRECISION=precision,
             )
-        chosen = _top_blocks(keys, min(p.selected, n_blocks), topk_tile if tiled else 0)
+        k = min(p.selected, n_blocks)
+        chosen = _chosen_blocks(keys, k, method, topk_method == "triton", topk_tile, tiled)
         if t == 1 and pos0 // p.block_size + 1 >= p.selected:  # decode past the first blocks: every slot real
             return chosen.to(torch.int32)
         if out is None:
