@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from salachat.engine.loader import LoadedModel, load_model
 
 from salachat.conversation import Conversation
-from salachat.sessions import Checkpointer, SessionWriter, load_conversation, load_session
+from salachat.sessions import Checkpointer, SessionWriter, atomic, load_conversation, load_session
 
 
 def build_loaded(config: str, device: str, model: str | None) -> LoadedModel:
@@ -207,7 +207,7 @@ def run(loaded, args, device: str, work: Path, n: int) -> dict:
                     "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
         "model": loaded.model_id, "config": args.config, "device": device, "dtype": str(loaded.dtype),
-        "tokens": n, "state_bytes": size, "disk_bytes": disk,
+        "tokens": n, "state_bytes": size, "disk_bytes": disk, "checksum": atomic.SAVED_TREE.prefix.rstrip(":"),
         "read_seconds": read_s, "read_tokens_per_second": n / read_s,
         "checkpointed_read": checkpointed,
         "save_seconds": save_s, "save_GBps": disk / save_s / 1e9,
@@ -226,7 +226,7 @@ def run(loaded, args, device: str, work: Path, n: int) -> dict:
 def print_table(r: dict) -> None:
     rows = [
         ("tokens", f"{r['tokens']:,}"),
-        ("state on disk", f"{r['disk_bytes'] / 2**20:,.1f} MiB"),
+        ("state on disk", f"{r['disk_bytes'] / 2**20:,.1f} MiB  (checksums {r['checksum']})"),
         ("read (no checkpoints)", f"{r['read_seconds']:.2f} s  ({r['read_tokens_per_second']:,.0f} tok/s)"),
     ]
     if r["checkpointed_read"]:

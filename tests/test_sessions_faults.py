@@ -245,17 +245,32 @@ def test_a_session_open_for_writing_is_refused_to_a_second_writer(tiny, tmp_path
     SessionWriter(tmp_path / "s")  # the same process may open it again (the writers share the lock)
 
 
+@pytest.mark.parametrize("tree", ["xxh3", "sha256"])
 @pytest.mark.parametrize("size", [0, 999, 1000, 2500, 4000])
-def test_piece_checksums_catch_a_flipped_byte_in_any_piece(tmp_path, monkeypatch, size):
-    """Checksums are a sha256 over 64 MiB pieces (1000 bytes here) so that a load verifies pieces in parallel:
-    streaming (write) and parallel (verify) agree, on piece edges too, and a flipped byte anywhere is caught."""
+def test_piece_checksums_catch_a_flipped_byte_in_any_piece(tmp_path, monkeypatch, size, tree):
+    """Checksums are a hash over 64 MiB pieces (1000 bytes here) so that a load verifies pieces in parallel:
+    streaming (write) and parallel (verify) agree, on piece edges too, and a flipped byte anywhere is caught,
+    in the XXH3-128 tree new saves write and in the sha256 tree of older sessions."""
+    import hashlib
+
     from salachat.sessions import atomic, manifest
 
     monkeypatch.setattr(atomic, "PIECE", 1000)
     monkeypatch.setattr(manifest, "PIECE", 1000)
+    if tree == "sha256":  # written as a salachat before XXH3 wrote them
+        monkeypatch.setattr(atomic, "SAVED_TREE", atomic.SHA256_TREE)
     data = bytes(random.Random(size).getrandbits(8) for _ in range(size))
     checksum, written = atomic.write_atomic(tmp_path / "f.bin", [data[: size // 3], data[size // 3 :]])
-    assert written == size and checksum.startswith(atomic.TREE_PREFIX)
+    pieces = [data[i : i + 1000] for i in range(0, size, 1000)] or [b""]
+    if tree == "sha256":  # the older format, spelled out with hashlib alone
+        top = hashlib.sha256(b"".join(hashlib.sha256(piece).digest() for piece in pieces)).hexdigest()
+        assert checksum == "tree64m:" + top
+    else:
+        import xxhash
+
+        top = xxhash.xxh3_128(b"".join(xxhash.xxh3_128(piece).digest() for piece in pieces)).hexdigest()
+        assert checksum == "xxh3tree64m:" + top
+    assert written == size
     files = {"manifest": {"files": {"f.bin": {"sha256": checksum, "bytes": size}}}}
     manifest.verify_files(tmp_path, files["manifest"])
     for position in ([0, size // 2, size - 1] if size else []):
@@ -263,4 +278,8 @@ def test_piece_checksums_catch_a_flipped_byte_in_any_piece(tmp_path, monkeypatch
         damaged[position] ^= 1
         (tmp_path / "f.bin").write_bytes(bytes(damaged))
         with pytest.raises(manifest.SessionError, match="fails its checksum"):
+            manifest.verify_files(tmp_path, files["manifest"])
+    (tmp_path / "f.bin").write_bytes(data[: size // 2])
+    if size:
+        with pytest.raises(manifest.SessionError, match="truncated"):
             manifest.verify_files(tmp_path, files["manifest"])

@@ -221,6 +221,14 @@ CRAFTED = [
     ("text-file-is-a-list", _text_file_is_a_list, "does not hold"),
     ("pieces-do-not-add-up", _resigned(lambda b: next(iter(b["files"].values())).update(
         {"sha256": "tree64m:" + "0" * 64, "pieces": ["1" * 64]})), "add up"),
+    ("xxh3-pieces-do-not-add-up", _resigned(lambda b: next(iter(b["files"].values())).update(
+        {"sha256": "xxh3tree64m:" + "0" * 32, "pieces": ["1" * 32]})), "add up"),
+    ("pieces-of-another-hash", _resigned(lambda b: next(iter(b["files"].values())).update(
+        {"sha256": "xxh3tree64m:" + "0" * 32, "pieces": ["1" * 64]})), "piece digest"),
+    ("unknown-checksum-prefix", _resigned(lambda b: next(iter(b["files"].values())).__setitem__(
+        "sha256", "blake3tree64m:" + "0" * 64)), "is not a checksum"),
+    ("checksum-of-the-wrong-length", _resigned(lambda b: next(iter(b["files"].values())).__setitem__(
+        "sha256", "xxh3tree64m:" + "0" * 64)), "is not a checksum"),
     ("zero-chunk-size", _resigned(lambda b: b["conversation"].__setitem__("chunk_size", 0)), "chunk_size"),
     ("turn-is-text", _resigned(lambda b: b["conversation"]["turns"].__setitem__(0, "hello")), "turns[0]"),
     ("more-pending-than-read", _resigned(lambda b: b["conversation"].__setitem__("pending_tokens", 10**9)),
@@ -377,11 +385,12 @@ def test_crafted_sessions_through_the_entry_point_are_exit_5(salachat_cli, templ
     root = salachat_cli.home / "sessions"
     root.mkdir(parents=True)
     for name, case in (("kind", "unknown-cache-kind"), ("escape", "segment-outside-folder"),
-                       ("nested", "nested-manifest")):
+                       ("nested", "nested-manifest"), ("prefix", "unknown-checksum-prefix")):
         folder = _copy(template, root, name)
         next(d for n, d, _ in CRAFTED if n == case)(folder)
     for args, expected in ((("resume", "kind", "What?", "--max-tokens", "2"), "kind"),
                            (("resume", "escape", "What?", "--max-tokens", "2"), "tensor files"),
+                           (("resume", "prefix", "What?", "--max-tokens", "2"), "is not a checksum"),
                            (("sessions", "show", "nested"), "unreadable manifest")):
         result = salachat_cli(*args, timeout=180)
         assert result.returncode == errors.NO_SESSION, (args, result.stderr)

@@ -2,6 +2,7 @@
 full load, a layer is plain SparseKVCache once used, and a damaged piece refuses at first use (before any
 logits), never a silently wrong answer. Pieces are made small here so one file holds many."""
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -80,18 +81,78 @@ def _flip(path: Path, where: float) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("pieces", [True, False], ids=["piece-digests", "file-checksum-only"])
-def test_a_damaged_piece_refuses_at_first_use_not_with_a_wrong_answer(tiny, tmp_path, small_pieces, pieces):
-    _saved(tiny, tmp_path / "s")
-    if not pieces:  # a session saved before per-piece digests: the layer waits for whole files
-        path = tmp_path / "s" / "manifest.json"
-        body = json.loads(path.read_text())
-        body.pop("checksum")
-        for info in body["files"].values():
+def _resign(folder: Path, mutate) -> None:
+    path = folder / "manifest.json"
+    body = json.loads(path.read_text())
+    body.pop("checksum")
+    mutate(body)
+    path.write_text(json.dumps({**body, "checksum": manifest_module._checksum(body)}))
+
+
+def _without_pieces(body: dict) -> None:
+    for info in body["files"].values():
+        info.pop("pieces", None)
+
+
+def _plain_sha256(folder: Path):
+    def mutate(body: dict) -> None:
+        for name, info in body["files"].items():
             info.pop("pieces", None)
-        path.write_text(json.dumps({**body, "checksum": manifest_module._checksum(body)}))
+            info["sha256"] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    return mutate
+
+
+FORMATS = ["xxh3-pieces", "xxh3-file-only", "sha256-pieces", "sha256-file-only", "plain-sha256"]
+
+
+def _saved_as(tiny, folder: Path, form: str, monkeypatch) -> Conversation:
+    """A session as each salachat wrote it: XXH3-128 trees now, sha256 trees before, a plain sha256 of each
+    file before per-piece digests; "file-only" is a tree checksum whose manifest lists no piece digests."""
+    if form.startswith("sha256"):
+        monkeypatch.setattr(atomic, "SAVED_TREE", atomic.SHA256_TREE)
+    conversation = _saved(tiny, folder)
+    monkeypatch.setattr(atomic, "SAVED_TREE", atomic.XXH3_TREE)
+    prefix = {"xxh3": "xxh3tree64m:", "sha256": "tree64m:", "plain": ""}[form.split("-")[0]]
+    if form.endswith("file-only"):
+        _resign(folder, _without_pieces)
+    elif form == "plain-sha256":
+        _resign(folder, _plain_sha256(folder))
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert all(info["sha256"].startswith(prefix) and info["sha256"] != prefix for info in files.values())
+    if form == "sha256-pieces":  # byte for byte what the salachat before XXH3 wrote: sha256 over sha256s
+        kv = max(files, key=lambda name: files[name]["bytes"])
+        data = (folder / kv).read_bytes()
+        digests = [hashlib.sha256(data[i : i + atomic.PIECE]).digest()
+                   for i in range(0, len(data), atomic.PIECE)]
+        assert files[kv]["pieces"] == [d.hex() for d in digests]
+        assert files[kv]["sha256"] == "tree64m:" + hashlib.sha256(b"".join(digests)).hexdigest()
+    return conversation
+
+
+@pytest.mark.parametrize("form", FORMATS)
+def test_sessions_of_every_checksum_format_resume_bit_identical(tiny, tmp_path, small_pieces, monkeypatch,
+                                                                 form):
+    reference = _saved_as(tiny, tmp_path / "s", form, monkeypatch)
+    lazy = load_session(tmp_path / "s", tiny)
+    assert (lazy.stream is None) == (form == "plain-sha256")  # a whole-file sha256 is not checked piecewise
+    full = load_session(tmp_path / "s", tiny, lazy=False)
+    lazy_logits = tiny.model(torch.tensor(PROBE), lazy.state.cache)
+    assert torch.equal(lazy_logits, tiny.model(torch.tensor(PROBE), full.state.cache))
+    assert torch.equal(lazy_logits, tiny.model(torch.tensor(PROBE), reference.cache))
+    if lazy.stream is not None:
+        lazy.stream.wait()
+
+
+@pytest.mark.parametrize("form", FORMATS)
+def test_a_damaged_piece_refuses_at_first_use_not_with_a_wrong_answer(tiny, tmp_path, small_pieces,
+                                                                      monkeypatch, form):
+    _saved_as(tiny, tmp_path / "s", form, monkeypatch)
     kv = max((tmp_path / "s").glob("kv-*.safetensors"), key=lambda p: p.stat().st_size)
     _flip(kv, 0.7)  # K/V bytes: only the stream reads them
+    if form == "plain-sha256":  # not streamed (no tree to check pieces against): refused before it returns
+        with pytest.raises(SessionError, match="fails its checksum"):
+            load_session(tmp_path / "s", tiny)
+        return
     resumed = load_session(tmp_path / "s", tiny)  # returns: the damage is in what streams in later
     with pytest.raises(SessionError, match="fails its checksum") as failure:
         tiny.model(torch.tensor(PROBE), resumed.state.cache)
@@ -100,6 +161,42 @@ def test_a_damaged_piece_refuses_at_first_use_not_with_a_wrong_answer(tiny, tmp_
         resumed.stream.wait()
     with pytest.raises(SessionError):  # and the layer stays unusable, however it is asked again
         resumed.state.cache.state()
+
+
+def _data_start(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_a_flipped_byte_in_any_piece_fails_lazy_and_full_loads(tiny, tmp_path, small_pieces):
+    _saved(tiny, tmp_path / "s")
+    kv = max((tmp_path / "s").glob("kv-*.safetensors"), key=lambda p: p.stat().st_size)
+    pristine, start = kv.read_bytes(), _data_start(kv)
+    count = -(-len(pristine) // atomic.PIECE)
+    files = json.loads((tmp_path / "s" / "manifest.json").read_text())["files"]
+    assert count > 3 and "pieces" in files[kv.name]
+    for piece in range(count):
+        position = max(start, piece * atomic.PIECE + atomic.PIECE // 2)
+        position = min(position, len(pristine) - 1)
+        damaged = bytearray(pristine)
+        damaged[position] ^= 0x04
+        kv.write_bytes(bytes(damaged))
+        resumed = load_session(tmp_path / "s", tiny)
+        with pytest.raises(SessionError, match="fails its checksum"):
+            tiny.model(torch.tensor(PROBE), resumed.state.cache)
+        with pytest.raises(SessionError, match="fails its checksum"):
+            load_session(tmp_path / "s", tiny, lazy=False)
+    kv.write_bytes(pristine)
+    load_session(tmp_path / "s", tiny).stream.wait()
+
+
+def test_a_truncated_file_is_refused_before_the_load_returns(tiny, tmp_path, small_pieces):
+    _saved(tiny, tmp_path / "s")
+    kv = max((tmp_path / "s").glob("kv-*.safetensors"), key=lambda p: p.stat().st_size)
+    kv.write_bytes(kv.read_bytes()[: -atomic.PIECE - 1])
+    for lazy in (True, False):
+        with pytest.raises(SessionError, match="truncated") as failure:
+            load_session(tmp_path / "s", tiny, lazy=lazy)
+        assert "\n" not in str(failure.value)
 
 
 def test_a_full_load_reports_the_same_damage_before_it_returns(tiny, tmp_path, small_pieces):

@@ -3,23 +3,23 @@
 A 1M-token MiniCPM-SALA session is ~9 GB, nearly all of it the sparse layers' keys and values; everything
 else (Lightning states, compressed keys) is small. `load_session` loads the small part and returns; the
 K/V then streams from the session files into each layer's device buffers in the background, in layer
-order, on several threads (pread into pinned memory, sha256 of each 64 MiB piece, one copy up a piece at
-a time). A sparse layer wears `_LazySparseKVCache` until then: its first use (the question's prefill
+order, on several threads (pread into pinned memory, the checksum of each 64 MiB piece, one copy up a piece
+at a time). A sparse layer wears `_LazySparseKVCache` until then: its first use (the question's prefill
 reaching that layer) waits for its own bytes to be in and their pieces to match the digests the manifest
 lists, then it is a plain SparseKVCache again, so the answer is the one a full load gives, bit for bit.
 A piece that fails its checksum or cannot be read makes the layer's first use raise SessionError (before
 any answer token). The model computes the layers before the first sparse one, and each layer while the
 next ones stream, so a resume costs about the stream of the state, not the stream plus the prefill.
 
-Sessions saved before per-piece digests were recorded stream the same way; a layer then waits for every
-piece of the files it reads (the file checksum is over all of them).
+Files whose manifest lists no per-piece digests (only a tree checksum) stream the same way; a layer then
+waits for every piece of the files it reads (the file checksum is over all of them). A file with a plain
+sha256 (older still) cannot be checked a piece at a time, so it is not streamed: it loads in full.
 """
 
 from __future__ import annotations
 
 import atexit
 import bisect
-import hashlib
 import os
 import threading
 import weakref
@@ -221,7 +221,7 @@ class LazyFill:
         fd, extents = self._fds[file], self.extents[file]
         begin = piece * atomic.PIECE
         end = min(begin + atomic.PIECE, self.files[file]["bytes"])
-        digest = hashlib.sha256()
+        digest = (atomic.tree_of(self.files[file]["sha256"]) or atomic.SHA256_TREE).new()
         starts = [e.start for e in extents]
         for offset in range(begin, max(end, begin + 1), CHUNK):
             n = min(CHUNK, end - offset)
@@ -273,8 +273,9 @@ class LazyFill:
                 if problem is not None:
                     finished.append(((file, None), problem))
                 elif len(seen) == max(1, -(-info["bytes"] // atomic.PIECE)) and None not in seen.values():
-                    whole = atomic.tree_checksum([seen[p] for p in sorted(seen)])
-                    bad = self.verify and info["sha256"].startswith(atomic.TREE_PREFIX) and whole != info["sha256"]
+                    tree = atomic.tree_of(info["sha256"])
+                    bad = (self.verify and tree is not None
+                           and tree.checksum([seen[p] for p in sorted(seen)]) != info["sha256"])
                     finished.append(((file, None), f"{file} fails its checksum" if bad else None))
             for unit, failure in finished:
                 if failure is not None:

@@ -24,8 +24,11 @@ BIG = 1 << 50  # larger than any real count of tokens, bytes or positions; JSON 
 MAX_RANK = 8
 # Every file a manifest may name: a plain name (no folder part, no leading dot), of a kind the store writes.
 DATA_FILE = re.compile(r"(text-[0-9a-f]{16}\.json|(kv|state)-[0-9]{6}\.safetensors)\Z")
-CHECKSUM = re.compile(r"(tree64m:)?[0-9a-f]{64}\Z")
+# a plain sha256 (the oldest sessions), or a piece tree's prefix and top hash (atomic.TREES); nothing else
+CHECKSUM = re.compile("|".join([r"[0-9a-f]{64}\Z"] + [
+    f"{re.escape(tree.prefix)}[0-9a-f]{{{tree.hex_digits}}}\\Z" for tree in atomic.TREES]))
 HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+HEX = re.compile(r"[0-9a-f]*\Z")
 
 
 class ManifestInvalid(ValueError):
@@ -157,12 +160,14 @@ def check(manifest: dict) -> dict:
 def _check_pieces(pieces, checksum: str, size: int, where: str) -> None:
     """The per-piece digests a lazy load verifies pieces against must be the ones the file checksum is of."""
     _list(pieces, where)
-    if len(pieces) != max(1, -(-size // atomic.PIECE)) or not checksum.startswith(atomic.TREE_PREFIX):
+    tree = atomic.tree_of(checksum)
+    if len(pieces) != max(1, -(-size // atomic.PIECE)) or tree is None:
         _fail(where, f"lists {len(pieces)} pieces for {size:,} bytes")
     for i, piece in enumerate(pieces):
-        if not HEX64.match(_str(piece, f"{where}[{i}]", limit=64)):
-            _fail(f"{where}[{i}]", "is not a sha256")
-    if atomic.tree_checksum([bytes.fromhex(p) for p in pieces]) != checksum:
+        text = _str(piece, f"{where}[{i}]", limit=64)
+        if len(text) != tree.hex_digits or not HEX.match(text):
+            _fail(f"{where}[{i}]", f"is not a {tree.prefix.rstrip(':')} piece digest")
+    if tree.checksum([bytes.fromhex(p) for p in pieces]) != checksum:
         _fail(where, "do not add up to the file's checksum")
 
 

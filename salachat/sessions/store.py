@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from salachat.engine.cache import CACHE_KINDS, ModelCache
-from salachat.sessions.atomic import FILE_MODE, TMP_SUFFIX, private_dir, write_atomic
+from salachat.sessions.atomic import FILE_MODE, TMP_SUFFIX, private_dir, tree_of, write_atomic
 from salachat.sessions.catalog import (
     LOCK,
     session_folder,  # noqa: F401  (re-exported)
@@ -463,14 +463,17 @@ def _check_sizes(folder: Path, manifest: dict) -> None:
 
 
 def _lazy_files(manifest: dict) -> set[str]:
-    """Files that hold only sparse layers' tensors: a lazy load verifies those as it streams them."""
+    """Files that hold only sparse layers' tensors: a lazy load verifies those as it streams them. A file
+    with a plain sha256 (saved before piece checksums) cannot be checked piece by piece as the stream reads
+    it out of order, so it loads, and is verified, in full."""
     kinds = [layer["kind"] for layer in manifest["cache"]["meta"]["layers"]]
     holders: dict[str, set[str]] = {}
     for tensor, entry in manifest["cache"]["tensors"].items():
         kind = kinds[int(tensor.split(".")[1])]
         for seg in entry["segments"]:
             holders.setdefault(seg["file"], set()).add(kind)
-    return {f for f, held in holders.items() if held == {"sparse_kv"}}
+    return {f for f, held in holders.items()
+            if held == {"sparse_kv"} and tree_of(manifest["files"][f]["sha256"]) is not None}
 
 
 def load_conversation(folder: Path, loaded, verify: bool = True, lazy: bool = True):
