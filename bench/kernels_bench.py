@@ -4,9 +4,11 @@ Lightning (32 heads, d 128, bf16 in, fp32 state): our Triton kernel, the PyTorch
 flash-linear-attention's chunk_simple_gla (prefill) / fused_recurrent_simple_gla (decode) when fla is
 importable. Sparse (32 q heads, 2 KV heads, d 128, block 64, top-64 + 32 local): block selection + block-sparse
 attention for a prefill chunk and for one decoded token at contexts 32K-1M, against dense flash attention
-(PyTorch SDPA, the same dense path the engine uses below dense_len) over the whole context.
+(PyTorch SDPA, the same dense path the engine uses below dense_len) over the whole context. With
+--topk-contexts, the selection's top-k alone: the Triton kernel against torch.topk (the fallback).
 
     python bench/kernels_bench.py --out bench/results/kernels.json
+    python bench/kernels_bench.py --topk-contexts 131072 1048576 --lightning-lengths 0 --sparse-contexts 0
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ def timed(fn, repeat: int = 5, warmup: int = 1) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def graphed(fn, calls: int = 20) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph of `calls` calls: GPU time, no launch gaps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, repeat=10) / calls
 
 
 def slopes() -> torch.Tensor:
@@ -129,6 +145,9 @@ def bench_sparse(contexts, chunk: int, with_reference: bool) -> list[dict]:
                 row[f"select_{scorer}_ms"] = timed(lambda: select_blocks_triton(q, k1, k2, pos0, p, scale, scorer=scorer),
                                                    repeat=reps)
             row["select_ms"] = row["select_flash_ms"]
+            # the same selection with torch.topk finding the best blocks (the fallback, and the default before)
+            row["select_torch_topk_ms"] = timed(
+                lambda: select_blocks_triton(q, k1, k2, pos0, p, scale, topk_method="topk"), repeat=reps)
             row["select_tflops"] = select_flop(t, length, p) / row["select_ms"] / 1e9  # top-k time included
             row["attend_ms"] = timed(lambda: block_sparse_attention_triton(q, k, v, idx, pos0, 64, scale), repeat=reps)
             row["dense_sdpa_ms"] = timed(lambda: dense_attention(q, k, v, pos0, scale), repeat=reps)
@@ -175,6 +194,60 @@ def sweep_select(length: int, queries: int) -> list[dict]:
     return rows
 
 
+def selection_keys(length: int, t: int, scores: str) -> torch.Tensor:
+    """Keys [2, t, n_blocks] as the scorers write them for the last t queries of a `length` context: block 0 and
+    the local window forced (+inf), blocks past the query -inf, the others fp32 scores (or bf16-rounded ones,
+    which tie often)."""
+    from salachat.kernels.sparse.triton_topk import pack_keys
+
+    p = SparseParams()
+    n_blocks = (length - 1) // p.block_size + 1
+    score = torch.rand(HKV_SPARSE, t, n_blocks, device="cuda") ** 3
+    if scores == "bf16":
+        score = score.bfloat16().float()
+    block = torch.arange(n_blocks, device="cuda")
+    qb = (torch.arange(length - t, length, device="cuda") // p.block_size)[:, None]
+    forced = (block < p.init_blocks) | ((block >= qb - p.local_blocks) & (block <= qb))
+    score = torch.where(forced, float("inf"), torch.where(block <= qb, score, float("-inf")))
+    return pack_keys(score)
+
+
+def bench_topk(contexts, queries: int, sweep: bool) -> list[dict]:
+    """The selection's top-k alone: torch.topk in two rounds (the CPU path and fallback) against the Triton
+    kernel, for a prefill chunk and one decoded token, on fp32 and bf16-rounded scores."""
+    from salachat.kernels.sparse.triton_select import TOPK_TILE, _top_blocks
+    from salachat.kernels.sparse.triton_topk import fits, top_blocks_triton
+
+    p, rows = SparseParams(), []
+    for length in contexts:
+        for t, scores in ((queries, "fp32"), (queries, "bf16"), (1, "fp32")):
+            keys = selection_keys(length, t, scores)
+            width, k = keys.shape[-1], min(p.selected, keys.shape[-1])
+            tile = TOPK_TILE if width % TOPK_TILE == 0 and width > 2 * TOPK_TILE else 0  # as select pads
+            want = _top_blocks(keys, k, tile).int()
+            assert torch.equal(top_blocks_triton(keys, k), want)
+            reps = 5 if t > 1 else 50
+            row = {"op": "topk_prefill" if t > 1 else "topk_decode", "context": length, "queries": t,
+                   "scores": scores, "blocks": width, "k": k,
+                   "torch_ms": timed(lambda: _top_blocks(keys, k, tile), repeat=reps),
+                   "triton_ms": timed(lambda: top_blocks_triton(keys, k), repeat=reps)}
+            row["triton_gbps"] = keys.numel() * 8 / row["triton_ms"] / 1e6
+            if t == 1:  # eager decode pays the launches from Python; replayed from a graph, the GPU time alone
+                row["torch_graph_ms"] = graphed(lambda: _top_blocks(keys, k, tile))
+                row["triton_graph_ms"] = graphed(lambda: top_blocks_triton(keys, k))
+            if sweep and scores == "fp32":  # by rows (group 0) and by groups of 2-16 columns, 1-8 warps
+                for g, w in [(gg, ww) for gg in (0, 2, 4, 8, 16) for ww in ((4, 8) if gg == 0 else (1, 2, 4, 8))]:
+                    if fits(width, k, group=g):
+                        assert torch.equal(top_blocks_triton(keys, k, group=g, num_warps=w), want)
+                        row[f"group{g}_w{w}_ms"] = timed(lambda: top_blocks_triton(keys, k, group=g, num_warps=w),
+                                                         repeat=reps)
+            rows.append(row)
+            print(row)
+            del keys
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lightning-lengths", nargs="+", type=int, default=[32768, 131072])
@@ -184,22 +257,35 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also time the sparse PyTorch reference")
     parser.add_argument("--select-sweep", type=int, default=0, metavar="CONTEXT",
                         help="also sweep the flash scorer's configurations at this context (4096 queries)")
+    parser.add_argument("--topk-contexts", nargs="+", type=int, default=[], metavar="CONTEXT",
+                        help="also time the selection's top-k alone (torch.topk against Triton) at these contexts")
+    parser.add_argument("--topk-sweep", action="store_true", help="try the Triton top-k's groups and warps")
     parser.add_argument("--out", default="bench/results/kernels.json")
     args = parser.parse_args()
     rows = sweep_select(args.select_sweep, 4096) if args.select_sweep else []
+    rows += bench_topk(args.topk_contexts, args.chunk, args.topk_sweep) if args.topk_contexts else []
     lengths = [t for t in args.lightning_lengths if t > 0]  # 0: no Lightning rows
-    rows += (bench_lightning(lengths, args.sweep) if lengths else []) + bench_sparse(args.sparse_contexts, args.chunk, args.reference)
+    contexts = [t for t in args.sparse_contexts if t > 0]  # 0: no sparse rows
+    rows += (bench_lightning(lengths, args.sweep) if lengths else []) + bench_sparse(contexts, args.chunk, args.reference)
     print("\n| op | size | triton / sparse ms | baseline ms |")
     print("|---|---|---|---|")
     for r in rows:
         if r["op"].startswith("select_"):
+            continue
+        if r["op"].startswith("topk"):
+            graph = (f"; graphed {r['triton_graph_ms']:.4f} vs {r['torch_graph_ms']:.4f}"
+                     if "triton_graph_ms" in r else "")
+            print(f"| {r['op']} ({r['scores']} scores) | L={r['context']}, T={r['queries']}, k={r['k']} | "
+                  f"{r['triton_ms']:.3f} ({r['triton_gbps']:.0f} GB/s{graph}) | torch.topk {r['torch_ms']:.3f} "
+                  f"({r['torch_ms'] / r['triton_ms']:.1f}x) |")
             continue
         if r["op"].startswith("lightning"):
             base = ", ".join(f"{k[:-3]} {r[k]:.3f}" for k in r if k.endswith("_ms") and k != "triton_ms")
             print(f"| {r['op']} | T={r['tokens']} | {r['triton_ms']:.3f} | {base} |")
         else:
             print(f"| {r['op']} | L={r['context']}, T={r['queries']} | {r['sparse_ms']:.3f} (select {r['select_ms']:.3f}"
-                  f" = {r['select_tflops']:.0f} TFLOP/s; tile scorer {r['select_tile_ms']:.3f}) "
+                  f" = {r['select_tflops']:.0f} TFLOP/s; tile scorer {r['select_tile_ms']:.3f}; torch.topk "
+                  f"{r['select_torch_topk_ms']:.3f}) "
                   f"| dense {r['dense_sdpa_ms']:.3f} ({r['speedup_vs_dense']:.1f}x) |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
