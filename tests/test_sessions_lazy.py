@@ -15,6 +15,7 @@ from salachat.engine.sparse_cache import SparseKVCache
 from salachat.conversation import Conversation
 from salachat.sessions import SessionError, SessionWriter, atomic, load_conversation, load_session
 from salachat.sessions import manifest as manifest_module
+from test_sessions_hostile import _resign
 
 sys.path.insert(0, str(Path(__file__).parent))
 TEXT = ("The harbour light of Varna Point was built in 1871. Tomas Brandt kept it for thirty-one years, "
@@ -79,14 +80,6 @@ def _flip(path: Path, where: float) -> None:
     data = bytearray(path.read_bytes())
     data[int(len(data) * where)] ^= 0x01
     path.write_bytes(bytes(data))
-
-
-def _resign(folder: Path, mutate) -> None:
-    path = folder / "manifest.json"
-    body = json.loads(path.read_text())
-    body.pop("checksum")
-    mutate(body)
-    path.write_text(json.dumps({**body, "checksum": manifest_module._checksum(body)}))
 
 
 def _without_pieces(body: dict) -> None:
