@@ -15,19 +15,22 @@ def dense_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_prefix_and_chunk(q, k, v, pos0, scale)
     if k.dtype != q.dtype:  # a bf16 cache under fp32 activations (packed GGUF models on the CPU)
-        return _grouped_sdpa(q.to(k.dtype), k, v, pos0, scale).to(q.dtype)
-    return _grouped_sdpa(q, k, v, pos0, scale)
+        return _grouped_sdpa(q.to(k.dtype), k, v, pos0, scale, q.dtype).to(q.dtype)
+    return _grouped_sdpa(q, k, v, pos0, scale, q.dtype)
 
 
-def _grouped_sdpa(q, k, v, pos0: int, scale: float) -> torch.Tensor:
+def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """SDPA with a KV group's query heads stacked as rows, so K/V are never repeated per head: on the CPU,
     `enable_gqa` copies them for every head and falls back to the unfused math path (measured on 2 cores,
-    9 heads over 3: a decode step over 8K keys 31.8 ms against 0.83 ms, a 512-query chunk 382 against 99)."""
+    9 heads over 3: a decode step over 8K keys 31.8 ms against 0.83 ms, a 512-query chunk 382 against 99).
+    A decode step's two-halves form returns `out_dtype` (its merge is in fp32), the rest q's dtype."""
     heads, t, d = q.shape
     kv_heads, length = k.shape[0], k.shape[1]
     group = heads // kv_heads
     grouped_q = q.reshape(kv_heads, group * t, d)[None]
     if t == 1:
+        if q.device.type == "cpu" and _split_keys(kv_heads, length, torch.get_num_threads()):
+            return _decode_two_halves(grouped_q[0], k, v, scale).to(out_dtype or q.dtype).reshape(heads, t, d)
         out = torch.nn.functional.scaled_dot_product_attention(grouped_q, k[None], v[None], scale=scale)
         return out[0].reshape(heads, t, d)
     # a chunk, one query head of each group at a time: SDPA given a mask builds the [rows, keys] scores in
@@ -38,6 +41,40 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float) -> torch.Tensor:
         grouped_q[:, :, g * t : (g + 1) * t], k[None], v[None], attn_mask=mask, scale=scale) for g in range(group)],
         dim=2)
     return out[0].reshape(heads, t, d)
+
+
+SPLIT_MIN_KEYS = 512  # below this a decode step's attention is a few tens of microseconds either way
+
+
+def _split_keys(kv_heads: int, length: int, threads: int) -> bool:
+    """Whether a CPU decode step attends over two halves of the keys at once (see `_decode_two_halves`): when
+    the KV heads alone leave threads idle (3 heads on 2 threads: two rounds, one of them half-empty) and
+    there are enough keys for halves to be worth it."""
+    if threads < 2 or length < SPLIT_MIN_KEYS:
+        return False
+    rounds = -(-kv_heads // threads)
+    return -(-2 * kv_heads // threads) < 2 * rounds
+
+
+def _decode_two_halves(grouped_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token's attention, q [Hkv, G, D] over k, v [Hkv, L, D], as ONE CPU flash call over the keys'
+    two halves side by side in the batch dimension, merged by their log-sum-exp (in fp32): torch's CPU flash
+    attention runs one task per (batch, head), so the default model's 3 KV heads on 2 threads were two rounds
+    of full-length tasks and this is three of half-length ones. For odd L the halves are ceil(L/2) keys,
+    overlapping in one key, which the second half masks out. Returns fp32 [Hkv, G, D]."""
+    kv_heads, length, d = k.shape
+    span = (length + 1) // 2
+    second = length - span  # the second half's first key
+    halves_k = k.as_strided((2, kv_heads, span, d), (second * k.stride(1), k.stride(0), k.stride(1), k.stride(2)))
+    halves_v = v.as_strided((2, kv_heads, span, d), (second * v.stride(1), v.stride(0), v.stride(1), v.stride(2)))
+    mask = None
+    if 2 * span != length:
+        mask = torch.zeros(2, 1, 1, span, dtype=grouped_q.dtype, device=grouped_q.device)
+        mask[1, 0, 0, 0] = float("-inf")
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        grouped_q[None].expand(2, -1, -1, -1), halves_k, halves_v, attn_mask=mask, scale=scale)[:2]
+    weights = torch.softmax(lse, dim=0)[..., None]  # [2, Hkv, G, 1]: each half's share of the softmax
+    return torch.mul(out, weights).sum(0)
 
 
 def _flash(q, k, v, causal: bool, scale: float):

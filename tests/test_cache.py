@@ -80,3 +80,36 @@ def test_caches_reserved_together_share_one_block_and_attend_as_apart():
         q, k, v = torch.randn(6, t, 16), torch.randn(2, t, 16), torch.randn(2, t, 16)
         for i, (together, alone) in enumerate(zip(layers, apart)):
             assert torch.equal(together.attend(q, k * i, v, pos0, 0.25), alone.attend(q, k * i, v, pos0, 0.25))
+
+
+@pytest.mark.parametrize("length", [512, 513, 2081])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
+def test_cpu_decode_over_two_halves_of_the_keys_matches_the_reference(length, kv_dtype):
+    """A CPU decode step over 3 KV heads on 2 threads attends over the keys' two halves in one flash call
+    (odd L: halves overlapping in one key, masked in the second): the naive formula's result, and no further
+    from it (RMS over a few draws) than the single call it replaces."""
+    from salachat.kernels import dense
+
+    assert dense._split_keys(3, length, threads=2) and not dense._split_keys(3, length, threads=1)
+    assert not dense._split_keys(4, length, threads=2) and not dense._split_keys(3, 100, threads=2)
+    fast_err, single_err = [], []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for seed in range(6):
+            torch.manual_seed(seed)
+            k = torch.randn(3, length + 7, 64).to(kv_dtype)[:, :length]  # a view into a larger buffer, like the cache's
+            v = torch.randn(3, length + 7, 64).to(kv_dtype)[:, :length]
+            k[:, 0] *= 4  # a key that takes much of the softmax, like an attention sink
+            q = torch.randn(9, 1, 64) * 3
+            fast = dense_attention(q, k, v, length - 1, 0.125)
+            single = torch.nn.functional.scaled_dot_product_attention(
+                q.to(kv_dtype).reshape(3, 3, 64)[None], k[None], v[None], scale=0.125)[0].reshape(9, 1, 64).float()
+            exact = naive_attention(q.to(kv_dtype).double(), k.double(), v.double(), length - 1, 0.125)
+            assert fast.dtype == torch.float32 and fast.shape == (9, 1, 64)
+            assert (fast - exact).abs().max().item() < (2e-2 if kv_dtype == torch.bfloat16 else 1e-5)
+            fast_err.append((fast - exact).pow(2).mean().item())
+            single_err.append((single - exact).pow(2).mean().item())
+    finally:
+        torch.set_num_threads(before)
+    assert sum(fast_err) ** 0.5 <= 1.25 * sum(single_err) ** 0.5 + 1e-7
