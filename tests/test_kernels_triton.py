@@ -102,6 +102,17 @@ def test_block_selection_across_tile_and_split_edges(params, h, hkv, length, t, 
     assert torch.equal(got, select_blocks_ref(q, k1, k2, length - t, params, 0.3))
 
 
+# a context long enough that most tiles of keys are seen whole by every query of a tile: the scorer's and the
+# LSE kernel's unmasked interior tiles beside their masked edge tiles, at prefill, at decode (whose LSE is split
+# over programs, some with interior tiles and some without) and with a row of blocks split over programs
+@pytest.mark.parametrize("t, block_splits", [(24, None), (1, None), (5, 3), (70, None)])
+def test_block_selection_over_the_interior_tiles_of_a_long_context(t, block_splits):
+    q, k, _ = _sparse_inputs(4, 2, 2200, t, 16, seed=t)
+    k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    got = select_blocks_triton(q, k1, k2, 2200 - t, SMALL, 0.3, block_splits=block_splits, topk_method="triton")
+    assert torch.equal(got, select_blocks_ref(q, k1, k2, 2200 - t, SMALL, 0.3))
+
+
 def test_flash_scorer_applies_to_the_geometries_it_covers():
     assert flash_geometry(SparseParams()) == (4, 1)  # MiniCPM-SALA: 64-token blocks, chunks of 32 every 16
     assert flash_geometry(SparseParams(block_size=16, kernel_size=12, kernel_stride=4)) is None

@@ -86,7 +86,20 @@ def _lse_kernel(
     c = scale * 1.4426950408889634  # exp2 domain
     m = tl.full((BQ * GPAD,), float("-inf"), tl.float32)
     s_sum = tl.zeros((BQ * GPAD,), tl.float32)
-    for start in range(split * BN, n2, SPLITS * BN):
+    # tiles of keys the tile's first query sees whole (all but the last at a long context) need no mask; the
+    # online sums run over the tiles in the same order either way, so the bits are the same
+    first_pos = q_pos0 + tile * BQ
+    n2_full = tl.where(first_pos + 1 >= 4 * KERNEL, tl.minimum((first_pos + 1 - 4 * KERNEL) // (4 * STRIDE) + 1, n2), 0)
+    room = n2_full - BN - split * BN
+    edge_start = split * BN + tl.where(room >= 0, room // (SPLITS * BN) + 1, 0) * (SPLITS * BN)
+    for start in range(split * BN, edge_start, SPLITS * BN):
+        cols = start + tl.arange(0, BN)
+        k = tl.load(K2 + g * sk2h + cols[:, None] * sk2t + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * c
+        m_new = tl.maximum(m, tl.max(s, 1))
+        s_sum = s_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m = m_new
+    for start in range(edge_start, n2, SPLITS * BN):
         cols = start + tl.arange(0, BN)
         k = tl.load(K2 + g * sk2h + cols[:, None] * sk2t + offs_d[None, :], mask=cols[:, None] < n2, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * c
@@ -117,19 +130,50 @@ def _lse_kernel(
 
 @triton.jit
 def _group_scores(q, K1g, cols, n1, sk1t, lse2, pos, c, BQ: tl.constexpr, GPAD: tl.constexpr, BN: tl.constexpr,
-                  D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, PRECISION: tl.constexpr):
+                  D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+                  EDGE: tl.constexpr = True):
     """[BQ, BN]: sum over the group's heads of exp(s1 - lse) for level-1 chunks `cols` (0 where a query does
-    not see the chunk, -inf where the chunk does not exist)."""
+    not see the chunk, -inf where the chunk does not exist). EDGE=False: every chunk exists and every query
+    sees it (the interior of a long context), so no mask is computed; the values are the same bits."""
     offs_d = tl.arange(0, D)
-    k = tl.load(K1g + cols[:, None] * sk1t + offs_d[None, :], mask=(cols[:, None] < n1) & (cols[:, None] >= 0),
-                other=0.0)
+    if EDGE:
+        k = tl.load(K1g + cols[:, None] * sk1t + offs_d[None, :], mask=(cols[:, None] < n1) & (cols[:, None] >= 0),
+                    other=0.0)
+    else:
+        k = tl.load(K1g + cols[:, None] * sk1t + offs_d[None, :])
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     p = tl.exp2(s * c - lse2[:, None])
-    p = tl.where(cols[None, :] * STRIDE + KERNEL <= pos[:, None] + 1, p, 0.0)
+    if EDGE:
+        p = tl.where(cols[None, :] * STRIDE + KERNEL <= pos[:, None] + 1, p, 0.0)
     score = tl.sum(tl.reshape(p, (BQ, GPAD, BN)), 1)
-    return tl.where((cols[None, :] < n1) & (cols[None, :] >= 0), score, float("-inf"))
+    if EDGE:
+        score = tl.where((cols[None, :] < n1) & (cols[None, :] >= 0), score, float("-inf"))
+    return score
 
 
+@triton.jit
+def _pool_and_store(score, carry, b0, qb, q_rows, T, b_end, KEYSg, skeyt, BQ: tl.constexpr, NB: tl.constexpr,
+                    PER_BLOCK: tl.constexpr, LOOKBACK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Max-pool a tile's chunk scores [BQ, NB * PER_BLOCK] into its NB blocks (with LOOKBACK the last chunk of
+    the block before, `carry` across tiles), store the blocks' keys; returns the carry for the next tile."""
+    nb = tl.arange(0, NB)
+    e = tl.arange(0, PER_BLOCK)
+    grouped = tl.reshape(score, (BQ, NB, PER_BLOCK))
+    pooled = tl.max(grouped, 2)
+    if LOOKBACK:
+        last = tl.max(tl.where(e[None, None, :] == PER_BLOCK - 1, grouped, float("-inf")), 2)  # [BQ, NB]
+        prev = tl.gather(last, tl.maximum(nb - 1, 0)[None, :] + tl.zeros((BQ, NB), tl.int32), 1)
+        prev = tl.where(nb[None, :] == 0, carry[:, None], prev)
+        pooled = tl.maximum(pooled, prev)
+        carry = tl.max(tl.where(nb[None, :] == NB - 1, last, float("-inf")), 1)
+    blocks = b0 + nb
+    key = _pack_keys(pooled, blocks, qb, INIT, LOCAL)
+    ok = (q_rows[:, None] < T) & (blocks[None, :] < b_end)
+    tl.store(KEYSg + q_rows[:, None] * skeyt + blocks[None, :], key, mask=ok)
+    return carry
+
+
+# lengths and positions change every decode step: compile once, not once per divisibility class
 @triton.jit(do_not_specialize=["T", "n1", "n_blocks", "q_pos0", "per_split"])
 def _flash_score_kernel(
     Q, K1, LSE, KEYS, T, n1, n_blocks, q_pos0, scale, per_split, sqh, sqt, sk1h, sk1t, skeyh, skeyt,
@@ -157,32 +201,39 @@ def _flash_score_kernel(
     b_end = tl.minimum(b_begin + per_split, n_blocks)
     b_comp = tl.where(n_vis > 0, (n_vis - 1 + LOOKBACK) // PER_BLOCK + 1, 0)
     b_comp = tl.minimum(tl.maximum(b_comp, b_begin), b_end)
+    # tiles of blocks whose chunks all exist and are all seen by the tile's first query (so by every one) need
+    # no mask: at a long context that is all but the last tile or two, and the masks were a third of the
+    # element-wise work. The tile grid is aligned to NB blocks in every program, so "interior" is the same
+    # decision wherever a tile is computed.
+    first_pos = q_pos0 + tile * BQ
+    n_full = tl.where(first_pos + 1 >= KERNEL, tl.minimum((first_pos + 1 - KERNEL) // STRIDE + 1, n1), 0)
+    full_blocks = n_full // PER_BLOCK  # blocks b whose chunks < PER_BLOCK (b + 1) all count
+    b_int = tl.minimum(b_begin + tl.maximum(full_blocks - b_begin, 0) // NB * NB, b_comp)
     nb = tl.arange(0, NB)
-    e = tl.arange(0, PER_BLOCK)
     carry = tl.full((BQ,), float("-inf"), tl.float32)
     if LOOKBACK:  # noqa: SIM102 - a compile-time branch around a run-time one
         if b_begin > 0:  # the last chunk before this program's blocks, computed as its own tile computes it
             # (the same dot shape gives the same bits: a block and its neighbour tie exactly on a shared chunk)
             cols = (b_begin - NB) * PER_BLOCK + tl.arange(0, NB * PER_BLOCK)
-            score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
-                                  KERNEL, STRIDE, PRECISION)
+            if b_begin <= full_blocks:
+                score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
+                                      KERNEL, STRIDE, PRECISION, EDGE=False)
+            else:
+                score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
+                                      KERNEL, STRIDE, PRECISION)
             carry = tl.max(tl.where(cols[None, :] == b_begin * PER_BLOCK - 1, score, float("-inf")), 1)
-    for b0 in range(b_begin, b_comp, NB):
+    for b0 in range(b_begin, b_int, NB):
+        cols = b0 * PER_BLOCK + tl.arange(0, NB * PER_BLOCK)
+        score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
+                              KERNEL, STRIDE, PRECISION, EDGE=False)
+        carry = _pool_and_store(score, carry, b0, qb, q_rows, T, b_end, KEYS + g * skeyh, skeyt, BQ, NB, PER_BLOCK,
+                                LOOKBACK, INIT, LOCAL)
+    for b0 in range(b_int, b_comp, NB):
         cols = b0 * PER_BLOCK + tl.arange(0, NB * PER_BLOCK)
         score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
                               KERNEL, STRIDE, PRECISION)
-        grouped = tl.reshape(score, (BQ, NB, PER_BLOCK))
-        pooled = tl.max(grouped, 2)
-        if LOOKBACK:
-            last = tl.max(tl.where(e[None, None, :] == PER_BLOCK - 1, grouped, float("-inf")), 2)  # [BQ, NB]
-            prev = tl.gather(last, tl.maximum(nb - 1, 0)[None, :] + tl.zeros((BQ, NB), tl.int32), 1)
-            prev = tl.where(nb[None, :] == 0, carry[:, None], prev)
-            pooled = tl.maximum(pooled, prev)
-            carry = tl.max(tl.where(nb[None, :] == NB - 1, last, float("-inf")), 1)
-        blocks = b0 + nb
-        key = _pack_keys(pooled, blocks, qb, INIT, LOCAL)
-        ok = (q_rows[:, None] < T) & (blocks[None, :] < b_end)
-        tl.store(KEYS + g * skeyh + q_rows[:, None] * skeyt + blocks[None, :], key, mask=ok)
+        carry = _pool_and_store(score, carry, b0, qb, q_rows, T, b_end, KEYS + g * skeyh, skeyt, BQ, NB, PER_BLOCK,
+                                LOOKBACK, INIT, LOCAL)
     # blocks none of whose chunks the tile's queries see: 0 where a chunk exists (invisible chunks score 0,
     # as in the reference), -inf where none does
     first_tile = b_begin + tl.cdiv(b_comp - b_begin, NB) * NB
@@ -275,7 +326,9 @@ def _launch_flash(qs, k1, lse, keys, n, n1, width, pos0, scale, geometry, p, gro
         GROUP=group, GPAD=gpad, BQ=bq, D=d, NB=nb, PER_BLOCK=per, LOOKBACK=lookback,
         BLOCK=p.block_size, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, INIT=p.init_blocks,
         LOCAL=p.local_blocks, SPLITS=splits, PRECISION=precision,
-        num_warps=num_warps or (8 if gpad * bq >= 128 else 4), num_stages=num_stages,
+        # 4 warps and 2 stages at prefill: 27.2 ms against 31.6 with 8 warps and 3 stages for a 16K-query chunk
+        # at 1M tokens (H200, bench/RESULTS.md); decode keeps the 3 stages it was measured with
+        num_warps=num_warps or 4, num_stages=num_stages or (2 if tiles * kv_heads >= 64 else 3),
     )
 
 
@@ -302,7 +355,7 @@ def _chosen_blocks(keys: torch.Tensor, k: int, method: str, forced: bool, tile: 
 
 def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, query_tile: int = 4096,
                          topk_tile: int | None = None, scorer: str | None = None, num_warps: int | None = None,
-                         num_stages: int = 3, block_tile: int | None = None, block_splits: int | None = None,
+                         num_stages: int | None = None, block_tile: int | None = None, block_splits: int | None = None,
                          rows: int = 128, topk_method: str | None = None):
     """Same contract as select_blocks_ref: idx [Hkv, T, topk + local] (ascending ids, then -1).
     `scorer` "flash" or "tile" forces one (tests, benchmarks); by default the flash scorer where it applies.
