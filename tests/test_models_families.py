@@ -223,3 +223,25 @@ def test_packed_matmul_equals_its_reference(qtype):
     assert not torch.allclose(kernel.gather(-1, top), want, rtol=1e-5, atol=1e-5)  # bf16: off by more
     rest = torch.ones_like(kernel, dtype=torch.bool).scatter(-1, top, False)
     assert torch.equal(refined[rest], kernel[rest])
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_packed_decode_step_has_the_generic_forwards_bits(tmp_path, family, qtype, monkeypatch):
+    """A packed model's CPU decode step (`Block.decode_packed`, taken where every block fits it: no biases,
+    no q/k norms) gives exactly the logits of the modules' own forward, token after token."""
+    from salachat.engine.models import llama
+
+    write_gguf(tmp_path / "m.gguf", family, qtype)
+    loaded = load_model(tmp_path / "m.gguf", device="cpu")
+    model = loaded.model
+    runs = {}
+    for name in ("fast", "generic"):
+        if name == "generic":
+            monkeypatch.setattr(llama.LlamaForCausalLM, "_packed_decode", lambda self, cache: False)
+        cache = loaded.new_cache()
+        model(IDS[:90], cache)
+        if name == "fast":
+            assert model._packed_decode(cache) == (family == "llama3")
+        runs[name] = torch.cat([model(IDS[i : i + 1], cache) for i in range(90, 100)])
+    assert torch.equal(runs["fast"], runs["generic"])

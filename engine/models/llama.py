@@ -244,6 +244,41 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos0, rotary)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def packed_decode_fits(self) -> bool:
+        """Whether `decode_packed` computes this block: q/k/v and gate/up each one packed matmul, no biases,
+        no q/k norms (the default model's shape; others take `forward`)."""
+        attn, mlp = self.self_attn, self.mlp
+        return (attn.k_proj is None and mlp.up_proj is None and not attn.qk_norm
+                and all(isinstance(m, QuantLinear) and m.bias is None
+                        for m in (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.down_proj)))
+
+    def decode_packed(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, cache: KVCache,
+                      pos0: int) -> torch.Tensor:
+        """`forward` for one token x [1, hidden] (fp32) of a packed model on the CPU over a dense bf16 cache,
+        with the same bits: the kernels' bf16 outputs are not cast to fp32 and back where the next step
+        rounds them to bf16 anyway (q, k, v into the cache and the attention, the attention's output into
+        o_proj), and the modules' own calls are skipped. `sin_signed` is sin with its first half negated:
+        RoPE's rotate_half is then a roll (`rope_decode`)."""
+        attn, mlp = self.self_attn, self.mlp
+        n_heads, n_kv, d = attn.n_heads, attn.n_kv, attn.head_dim
+        h = kernels.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps).to(torch.bfloat16)
+        qkv = attn.q_proj._packed_mm(h)[0]  # bf16 [(heads + 2 kv heads) * d]
+        qk = rope_decode(qkv[: (n_heads + n_kv) * d].view(n_heads + n_kv, 1, d), cos, sin_signed)
+        v = qkv[(n_heads + n_kv) * d :].view(n_kv, 1, d)
+        out = cache.attend(qk[:n_heads], qk[n_heads:], v, pos0, d**-0.5)  # bf16 [heads, 1, d]
+        x = x + attn.o_proj._packed_mm(out.reshape(1, n_heads * d))  # fp32 + bf16: added in fp32
+        h = kernels.rms_norm(x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        gate, up = mlp.gate_proj._packed_mm(h.to(torch.bfloat16)).chunk(2, dim=-1)
+        act = (F.silu(gate.float()) * up).to(torch.bfloat16)  # silu in fp32, times up in fp32, as in MLP
+        return x + mlp.down_proj._packed_mm(act)
+
+
+def rope_decode(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`rope_ref` (fp32 inside, x's dtype out) with rotate_half as a roll by half the head and the sign in
+    `sin_signed`: (-a) * s and a * (-s) are the same float, so the same bits in fewer ops."""
+    x32 = x.float()
+    return (x32 * cos + x32.roll(x.shape[-1] // 2, -1) * sin_signed).to(x.dtype)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, args: LlamaArgs):
@@ -274,6 +309,15 @@ class LlamaForCausalLM(nn.Module):
                              f"{tuple(plain.shape)} positive factors")
         self.rotary = Rotary(plain / factors.float().cpu())
 
+    def _packed_decode(self, cache: ModelCache) -> bool:
+        """Whether a decode step takes `Block.decode_packed`: every block fits it, every cache is a dense
+        KVCache in bf16 (a packed model's), and the kernels are not forced to a non-default implementation."""
+        fits = self.__dict__.get("_blocks_fit_packed_decode")
+        if fits is None:
+            fits = self.__dict__["_blocks_fit_packed_decode"] = all(l.packed_decode_fits() for l in self.model.layers)
+        return (fits and kernels._FORCED[0] is None
+                and all(type(c) is KVCache and c.keys.dtype == torch.bfloat16 for c in cache.layers))
+
     def new_cache(self, sparse=None) -> ModelCache:
         """A dense KV cache per layer; with `sparse`, the long-context caches it builds (`sparse.layer_cache`),
         or for bare SparseParams InfLLM-V2 block-sparse caches."""
@@ -303,8 +347,14 @@ class LlamaForCausalLM(nn.Module):
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
         cos, sin = self.rotary.cos_sin(positions)
         h = self.model.embed_tokens(ids)
-        for layer, layer_cache in zip(self.model.layers, cache.layers):
-            h = layer(h, cos, sin, layer_cache, pos0, self.rotary)
+        if ids.shape[0] == 1 and ids.device.type == "cpu" and self._packed_decode(cache):
+            half = sin.shape[-1] // 2
+            sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+            for layer, layer_cache in zip(self.model.layers, cache.layers):
+                h = layer.decode_packed(h, cos, sin_signed, layer_cache, pos0)
+        else:
+            for layer, layer_cache in zip(self.model.layers, cache.layers):
+                h = layer(h, cos, sin, layer_cache, pos0, self.rotary)
         cache.position = pos0 + ids.shape[0]
         x = self.model.norm(h[-1:] if last_only else h)
         logits = self.lm_head(x).float()
