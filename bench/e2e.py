@@ -88,6 +88,8 @@ def build(name: str, device: str):
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02)
+    if name != "dense":
+        model.fuse_projections()  # as loading a checkpoint does (engine/models/sala.py)
     model.lm_head = LastRowHead(model.lm_head)  # (a tied head stays tied: the wrapped module is the same)
     return model.eval()
 

@@ -38,7 +38,10 @@ def quantize_linears(model: nn.Module, mode: str, skip: tuple[str, ...] = ("lm_h
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quantised(linear, mode, compute_dtype))
+        layer = _quantised(linear, mode, compute_dtype)
+        if hasattr(linear, "sizes"):  # a fused projection (SalaForCausalLM.fuse_projections): how to split it
+            layer.sizes = linear.sizes
+        setattr(parent, child, layer)
     return model
 
 

@@ -1,5 +1,6 @@
 """MiniCPM-SALA on tiny random checkpoints in the real HF format: every path (dense, sparse, lightning)."""
 
+import json
 import math
 import random
 import sys
@@ -22,6 +23,13 @@ TOL = 2e-5  # fp32, over 4 layers: order-of-summation differences only
 def tiny(tmp_path_factory):
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("sala") / "tiny")
     return load_model(str(folder), device="cpu", dtype=torch.float32)
+
+
+def projected(attn, x, names):
+    """The named projections of x, whether loading fused them into one Linear (fuse_projections) or not."""
+    if attn.k_proj is None:
+        return list(attn.q_proj(x).split(attn.q_proj.sizes, dim=-1))
+    return [getattr(attn, n)(x) for n in names]
 
 
 def states_equal(a: ModelCache, b: ModelCache, tol=TOL) -> bool:
@@ -86,9 +94,10 @@ def test_lightning_mixer_equals_a_token_loop(tiny):
 
     got = attn(x, *tiny_rope(tiny, 30), LightningState(4, 16, "cpu"))
     heads, d = 4, 16
-    q = rms(attn.q_proj(x).view(30, heads, d), attn.q_norm.weight).transpose(0, 1)
-    k = rms(attn.k_proj(x).view(30, heads, d), attn.k_norm.weight).transpose(0, 1)
-    v = attn.v_proj(x).view(30, heads, d).transpose(0, 1)
+    q, k, v, z = projected(attn, x, ["q_proj", "k_proj", "v_proj", "z_proj"])
+    q = rms(q.reshape(30, heads, d), attn.q_norm.weight).transpose(0, 1)
+    k = rms(k.reshape(30, heads, d), attn.k_norm.weight).transpose(0, 1)
+    v = v.reshape(30, heads, d).transpose(0, 1)
     q, k = rope(q, range(30), 10000.0), rope(k, range(30), 10000.0)
     start = 2 ** (-(2 ** -(math.log2(heads) - 3)))  # ALiBi: 2^-2 for 4 heads
     slopes = [start ** (h + 1) for h in range(heads)]
@@ -98,8 +107,33 @@ def test_lightning_mixer_equals_a_token_loop(tiny):
         for i in range(30):
             s = math.exp(-slopes[h]) * s + torch.outer(k[h, i], v[h, i])
             out[i, h * d : (h + 1) * d] = d**-0.5 * q[h, i] @ s
-    expected = attn.o_proj(rms(out, attn.o_norm.weight) * torch.sigmoid(attn.z_proj(x)))
+    expected = attn.o_proj(rms(out, attn.o_norm.weight) * torch.sigmoid(z))
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_fused_projections_give_the_separate_projections_logits(tiny):
+    """Loading fuses each layer's q/k/v (and Lightning's gate) and each MLP's gate/up into one matmul; the
+    model built from the same checkpoint without fusing gives the same logits and the same states."""
+    from safetensors.torch import load_file
+    from salachat.engine.models.sala import SalaArgs, SalaForCausalLM
+
+    fused = tiny.model
+    assert all(layer.self_attn.k_proj is None and layer.mlp.up_proj is None for layer in fused.model.layers)
+    folder = Path(tiny.model_id)
+    separate = SalaForCausalLM(SalaArgs.from_config(json.loads((folder / "config.json").read_text())))
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    separate.load_state_dict(tensors)
+    separate = separate.float().eval()
+    ids = torch.randint(5, 320, (150,), generator=torch.Generator().manual_seed(11))  # past dense_len (96)
+    c1, c2 = tiny.new_cache(), separate.new_cache()
+    got, want = fused(ids, c1), separate(ids, c2)
+    assert (got - want).abs().max().item() < TOL
+    assert states_equal(c1, c2)
+    for i in range(3):  # decode
+        tok = ids[i : i + 1]
+        assert (fused(tok, c1) - separate(tok, c2)).abs().max().item() < TOL
 
 
 def tiny_rope(loaded, t, pos0=0):
@@ -118,9 +152,8 @@ def test_sparse_mixer_equals_naive_selection_and_attention(tiny):
     x = torch.randn(t, 64)
     cache = tiny.new_cache().layers[0]
     got = attn(x, *tiny_rope(tiny, t), cache, 0)
-    q = attn.q_proj(x).view(t, 4, 16).transpose(0, 1)
-    k = attn.k_proj(x).view(t, 2, 16).transpose(0, 1)
-    v = attn.v_proj(x).view(t, 2, 16).transpose(0, 1)
+    q, k, v = projected(attn, x, ["q_proj", "k_proj", "v_proj"])
+    q, k, v = q.reshape(t, 4, 16).transpose(0, 1), k.reshape(t, 2, 16).transpose(0, 1), v.reshape(t, 2, 16).transpose(0, 1)
     selection = naive_selection(q, k, 0, params, 16**-0.5)
     out = torch.zeros(t, 64)
     for h in range(4):
