@@ -170,7 +170,9 @@ def profile_table(prof, path: Path, what: str) -> None:
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-    path.write_text(f"{what}\nCUDA kernels: {kernels}, GPU time {gpu_us / 1e3:.2f} ms\n\n{table}")
+    # where the host's time goes too: a decode step whose GPU work is shorter than its wall time waits on it
+    host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    path.write_text(f"{what}\nCUDA kernels: {kernels}, GPU time {gpu_us / 1e3:.2f} ms\n\n{table}\n\nBy host time:\n{host}")
     print(f"profile → {path}: {kernels} kernels, {gpu_us / 1e3:.2f} ms of GPU time")
 
 
