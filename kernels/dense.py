@@ -43,7 +43,7 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
     return out[0].reshape(heads, t, d)
 
 
-SPLIT_MIN_KEYS = 512  # below this a decode step's attention is a few tens of microseconds either way
+SPLIT_MIN_KEYS = 768  # below this one flash call is as fast (2 cores, 30 layers' caches: 70 against 78 us at 512 keys)
 
 
 def _split_keys(kv_heads: int, length: int, threads: int) -> bool:

@@ -82,7 +82,7 @@ def test_caches_reserved_together_share_one_block_and_attend_as_apart():
             assert torch.equal(together.attend(q, k * i, v, pos0, 0.25), alone.attend(q, k * i, v, pos0, 0.25))
 
 
-@pytest.mark.parametrize("length", [512, 513, 2081])
+@pytest.mark.parametrize("length", [768, 769, 2081])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
 def test_cpu_decode_over_two_halves_of_the_keys_matches_the_reference(length, kv_dtype):
     """A CPU decode step over 3 KV heads on 2 threads attends over the keys' two halves in one flash call
