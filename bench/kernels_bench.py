@@ -9,6 +9,8 @@ attention for a prefill chunk and for one decoded token at contexts 32K-1M, agai
 
     python bench/kernels_bench.py --out bench/results/kernels.json
     python bench/kernels_bench.py --topk-contexts 131072 1048576 --lightning-lengths 0 --sparse-contexts 0
+    python bench/kernels_bench.py --select-against before.py --sparse-contexts 32768 262144 1048576 \
+        --select-sweep 1048576 --lightning-lengths 0
 """
 
 from __future__ import annotations
@@ -163,8 +165,21 @@ def bench_sparse(contexts, chunk: int, with_reference: bool) -> list[dict]:
     return rows
 
 
+def kernel_ms(fn) -> dict[str, float]:
+    """GPU time of each kernel one call of fn launches, by kernel name (the profiler's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def sweep_select(length: int, queries: int) -> list[dict]:
-    """Flash scorer configurations for one query tile at the end of a `length` context, and the top-k alone."""
+    """Flash scorer configurations for a chunk of queries at the end of a `length` context (each with the
+    selection's kernels' GPU times), and the top-k alone."""
     from salachat.kernels.sparse.triton_select import _top_blocks, select_blocks_triton
 
     p, scale = SparseParams(), D**-0.5
@@ -172,15 +187,21 @@ def sweep_select(length: int, queries: int) -> list[dict]:
     k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, 4 * p.kernel_size, 4 * p.kernel_stride)
     q = torch.randn(H, queries, D, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for r, w, s in [(rr, ww, ss) for rr in (64, 128, 256) for ww in (4, 8) for ss in (2, 3)]:
+    default = select_blocks_triton(q, k1, k2, length - queries, p, scale)
+    configs = [(rr, ww, ss, None) for rr in (64, 128, 256) for ww in (4, 8) for ss in (2, 3)]
+    for r, w, s, bt in configs + [(128, 4, 2, 16), (128, 4, 2, 64), (128, 4, 1, None)]:
+        def call(r=r, w=w, s=s, bt=bt):
+            return select_blocks_triton(q, k1, k2, length - queries, p, scale, rows=r, num_warps=w, num_stages=s,
+                                        block_tile=bt)
         try:
-            ms = timed(lambda: select_blocks_triton(q, k1, k2, length - queries, p, scale, rows=r, num_warps=w,
-                                                    num_stages=s))
+            ms = timed(call)
+            kernels = kernel_ms(call)
         except Exception as e:  # noqa: BLE001 - a config can exceed registers or shared memory; say so
-            print(f"  select rows={r} warps={w} stages={s}: {type(e).__name__}")
+            print(f"  select rows={r} warps={w} stages={s} block_tile={bt}: {type(e).__name__}")
             continue
         row = {"op": "select_sweep", "context": length, "queries": queries, "rows": r, "num_warps": w,
-               "num_stages": s, "ms": ms, "tflops": select_flop(queries, length, p) / ms / 1e9}
+               "num_stages": s, "block_tile": bt, "ms": ms, "tflops": select_flop(queries, length, p) / ms / 1e9,
+               "kernels_ms": kernels, "same_selection": bool(torch.equal(call(), default))}
         rows.append(row)
         print(row)
     n_blocks = length // p.block_size
@@ -191,6 +212,40 @@ def sweep_select(length: int, queries: int) -> list[dict]:
     assert torch.equal(_top_blocks(keys, p.selected, 1024), _top_blocks(keys, p.selected, 0, method="sort"))
     rows.append(row)
     print(row)
+    return rows
+
+
+def select_against(baseline: str, contexts, chunk: int) -> list[dict]:
+    """The working tree's block selection against another version of kernels/sparse/triton_select.py (a file,
+    e.g. `git show REV:kernels/sparse/triton_select.py > before.py`), the same inputs in one run, alternating:
+    wall time, each kernel's GPU time, and whether the two select the same blocks."""
+    import importlib.util
+
+    from salachat.kernels.sparse import triton_select as current
+
+    spec = importlib.util.spec_from_file_location("select_baseline", baseline)
+    before = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(before)
+    p, scale, rows = SparseParams(), D**-0.5, []
+    for length in contexts:
+        k = torch.randn(HKV_SPARSE, length, D, device="cuda", dtype=torch.bfloat16)
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, 4 * p.kernel_size, 4 * p.kernel_stride)
+        del k
+        for t in (chunk, 1):
+            q = torch.randn(H, t, D, device="cuda", dtype=torch.bfloat16)
+            calls = {name: (lambda m=m: m.select_blocks_triton(q, k1, k2, length - t, p, scale))
+                     for name, m in (("baseline", before), ("current", current))}
+            row = {"op": "select_against", "baseline": baseline, "context": length, "queries": t,
+                   "same_selection": bool(torch.equal(calls["baseline"](), calls["current"]()))}
+            for _ in range(2):
+                for name, call in calls.items():
+                    row.setdefault(f"{name}_ms", []).append(timed(call, repeat=5 if t > 1 else 50))
+            for name, call in calls.items():
+                row[f"{name}_kernels_ms"] = kernel_ms(call)
+            rows.append(row)
+            print(row)
+        del k1, k2
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -256,20 +311,30 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="try lightning kernel configurations")
     parser.add_argument("--reference", action="store_true", help="also time the sparse PyTorch reference")
     parser.add_argument("--select-sweep", type=int, default=0, metavar="CONTEXT",
-                        help="also sweep the flash scorer's configurations at this context (4096 queries)")
+                        help="also sweep the flash scorer's configurations at this context (--chunk queries)")
+    parser.add_argument("--select-against", metavar="FILE",
+                        help="also time the selection against this other version of triton_select.py at the "
+                             "--sparse-contexts (then those contexts get no other sparse rows)")
     parser.add_argument("--topk-contexts", nargs="+", type=int, default=[], metavar="CONTEXT",
                         help="also time the selection's top-k alone (torch.topk against Triton) at these contexts")
     parser.add_argument("--topk-sweep", action="store_true", help="try the Triton top-k's groups and warps")
     parser.add_argument("--out", default="bench/results/kernels.json")
     args = parser.parse_args()
-    rows = sweep_select(args.select_sweep, 4096) if args.select_sweep else []
+    rows = sweep_select(args.select_sweep, args.chunk) if args.select_sweep else []
     rows += bench_topk(args.topk_contexts, args.chunk, args.topk_sweep) if args.topk_contexts else []
     lengths = [t for t in args.lightning_lengths if t > 0]  # 0: no Lightning rows
     contexts = [t for t in args.sparse_contexts if t > 0]  # 0: no sparse rows
+    if args.select_against:
+        rows += select_against(args.select_against, contexts, args.chunk)
+        contexts = []
     rows += (bench_lightning(lengths, args.sweep) if lengths else []) + bench_sparse(contexts, args.chunk, args.reference)
     print("\n| op | size | triton / sparse ms | baseline ms |")
     print("|---|---|---|---|")
     for r in rows:
+        if r["op"] == "select_against":
+            print(f"| select, {r['baseline']} against now | L={r['context']}, T={r['queries']} | "
+                  f"{min(r['current_ms']):.3f} | {min(r['baseline_ms']):.3f} (same selection: {r['same_selection']}) |")
+            continue
         if r["op"].startswith("select_"):
             continue
         if r["op"].startswith("topk"):
