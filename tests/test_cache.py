@@ -98,8 +98,9 @@ def test_cpu_decode_over_two_halves_of_the_keys_matches_the_reference(length, kv
     try:
         for seed in range(6):
             torch.manual_seed(seed)
-            k = torch.randn(3, length + 7, 64).to(kv_dtype)[:, :length]  # a view into a larger buffer, like the cache's
-            v = torch.randn(3, length + 7, 64).to(kv_dtype)[:, :length]
+            # views into a larger buffer at an offset, like a layer's cache in `reserve_together`'s block
+            k = torch.randn(2, 3, length + 7, 64).to(kv_dtype)[1, :, :length]
+            v = torch.randn(2, 3, length + 7, 64).to(kv_dtype)[1, :, :length]
             k[:, 0] *= 4  # a key that takes much of the softmax, like an attention sink
             q = torch.randn(9, 1, 64) * 3
             fast = dense_attention(q, k, v, length - 1, 0.125)
