@@ -172,10 +172,11 @@ class QuantLinear(nn.Module):
         """W[index] [R, in_features] in fp32, exactly as the file holds it (as `dequantized` reads it)."""
         n, k = self.out_features, self.in_features
         block, j = index // 64, (index % 64)
+        shift = ((j >= 32).to(torch.uint8) * 4)[:, None]  # row j + 32 is the high nibble
         weight = None
         for i in range(self.n_packs):
             byte = getattr(self, f"packed{i}").view(n // 64, k, 32)[block, :, j % 32]  # [R, k]: 2 rows a byte
-            q = torch.where((j >= 32)[:, None], byte >> 4, byte & 0xF)
+            q = (byte >> shift) & 0xF  # a shift a row: half the time of `where` over both nibbles
             w = _affine(q, getattr(self, f"scale_offset{i}")[:, index])
             weight = w if weight is None else weight + w
         return weight
