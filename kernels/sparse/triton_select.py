@@ -326,9 +326,9 @@ def _launch_flash(qs, k1, lse, keys, n, n1, width, pos0, scale, geometry, p, gro
         GROUP=group, GPAD=gpad, BQ=bq, D=d, NB=nb, PER_BLOCK=per, LOOKBACK=lookback,
         BLOCK=p.block_size, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, INIT=p.init_blocks,
         LOCAL=p.local_blocks, SPLITS=splits, PRECISION=precision,
-        # 4 warps and 2 stages at prefill: 27.2 ms against 31.6 with 8 warps and 3 stages for a 16K-query chunk
-        # at 1M tokens (H200, bench/RESULTS.md); decode keeps the 3 stages it was measured with
-        num_warps=num_warps or 4, num_stages=num_stages or (2 if tiles * kv_heads >= 64 else 3),
+        # 64 rows and 4 warps at prefill: 27.1 ms against 31.5 with 128 rows and 8 warps for a 16K-query chunk
+        # at 1M tokens (H200, bench/RESULTS.md); 128 rows on 4 warps is as fast but spills registers
+        num_warps=num_warps or 4, num_stages=num_stages,
     )
 
 
@@ -355,8 +355,8 @@ def _chosen_blocks(keys: torch.Tensor, k: int, method: str, forced: bool, tile: 
 
 def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, query_tile: int = 4096,
                          topk_tile: int | None = None, scorer: str | None = None, num_warps: int | None = None,
-                         num_stages: int | None = None, block_tile: int | None = None, block_splits: int | None = None,
-                         rows: int = 128, topk_method: str | None = None):
+                         num_stages: int = 3, block_tile: int | None = None, block_splits: int | None = None,
+                         rows: int = 64, topk_method: str | None = None):
     """Same contract as select_blocks_ref: idx [Hkv, T, topk + local] (ascending ids, then -1).
     `scorer` "flash" or "tile" forces one (tests, benchmarks); by default the flash scorer where it applies.
     `topk_method` "triton" (the default on CUDA), "topk" (torch.topk, the default elsewhere) or "sort" forces
