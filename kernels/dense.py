@@ -67,14 +67,26 @@ def _decode_two_halves(grouped_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     second = length - span  # the second half's first key
     halves_k = k.as_strided((2, kv_heads, span, d), (second * k.stride(1), k.stride(0), k.stride(1), k.stride(2)))
     halves_v = v.as_strided((2, kv_heads, span, d), (second * v.stride(1), v.stride(0), v.stride(1), v.stride(2)))
-    mask = None
-    if 2 * span != length:
-        mask = torch.zeros(2, 1, 1, span, dtype=grouped_q.dtype, device=grouped_q.device)
-        mask[1, 0, 0, 0] = float("-inf")
+    mask = None if 2 * span == length else _overlap_mask(span, grouped_q.dtype, grouped_q.device)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         grouped_q[None].expand(2, -1, -1, -1), halves_k, halves_v, attn_mask=mask, scale=scale)[:2]
     weights = torch.softmax(lse, dim=0)[..., None]  # [2, Hkv, G, 1]: each half's share of the softmax
     return torch.mul(out, weights).sum(0)
+
+
+_OVERLAP_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _overlap_mask(span: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[2, 1, 1, span]: 0 but for the second half's first key (-inf); a view of one buffer per dtype and
+    device, grown by doubling, instead of two small ops every other decode step."""
+    buffer = _OVERLAP_MASKS.get((dtype, device))
+    if buffer is None or buffer.shape[-1] < span:
+        buffer = torch.zeros(2, 1, 1, max(span, 2 * (0 if buffer is None else buffer.shape[-1]), 1024), dtype=dtype,
+                             device=device)
+        buffer[1, 0, 0, 0] = float("-inf")
+        _OVERLAP_MASKS[(dtype, device)] = buffer
+    return buffer[..., :span]
 
 
 def _flash(q, k, v, causal: bool, scale: float):
