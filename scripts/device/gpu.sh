@@ -17,6 +17,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # A GPU machine with torch and triton but no registry: what else salachat imports travels as wheels in .whl/
 # (bitsandbytes for --quant nf4, pypdf, gguf, platformdirs, xxhash for session checksums), fetched beforehand with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME
+# and for bitsandbytes (its pure-Python 0.42 wheel, 100 MB, is what pip finds otherwise; 0.50.2 is 43 MB):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl 'bitsandbytes>=0.45'
 if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import bitsandbytes, pypdf, gguf, platformdirs, xxhash" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:$PYTHONPATH
