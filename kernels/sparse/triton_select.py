@@ -202,9 +202,9 @@ def _flash_score_kernel(
     b_comp = tl.where(n_vis > 0, (n_vis - 1 + LOOKBACK) // PER_BLOCK + 1, 0)
     b_comp = tl.minimum(tl.maximum(b_comp, b_begin), b_end)
     # tiles of blocks whose chunks all exist and are all seen by the tile's first query (so by every one) need
-    # no mask: at a long context that is all but the last tile or two, and the masks were a third of the
-    # element-wise work. The tile grid is aligned to NB blocks in every program, so "interior" is the same
-    # decision wherever a tile is computed.
+    # no mask: at a long context that is all but the last tile or two (the scorer 34.5 -> 31.9 ms for a
+    # 16K-query chunk at 1M tokens, the settings unchanged). The tile grid is aligned to NB blocks in every
+    # program, so "interior" is the same decision wherever a tile is computed.
     first_pos = q_pos0 + tile * BQ
     n_full = tl.where(first_pos + 1 >= KERNEL, tl.minimum((first_pos + 1 - KERNEL) // STRIDE + 1, n1), 0)
     full_blocks = n_full // PER_BLOCK  # blocks b whose chunks < PER_BLOCK (b + 1) all count
