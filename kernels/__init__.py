@@ -12,13 +12,19 @@ import os
 import torch
 from salachat.kernels.dense import dense_attention_impl
 from salachat.kernels.lightning.reference import lightning_attention_ref
-from salachat.kernels.pointwise.reference import rms_norm_ref, rope_ref
+from salachat.kernels.pointwise.reference import (
+    gated_rms_norm_ref,
+    norm_rope_ref,
+    rms_norm_ref,
+    rope_ref,
+    silu_mul_ref,
+)
 from salachat.kernels.sparse.params import SparseParams
 from salachat.kernels.sparse.reference import block_sparse_attention_ref, compress_keys_ref, select_blocks_ref
 
 __all__ = [
-    "SparseParams", "block_sparse_attention", "compress_keys", "dense_attention", "lightning_attention",
-    "rms_norm", "rope", "select_blocks", "use",
+    "SparseParams", "add_rms_norm", "block_sparse_attention", "compress_keys", "dense_attention",
+    "gated_rms_norm", "lightning_attention", "norm_rope", "rms_norm", "rope", "select_blocks", "silu_mul", "use",
 ]
 
 _TRITON: dict[str, object] = {}  # op name → Triton implementation, registered by kernels/triton_ops.py
@@ -66,6 +72,35 @@ def rms_norm(x, weight, eps: float, impl: str | None = None):
         # (tested) in one pass instead of five: a CPU decode step runs two norms a layer
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(h, y, scale: float, weight, eps: float, impl: str | None = None):
+    """(h + y * scale, rms_norm(h + y * scale)): a residual step and the norm that reads it, in one kernel."""
+    fast = _pick("add_rms_norm", h, impl)
+    if fast is not None:
+        return fast(h, y, scale, weight, eps)
+    h = h + y * scale
+    return h, rms_norm(h, weight, eps, impl)
+
+
+def gated_rms_norm(out, weight, eps: float, gate, impl: str | None = None):
+    """A Lightning layer's output: out [H, T, D] (fp32) to [T, H * D], RMSNorm, times sigmoid(gate)."""
+    fast = _pick("gated_rms_norm", gate, impl)
+    return fast(out, weight, eps, gate) if fast is not None else gated_rms_norm_ref(out, weight, eps, gate)
+
+
+def norm_rope(x, weight, eps: float, cos, sin, impl: str | None = None):
+    """x [T, H, D]: each head's RMSNorm, then RoPE; heads-first [H, T, D]."""
+    fast = _pick("norm_rope", x, impl)
+    if fast is not None:
+        return fast(x, weight, eps, cos, sin)
+    return rope(rms_norm(x, weight, eps, impl).transpose(0, 1), cos, sin, impl)
+
+
+def silu_mul(gate_up, impl: str | None = None):
+    """silu(gate) * up of a fused gate/up projection [..., 2I]."""
+    fast = _pick("silu_mul", gate_up, impl)
+    return fast(gate_up) if fast is not None else silu_mul_ref(gate_up)
 
 
 def rope(x, cos, sin, impl: str | None = None):

@@ -19,8 +19,22 @@ if not torch.cuda.is_available():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and not under TRITON_INTERPRET=1", allow_module_level=True)
 from salachat.kernels.lightning.triton import lightning_attention_triton
-from salachat.kernels.pointwise.reference import rms_norm_ref, rope_ref
-from salachat.kernels.pointwise.triton import rms_norm_triton, rope_triton
+from salachat.kernels.pointwise.reference import (
+    add_rms_norm_ref,
+    gated_rms_norm_ref,
+    norm_rope_ref,
+    rms_norm_ref,
+    rope_ref,
+    silu_mul_ref,
+)
+from salachat.kernels.pointwise.triton import (
+    add_rms_norm_triton,
+    gated_rms_norm_triton,
+    norm_rope_triton,
+    rms_norm_triton,
+    rope_triton,
+    silu_mul_triton,
+)
 from salachat.kernels.sparse.triton_attention import block_sparse_attention_triton, union_of_selections
 from salachat.kernels.sparse.triton_select import flash_geometry, select_blocks_triton
 
@@ -272,6 +286,42 @@ def test_rope_kernel_matches_reference_on_a_heads_first_view(heads, t, d):
     assert torch.allclose(got, rope_ref(x, cos, sin), rtol=1e-6, atol=1e-6)
 
 
+def _fused_pointwise_inputs(t, hidden, heads, d, device="cpu", dtype=torch.float32):
+    gen = torch.Generator(device=device).manual_seed(t * 31 + hidden)
+    def randn(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * s).to(dtype)
+    # a fused gate/up output with a row stride wider than its width (as a split of a wider projection makes)
+    gate_up = randn(t, 2 * hidden + 8, s=4.0)[:, : 2 * hidden]
+    h, y = randn(t, hidden, s=3.0), randn(t, hidden, s=20.0)
+    weight = (torch.rand(hidden, generator=gen, device=device) + 0.5).to(dtype)
+    out = torch.randn(heads, t, d, generator=gen, device=device) * 2  # the recurrence's fp32 output
+    gate = randn(t, heads * d + 16, s=4.0)[:, 16:]  # the gate is a slice of the fused projection
+    ow = (torch.rand(heads * d, generator=gen, device=device) + 0.5).to(dtype)
+    return gate_up, h, y, weight, out, gate, ow
+
+
+@pytest.mark.parametrize("t, hidden, heads, d", [(1, 64, 4, 16), (37, 100, 2, 32), (5, 16, 8, 8)])
+def test_fused_pointwise_kernels_match_their_references(t, hidden, heads, d):
+    gate_up, h, y, weight, out, gate, ow = _fused_pointwise_inputs(t, hidden, heads, d)
+    got = silu_mul_triton(gate_up)
+    assert got.shape == (t, hidden) and torch.allclose(got, silu_mul_ref(gate_up), rtol=1e-6, atol=1e-6)
+    (got_h, got_x), (want_h, want_x) = add_rms_norm_triton(h, y, 0.3, weight, 1e-6), add_rms_norm_ref(h, y, 0.3, weight, 1e-6)
+    assert torch.allclose(got_h, want_h, rtol=1e-6, atol=1e-6) and torch.allclose(got_x, want_x, rtol=1e-5, atol=1e-6)
+    got = gated_rms_norm_triton(out, ow, 1e-6, gate)
+    assert got.shape == (t, heads * d)
+    assert torch.allclose(got, gated_rms_norm_ref(out, ow, 1e-6, gate), rtol=1e-5, atol=1e-6)
+    qk = torch.randn(t, 2 * heads + 1, d, generator=torch.Generator().manual_seed(t))[:, 1 : heads + 1]  # a view
+    angles = torch.arange(50, 50 + t).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))[None, :]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    got = norm_rope_triton(qk, ow[:d], 1e-6, cos, sin)
+    assert got.shape == (heads, t, d) and torch.allclose(got, norm_rope_ref(qk, ow[:d], 1e-6, cos, sin), rtol=1e-5,
+                                                         atol=1e-6)
+    # the dispatcher's own path off the GPU is the reference's ops
+    assert torch.equal(kernels.silu_mul(gate_up, impl="ref"), silu_mul_ref(gate_up))
+    assert all(torch.equal(a, b) for a, b in zip(kernels.add_rms_norm(h, y, 0.3, weight, 1e-6, impl="ref"),
+                                                 (want_h, want_x)))
+
+
 # ---- on the GPU, bf16, the 9B model's shapes ----
 
 @pytest.mark.gpu
@@ -289,6 +339,30 @@ def test_pointwise_kernels_bf16_on_gpu(shape):
         cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
         got, want = rope_triton(heads_first, cos, sin).float(), rope_ref(heads_first, cos, sin).float()
         assert (got == want).float().mean().item() > 0.999 and torch.allclose(got, want, rtol=1e-2, atol=1e-2)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 333])
+def test_fused_pointwise_kernels_bf16_on_gpu_give_torchs_bits(t):
+    """The fused kernels round where torch's ops round and use its exp and division, so in bf16 at the 9B
+    shapes they give the bits of the unfused ops (a bf16 rounding apart in rare cases at most)."""
+    gate_up, h, y, weight, out, gate, ow = _fused_pointwise_inputs(t, 4096, 32, 128, "cuda", torch.bfloat16)
+
+    def same(got, want):
+        got, want = got.float(), want.float()
+        assert got.shape == want.shape and (got == want).float().mean().item() > 0.999
+        assert torch.allclose(got, want, rtol=1e-2, atol=1e-2)
+
+    same(silu_mul_triton(gate_up), silu_mul_ref(gate_up))
+    assert torch.equal(silu_mul_triton(gate_up), silu_mul_ref(gate_up)), "silu(gate) * up: not torch's bits"
+    (got_h, got_x), (want_h, want_x) = add_rms_norm_triton(h, y, 0.37, weight, 1e-6), add_rms_norm_ref(h, y, 0.37, weight, 1e-6)
+    assert torch.equal(got_h, want_h), "h + y * scale: not torch's bits"
+    same(got_x, want_x)
+    same(gated_rms_norm_triton(out, ow, 1e-6, gate), gated_rms_norm_ref(out, ow, 1e-6, gate))
+    qk = gate.view(t, 32, 128)  # a strided view, as the split of the fused projection gives
+    angles = torch.arange(t, device="cuda").float()[:, None] * torch.rand(64, device="cuda")[None, :]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    same(norm_rope_triton(qk, ow[:128], 1e-6, cos, sin), norm_rope_ref(qk, ow[:128], 1e-6, cos, sin))
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 63, 4096 + 17])

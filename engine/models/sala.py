@@ -13,6 +13,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
+from salachat import kernels
 from salachat.engine.cache import ModelCache
 from salachat.engine.lightning_state import LightningState
 from salachat.engine.models.llama import MLP, RMSNorm, apply_rope, rope_cos_sin
@@ -140,12 +141,24 @@ class LightningAttention(nn.Module):
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
-        if self.args.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if self.args.lightning_use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = state.step(q, k, v, self.log_decay(x.device), self.scale)  # fp32 [H, T, D]
+        if self.args.qk_norm and self.args.lightning_use_rope:  # norm and rotation: one kernel each for q, k
+            q = kernels.norm_rope(q, self.q_norm.weight, self.q_norm.eps, cos, sin)
+            k = kernels.norm_rope(k, self.k_norm.weight, self.k_norm.eps, cos, sin)
+        else:
+            if self.args.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+            if self.args.lightning_use_rope:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = state.step(q, k, v.transpose(0, 1), self.log_decay(x.device), self.scale)  # fp32 [H, T, D]
+        return self._output(out, x, z)
+
+    def _output(self, out, x, z):
+        """The recurrence's out [H, T, D] to the layer's output [T, hidden]: norm, gate, projection."""
+        t = x.shape[0]
+        if self.args.use_output_norm and self.args.use_output_gate:  # heads back side by side, norm, gate: one kernel
+            gate = z[0] if z else self.z_proj(x)
+            return self.o_proj(kernels.gated_rms_norm(out, self.o_norm.weight, self.o_norm.eps, gate))
         out = out.to(x.dtype).transpose(0, 1).reshape(t, -1)
         if self.args.use_output_norm:
             out = self.o_norm(out)
@@ -206,24 +219,37 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
 
-    def before_cache(self, h, rope):
-        """A sparse layer up to its cache: (x, q, k, v)."""
-        x = self.input_layernorm(h)
-        return (x, *self.self_attn.project(x, *rope["sparse"]))
+    # A layer takes the residual stream as (h, pending): the stream is h + pending * residual_scale, the last
+    # layer's MLP output not yet added, so that the add and the norm that reads its result are one kernel.
+    def _stream_in(self, h, pending):
+        """(the residual stream, its input norm)."""
+        if pending is None:
+            return h, self.input_layernorm(h)
+        norm = self.input_layernorm
+        return kernels.add_rms_norm(h, pending, self.residual_scale, norm.weight, norm.eps)
+
+    def before_cache(self, h, pending, rope):
+        """A sparse layer up to its cache: (h, x, q, k, v), h the stream with `pending` added."""
+        h, x = self._stream_in(h, pending)
+        return (h, x, *self.self_attn.project(x, *rope["sparse"]))
 
     def after_cache(self, h, x, attended):
-        """A sparse layer from its cache's output on: the residual stream after the layer."""
-        h = h + self.self_attn.finish(x, attended) * self.residual_scale
-        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        """A sparse layer from its cache's output on: (h, pending) after the layer."""
+        return self._mlp(h, self.self_attn.finish(x, attended))
 
-    def forward(self, h, rope, cache, pos0: int):
-        x = self.input_layernorm(h)
+    def _mlp(self, h, mixed):
+        norm = self.post_attention_layernorm
+        h, x = kernels.add_rms_norm(h, mixed, self.residual_scale, norm.weight, norm.eps)
+        return h, self.mlp(x)
+
+    def forward(self, h, pending, rope, cache, pos0: int):
+        """(h, pending) in, (h, pending) out."""
+        h, x = self._stream_in(h, pending)
         if self.sparse:
             mixed = self.self_attn(x, *rope["sparse"], cache, pos0)
         else:
             mixed = self.self_attn(x, *rope["lightning"], cache)
-        h = h + mixed * self.residual_scale
-        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        return self._mlp(h, mixed)
 
 
 class SalaModel(nn.Module):
@@ -292,14 +318,18 @@ class SalaForCausalLM(nn.Module):
             logits = self._decode_with_graphs(graphs, h, rope, cache, pos0)
             cache.position = pos0 + 1
             return logits
+        pending = None
         for layer, layer_cache in zip(self.model.layers, cache.layers):
-            h = layer(h, rope, layer_cache, pos0)
+            h, pending = layer(h, pending, rope, layer_cache, pos0)
         cache.position = pos0 + ids.shape[0]
-        return self._head(h[-1:] if last_only else h)
+        if last_only:
+            h, pending = h[-1:], pending[-1:]
+        return self._head(h, pending)
 
-    def _head(self, h):
+    def _head(self, h, pending):
         a = self.args
-        h = self.model.norm(h)
+        norm = self.model.norm
+        _, h = kernels.add_rms_norm(h, pending, a.residual_scale, norm.weight, norm.eps)
         if a.dim_model_base:
             h = h / (a.hidden_size / a.dim_model_base)
         return self.lm_head(h).float()
@@ -316,13 +346,14 @@ class SalaForCausalLM(nn.Module):
 
             def run(h, x, attended, cos_l, sin_l, cos_s, sin_s, previous=previous, first=first, stop=stop):
                 rope_here = {"lightning": (cos_l, sin_l), "sparse": (cos_s, sin_s)}
+                pending = None
                 if previous is not None:
-                    h = layers[previous].after_cache(h, x, attended)
+                    h, pending = layers[previous].after_cache(h, x, attended)
                 for i in range(first, stop):
-                    h = layers[i](h, rope_here, cache.layers[i], None)
+                    h, pending = layers[i](h, pending, rope_here, cache.layers[i], None)
                 if stop < len(layers):
-                    return (h, *layers[stop].before_cache(h, rope_here))
-                return (self._head(h),)
+                    return layers[stop].before_cache(h, pending, rope_here)
+                return (self._head(h, pending),)
 
             inputs = [h, x, attended, *rope["lightning"], *rope["sparse"]]
             outs = graphs.run(segment, run, inputs, [cache.layers[i] for i in range(first, stop)], cache)

@@ -22,3 +22,29 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     half = x32.shape[-1] // 2
     rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation on a fused gate/up projection [..., 2I]: silu(gate) * up, each rounded to the dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def add_rms_norm_ref(h: torch.Tensor, y: torch.Tensor, scale: float, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual step and the norm after it: (h + y * scale, rms_norm(h + y * scale)), rounded as two ops."""
+    h = h + y * scale
+    return h, rms_norm_ref(h, weight, eps)
+
+
+def gated_rms_norm_ref(out: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor) -> torch.Tensor:
+    """A Lightning layer's output [T, H * D] from the recurrence's out [H, T, D] (fp32): in the gate's dtype,
+    heads side by side, RMSNorm over all heads, times sigmoid(gate) [T, H * D]."""
+    x = out.to(gate.dtype).transpose(0, 1).reshape(gate.shape[0], -1)
+    return rms_norm_ref(x, weight, eps) * torch.sigmoid(gate)
+
+
+def norm_rope_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """A per-head RMSNorm (q/k norm) of x [T, H, D], then RoPE: heads-first [H, T, D]."""
+    return rope_ref(rms_norm_ref(x, weight, eps).transpose(0, 1), cos, sin)
