@@ -225,6 +225,24 @@ def test_packed_matmul_equals_its_reference(qtype):
     assert torch.equal(refined[rest], kernel[rest])
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_dequantised_by_slabs_is_exact_across_slab_edges(qtype, monkeypatch):
+    """`dequantized` computes a slab of rows at a time: rows 0..447 in slabs of 128 (the last one short) give
+    the file's exact weights, and in bf16 those weights rounded once."""
+    from salachat.engine import qlinear
+    from salachat.engine.gguf_file import TensorInfo
+
+    monkeypatch.setattr(qlinear, "DEQUANT_SLAB", 128 * 160)
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((448, 160)).astype(np.float32) * rng.uniform(0.01, 3, (448, 1)).astype(np.float32)
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    raw = gguf.quants.quantize(w, kind)
+    exact = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    layer = qlinear.QuantLinear.from_gguf(torch.from_numpy(raw), TensorInfo("w", (448, 160), kind, 0))
+    assert torch.equal(layer.dequantized(torch.float32), exact)
+    assert torch.equal(layer.dequantized(), exact.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 def test_packed_decode_step_has_the_generic_forwards_bits(tmp_path, family, qtype, monkeypatch):
