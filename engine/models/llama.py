@@ -3,6 +3,7 @@ at a time."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import MISSING, dataclass, fields
 
@@ -139,11 +140,13 @@ class Rotary:
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.float()
+        # a copy per device, made once: copying a CPU tensor to the GPU waits for the stream, which at decode
+        # drained the GPU's queue twice a token
+        self._on: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def plain(cls, head_dim: int, theta: float) -> Rotary:
-        # on the CPU explicitly: models are built under a meta-device context
-        return cls(1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)))
+        return _plain_rotary(head_dim, float(theta))
 
     @classmethod
     def for_args(cls, args: LlamaArgs) -> Rotary:
@@ -156,10 +159,18 @@ class Rotary:
 
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self._on.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._on[positions.device] = self.inv_freq.to(positions.device)
         angles = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat([angles, angles], dim=-1)
         return emb.cos(), emb.sin()
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_rotary(head_dim: int, theta: float) -> Rotary:
+    # on the CPU explicitly: models are built under a meta-device context
+    return Rotary(1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)))
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
