@@ -84,24 +84,30 @@ def _sigmoid(x):  # torch's: 1 / (1 + exp(-x)) in fp32
     return tl.math.div_rn(1.0, 1.0 + _exp(-x))
 
 
-@triton.jit(do_not_specialize=["n"])
-def _silu_mul_kernel(X, Y, n, sx, sy, BN: tl.constexpr):
-    row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
-    ok = cols < n
-    gate = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
-    up = tl.load(X + row * sx + n + cols, mask=ok, other=0.0).to(tl.float32)
+@triton.jit(do_not_specialize=["rows", "n"])
+def _silu_mul_kernel(X, Y, rows, n, sx, sy, ROWS: tl.constexpr, BN: tl.constexpr):
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    ok = (row[:, None] < rows) & (cols[None, :] < n)
+    at = X + row[:, None] * sx + cols[None, :]
+    gate = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(at + n, mask=ok, other=0.0).to(tl.float32)
     act = tl.math.div_rn(gate, 1.0 + _exp(-gate)).to(Y.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * sy + cols, (act * up).to(Y.dtype.element_ty), mask=ok)
+    tl.store(Y + row[:, None] * sy + cols[None, :], (act * up).to(Y.dtype.element_ty), mask=ok)
 
 
-def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul_triton(gate_up: torch.Tensor, rows: int | None = None, bn: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
+    """`rows`, `bn` (the tile) and the warps are for tuning."""
     n = gate_up.shape[-1] // 2
     x = gate_up.reshape(-1, 2 * n)
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    bn = min(1024, triton.next_power_of_2(n))
-    _silu_mul_kernel[(x.shape[0], triton.cdiv(n, bn))](x, y, n, x.stride(0), y.stride(0), BN=bn)
+    bn = bn or min(1024, triton.next_power_of_2(n))
+    rows = rows or (1 if x.shape[0] < 64 else 4)
+    _silu_mul_kernel[(triton.cdiv(x.shape[0], rows), triton.cdiv(n, bn))](
+        x, y, x.shape[0], n, x.stride(0), y.stride(0), ROWS=rows, BN=bn, num_warps=num_warps or 4)
     return y.view(*gate_up.shape[:-1], n)
 
 
