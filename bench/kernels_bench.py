@@ -290,6 +290,11 @@ def bench_topk(contexts, queries: int, sweep: bool) -> list[dict]:
             if t == 1:  # eager decode pays the launches from Python; replayed from a graph, the GPU time alone
                 row["torch_graph_ms"] = graphed(lambda: _top_blocks(keys, k, tile))
                 row["triton_graph_ms"] = graphed(lambda: top_blocks_triton(keys, k))
+            if sweep and t == 1:  # a decoded token's 2 rows by rows in two rounds, tiles of 512-8192 columns
+                for r in (512, 1024, 2048, 4096, 8192):
+                    if width > r and fits(width, k, r, group=0):
+                        assert torch.equal(top_blocks_triton(keys, k, row=r, group=0), want)
+                        row[f"rows{r}_graph_ms"] = graphed(lambda: top_blocks_triton(keys, k, row=r, group=0))
             if sweep and scores == "fp32":  # by rows (group 0) and by groups of 2-16 columns, 1-8 warps
                 for g, w in [(gg, ww) for gg in (0, 2, 4, 8, 16) for ww in ((4, 8) if gg == 0 else (1, 2, 4, 8))]:
                     if fits(width, k, group=g):
