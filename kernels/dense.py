@@ -29,6 +29,8 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
     group = heads // kv_heads
     grouped_q = q.reshape(kv_heads, group * t, d)[None]
     if t == 1:
+        if _CAUSAL_MASK[0] is not None:  # a reading is over: its last chunk's mask goes
+            _CAUSAL_MASK[:] = [None, None]
         if q.device.type == "cpu" and _split_keys(kv_heads, length, torch.get_num_threads()):
             return _decode_two_halves(grouped_q[0], k, v, scale).to(out_dtype or q.dtype).reshape(heads, t, d)
         out = torch.nn.functional.scaled_dot_product_attention(grouped_q, k[None], v[None], scale=scale)
@@ -36,11 +38,27 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
     # a chunk, one query head of each group at a time: SDPA given a mask builds the [rows, keys] scores in
     # fp32, and all G heads' rows at once were the default model's prefill peak (50 MB for 512 tokens over 8K
     # keys); row (head, i) sees key j iff j <= pos0 + i, the same mask for every head
-    mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(pos0, pos0 + t, device=q.device)[:, None]
+    mask = _causal_mask(pos0, t, length, q.dtype, q.device)
     out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         grouped_q[:, :, g * t : (g + 1) * t], k[None], v[None], attn_mask=mask, scale=scale) for g in range(group)],
         dim=2)
     return out[0].reshape(heads, t, d)
+
+
+_CAUSAL_MASK: list = [None, None]  # the key (pos0, T, L, dtype, device) and the mask of the last chunk
+
+
+def _causal_mask(pos0: int, t: int, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[T, L] additive mask, 0 where key j <= pos0 + i and -inf elsewhere, in q's dtype: what SDPA makes of a
+    boolean mask at every call (the same bits), made once for every layer of a chunk. A bool mask was turned
+    into a new [T, L] tensor three times a layer (8 MB each in bf16 for 512 queries over 8K keys), pages the
+    allocator kept after the reading."""
+    key = (pos0, t, length, dtype, device)
+    if _CAUSAL_MASK[0] != key:
+        _CAUSAL_MASK[:] = [None, None]  # the old mask goes before the new one is made
+        allowed = torch.arange(length, device=device)[None, :] <= torch.arange(pos0, pos0 + t, device=device)[:, None]
+        _CAUSAL_MASK[:] = [key, torch.zeros(t, length, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))]
+    return _CAUSAL_MASK[1]
 
 
 SPLIT_MIN_KEYS = 768  # below this one flash call is as fast (2 cores, 30 layers' caches: 70 against 78 us at 512 keys)
