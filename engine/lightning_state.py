@@ -25,8 +25,9 @@ class LightningState:
 
     def step(self, q, k, v, log_decay: torch.Tensor, scale: float) -> torch.Tensor:
         """Run q, k, v [H, T, D] through the recurrence from the current state; keep the new state."""
-        out, new = lightning_attention(q, k, v, log_decay, scale, self.recurrent)
-        self.recurrent.copy_(new)  # in place: a decode CUDA graph holds this tensor's address
+        out, new = lightning_attention(q, k, v, log_decay, scale, self.recurrent, update_state=True)
+        if new is not self.recurrent:
+            self.recurrent.copy_(new)  # in place: a decode CUDA graph holds this tensor's address
         self._length += q.shape[1]
         return out
 

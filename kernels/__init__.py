@@ -56,10 +56,13 @@ def _pick(op: str, tensor: torch.Tensor, impl: str | None):
     return fast if (fast is not None and tensor.is_cuda) else None
 
 
-def lightning_attention(q, k, v, log_decay, scale: float, state=None, impl: str | None = None):
+def lightning_attention(q, k, v, log_decay, scale: float, state=None, impl: str | None = None,
+                        update_state: bool = False):
+    """(out, new state); with `update_state` the new state may be written over `state` (then returned as is):
+    a decoded token saves a copy a layer."""
     fast = _pick("lightning", q, impl)
     if fast is not None:
-        return fast(q, k, v, log_decay, scale, state)
+        return fast(q, k, v, log_decay, scale, state, update_state=update_state)
     return lightning_attention_ref(q, k, v, log_decay, scale, state)
 
 

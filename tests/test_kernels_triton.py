@@ -68,6 +68,19 @@ def test_lightning_kernel_matches_reference(h, hkv, t, d, with_state):
         assert not torch.equal(new_state, state)
 
 
+@pytest.mark.parametrize("t", [1, 40])
+def test_lightning_kernel_updating_its_state_in_place_gives_the_same_state(t):
+    gen = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(4, t, 16, generator=gen) for _ in range(3))
+    log_decay = -torch.rand(4, generator=gen) - 1e-3
+    state = torch.randn(4, 16, 16, generator=gen)
+    ref_out, ref_state = lightning_attention_ref(q, k, v, log_decay, 0.3, state)
+    buffer = state.clone()
+    out, new_state = lightning_attention_triton(q, k, v, log_decay, 0.3, buffer, update_state=True)
+    assert new_state is buffer and not torch.equal(buffer, state)
+    assert torch.allclose(out, ref_out, atol=2e-5, rtol=1e-5) and torch.allclose(buffer, ref_state, atol=2e-5, rtol=1e-5)
+
+
 def test_lightning_kernel_reads_strided_heads_first_views():
     """The model hands in q.transpose(0, 1) of a [T, H, D] projection: no copy, same result."""
     gen = torch.Generator().manual_seed(3)

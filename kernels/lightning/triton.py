@@ -63,11 +63,14 @@ def _lightning_kernel(
 
 
 def lightning_attention_triton(q, k, v, log_decay, scale: float, state=None, chunk: int | None = None,
-                               block_v: int | None = None, num_warps: int | None = None, num_stages: int = 3):
+                               block_v: int | None = None, num_warps: int | None = None, num_stages: int = 3,
+                               update_state: bool = False):
     """q [H, T, D], k/v [Hkv, T, D] (last dim contiguous), log_decay [H], state [H, D, D] fp32 or None.
 
-    Returns (o, state): o [H, T, D] in q's dtype (fp32 for fp32 inputs), state fp32. The tuning knobs are
-    for bench/lightning_bench.py; the defaults were measured on an H100 (see bench/RESULTS.md).
+    Returns (o, state): o [H, T, D] in q's dtype (fp32 for fp32 inputs), state fp32. With `update_state` the
+    new state is written over `state` (a contiguous fp32 one) and returned: each program reads its slice of
+    the state before it writes it, and no other program touches that slice. The tuning knobs are for
+    bench/lightning_bench.py; the defaults were measured on an H100 (see bench/RESULTS.md).
     """
     heads, t, d = q.shape
     kv_heads = k.shape[0]
@@ -77,7 +80,8 @@ def lightning_attention_triton(q, k, v, log_decay, scale: float, state=None, chu
         chunk = 16 if t <= 16 else 64
     block_v = block_v or min(d, 32)
     out = torch.empty(heads, t, d, dtype=q.dtype, device=q.device)
-    new_state = torch.empty(heads, d, d, dtype=torch.float32, device=q.device)
+    in_place = update_state and state is not None and state.dtype == torch.float32 and state.is_contiguous()
+    new_state = state if in_place else torch.empty(heads, d, d, dtype=torch.float32, device=q.device)
     s_in = state.float().contiguous() if state is not None else new_state
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (d // block_v, heads)
