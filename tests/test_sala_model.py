@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sala_tiny import tiny_config, write_tiny_checkpoint
 from salachat.engine.cache import ModelCache
+from salachat.engine.lightning_state import LightningState
 from salachat.engine.loader import ModelLoadError, load_model
 from salachat.kernels import SparseParams
 from test_kernels_reference import naive_selection
@@ -246,7 +247,8 @@ def test_chat_with_the_checkpoint_template(tiny):
 @pytest.mark.gpu
 def test_decode_through_cuda_graphs_equals_eager_decode(tmp_path):
     """The Lightning layers' decode replayed from CUDA graphs gives the eager logits bit for bit, across
-    several tokens (captured on the second token, replayed after) and across a new cache."""
+    several tokens (captured on the second token, replayed after; graphs read other graphs' outputs in
+    place), across a new cache, and after a state tensor is replaced (as a resume does)."""
     folder = write_tiny_checkpoint(tmp_path / "tiny")
     graphed = load_model(str(folder), device="cuda", dtype=torch.float32)
     eager = load_model(str(folder), device="cuda", dtype=torch.float32)
@@ -256,6 +258,9 @@ def test_decode_through_cuda_graphs_equals_eager_decode(tmp_path):
         c1, c2 = graphed.new_cache(), eager.new_cache()
         graphed.model(ids[:40], c1), eager.model(ids[:40], c2)
         for i in range(40, 90):
+            if i == 70:  # a new state tensor: the graphs holding the old address are captured again
+                state = next(layer for layer in c1.layers if isinstance(layer, LightningState))
+                state.recurrent = state.recurrent.clone()
             a, b = graphed.model(ids[i : i + 1], c1), eager.model(ids[i : i + 1], c2)
             assert torch.equal(a, b), f"token {i}"
         assert graphed.model._graphs is not None and graphed.model._graphs.captured

@@ -341,6 +341,7 @@ class SalaForCausalLM(nn.Module):
         sparse = [i for i, layer in enumerate(layers) if layer.sparse]
         x = attended = None
         previous = None
+        tables = graphs.stage([*rope["lightning"], *rope["sparse"]])  # once a token, read in place by every graph
         for segment, stop in enumerate(sparse + [len(layers)]):
             first = 0 if previous is None else previous + 1
 
@@ -355,7 +356,7 @@ class SalaForCausalLM(nn.Module):
                     return layers[stop].before_cache(h, pending, rope_here)
                 return (self._head(h, pending),)
 
-            inputs = [h, x, attended, *rope["lightning"], *rope["sparse"]]
+            inputs = [h, x, attended, *tables]
             outs = graphs.run(segment, run, inputs, [cache.layers[i] for i in range(first, stop)], cache)
             if stop == len(layers):
                 return outs[0].clone()  # the graph's buffer is rewritten by the next token
