@@ -9,7 +9,12 @@ import os
 import torch
 import triton
 import triton.language as tl
-from salachat.kernels.pointwise.reference import rms_norm_ref
+from salachat.kernels.pointwise.reference import (
+    add_rms_norm_ref,
+    gated_rms_norm_ref,
+    norm_rope_ref,
+    rms_norm_ref,
+)
 from triton.language.extra import libdevice
 
 # torch's kernels take expf (libdevice's); the CPU interpreter has no libdevice, and its tl.exp is numpy's
@@ -24,16 +29,23 @@ def _exp(x):
         return tl.exp(x)
 
 
+@triton.jit
+def _rms_rows(x, W, cols, n, eps, dtype: tl.constexpr):
+    """RMSNorm of the rows of x [R, BN] (fp32, zero past n) times the weight, rounded as the reference rounds:
+    normalised in fp32, to the activation dtype, then scaled (the product in fp32, for the caller to store)."""
+    normed = x * tl.rsqrt(tl.sum(x * x, 1) / n + eps)[:, None]
+    normed = normed.to(dtype).to(tl.float32)  # round to the activation dtype before the scale
+    return normed * tl.load(W + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+
+
 @triton.jit(do_not_specialize=["rows"])
 def _rms_norm_kernel(X, W, Y, rows, n, eps, sx, sy, BN: tl.constexpr, ROWS: tl.constexpr):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BN)
     ok = (row[:, None] < rows) & (cols[None, :] < n)
     x = tl.load(X + row[:, None] * sx + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    normed = x * tl.rsqrt(tl.sum(x * x, 1) / n + eps)[:, None]
-    normed = normed.to(X.dtype.element_ty).to(tl.float32)  # round to the activation dtype before the scale
-    w = tl.load(W + cols, mask=cols < n, other=0.0).to(tl.float32)
-    tl.store(Y + row[:, None] * sy + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty), mask=ok)
+    y = _rms_rows(x, W, cols, n, eps, X.dtype.element_ty)
+    tl.store(Y + row[:, None] * sy + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,11 +134,8 @@ def _add_rms_norm_kernel(H, Y, W, HOUT, XOUT, rows, n, scale, eps, sh, sy, sho, 
     step = (y * scale).to(H.dtype.element_ty).to(tl.float32)  # y * scale, then + h: two roundings, as two ops
     h = (h + step).to(H.dtype.element_ty)
     tl.store(HOUT + row[:, None] * sho + cols[None, :], h, mask=ok)
-    x = h.to(tl.float32)
-    normed = x * tl.rsqrt(tl.sum(x * x, 1) / n + eps)[:, None]
-    normed = normed.to(H.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=cols < n, other=0.0).to(tl.float32)
-    tl.store(XOUT + row[:, None] * sxo + cols[None, :], (normed * w[None, :]).to(XOUT.dtype.element_ty), mask=ok)
+    x = _rms_rows(h.to(tl.float32), W, cols, n, eps, H.dtype.element_ty)
+    tl.store(XOUT + row[:, None] * sxo + cols[None, :], x.to(XOUT.dtype.element_ty), mask=ok)
 
 
 def add_rms_norm_triton(h: torch.Tensor, y: torch.Tensor, scale: float, weight: torch.Tensor,
@@ -134,8 +143,6 @@ def add_rms_norm_triton(h: torch.Tensor, y: torch.Tensor, scale: float, weight: 
     n = h.shape[-1]
     h2, y2 = h.reshape(-1, n), y.reshape(-1, n)
     if n > 16384 or h2.stride(-1) != 1 or y2.stride(-1) != 1 or h.dtype != y.dtype:
-        from salachat.kernels.pointwise.reference import add_rms_norm_ref
-
         return add_rms_norm_ref(h, y, scale, weight, eps)
     h_out = torch.empty(h2.shape, dtype=h.dtype, device=h.device)
     x_out = torch.empty(h2.shape, dtype=torch.promote_types(h.dtype, weight.dtype), device=h.device)
@@ -169,8 +176,6 @@ def gated_rms_norm_triton(out: torch.Tensor, weight: torch.Tensor, eps: float, g
     heads, t, d = out.shape
     pow2 = heads & (heads - 1) == 0 and d & (d - 1) == 0
     if not pow2 or heads * d > 16384 or out.stride(-1) != 1 or gate.stride(-1) != 1 or weight.dtype != gate.dtype:
-        from salachat.kernels.pointwise.reference import gated_rms_norm_ref
-
         return gated_rms_norm_ref(out, weight, eps, gate)
     y = torch.empty(t, heads * d, dtype=gate.dtype, device=gate.device)
     _gated_rms_norm_kernel[(t,)](out, weight, gate, y, t, float(eps), out.stride(0), out.stride(1), gate.stride(0),
@@ -207,8 +212,6 @@ def norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: tor
                      sin: torch.Tensor) -> torch.Tensor:
     t, heads, d = x.shape
     if x.stride(-1) != 1 or d & (d - 1) or weight.dtype != x.dtype:
-        from salachat.kernels.pointwise.reference import norm_rope_ref
-
         return norm_rope_ref(x, weight, eps, cos, sin)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     y = torch.empty(heads, t, d, dtype=x.dtype, device=x.device)
