@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 from salachat.kernels.dense import dense_attention_impl
@@ -24,7 +25,8 @@ from salachat.kernels.sparse.reference import block_sparse_attention_ref, compre
 
 __all__ = [
     "SparseParams", "add_rms_norm", "block_sparse_attention", "compress_keys", "dense_attention",
-    "gated_rms_norm", "lightning_attention", "norm_rope", "rms_norm", "rope", "select_blocks", "silu_mul", "use",
+    "gated_rms_norm", "lightning_attention", "linear", "norm_rope", "rms_norm", "rope", "select_blocks", "silu_mul",
+    "use",
 ]
 
 _TRITON: dict[str, object] = {}  # op name → Triton implementation, registered by kernels/triton_ops.py
@@ -109,6 +111,29 @@ def silu_mul(gate_up, impl: str | None = None):
 def rope(x, cos, sin, impl: str | None = None):
     fast = _pick("rope", x, impl)
     return fast(x, cos, sin) if fast is not None else rope_ref(x, cos, sin)
+
+
+_GEMV_FAILED: list[str] = []  # why the Triton GEMV failed in this process, if it did
+
+
+def linear(layer, x, impl: str | None = None):
+    """layer(x); a decoded token's plain bias-free linear layer (x one row) as one Triton GEMV on CUDA
+    (kernels/gemv/triton.py: cuBLAS took 5 % longer over a 9B token's weights, in twice the kernels)."""
+    forced = (impl or _FORCED[0]) == "triton"
+    if type(layer) is torch.nn.Linear and layer.bias is None and x.numel() == x.shape[-1] \
+            and x.dtype == layer.weight.dtype and (forced or not _GEMV_FAILED):
+        fast = _pick("gemv", x, impl)
+        if fast is not None:
+            try:
+                return fast(x, layer.weight)
+            except Exception as e:
+                if forced or isinstance(e, torch.OutOfMemoryError):
+                    raise
+                # a GPU this Triton cannot build the kernel for still decodes, through cuBLAS; say so once
+                _GEMV_FAILED.append(f"{type(e).__name__}: {e}")
+                warnings.warn(f"Triton GEMV unavailable ({type(e).__name__}); using cuBLAS", RuntimeWarning,
+                              stacklevel=2)
+    return layer(x)
 
 
 def compress_keys(k, kernel: int, stride: int, impl: str | None = None):

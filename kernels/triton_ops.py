@@ -1,6 +1,7 @@
 """Registers the Triton kernels with the dispatcher in kernels/__init__.py (imported only when Triton is)."""
 
 from salachat.kernels import _TRITON
+from salachat.kernels.gemv.triton import gemv_triton
 from salachat.kernels.lightning.triton import lightning_attention_triton
 from salachat.kernels.pointwise.triton import (
     add_rms_norm_triton,
@@ -14,6 +15,7 @@ from salachat.kernels.sparse.triton_attention import block_sparse_attention_trit
 from salachat.kernels.sparse.triton_select import select_blocks_triton
 
 _TRITON.update({
+    "gemv": gemv_triton,
     "lightning": lightning_attention_triton,
     "rms_norm": rms_norm_triton,
     "rope": rope_triton,

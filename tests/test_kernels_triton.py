@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and not under TRITON_INTERPRET=1", allow_module_level=True)
+from salachat.kernels.gemv.reference import gemv_ref
+from salachat.kernels.gemv.triton import gemv_triton
 from salachat.kernels.lightning.triton import lightning_attention_triton
 from salachat.kernels.pointwise.reference import (
     add_rms_norm_ref,
@@ -335,7 +337,61 @@ def test_fused_pointwise_kernels_match_their_references(t, hidden, heads, d):
                                                  (want_h, want_x)))
 
 
+# rows and columns crossing the tiles' edges (masked) and whole tiles (unmasked); a row given as [1, K] and [K]
+@pytest.mark.parametrize("n, k, bn, bk", [(64, 512, 8, 128), (70, 300, 8, 128), (16, 1024, 4, 256), (5, 96, 4, 64),
+                                          (33, 64, None, None)])
+def test_gemv_kernel_matches_reference(n, k, bn, bk):
+    gen = torch.Generator().manual_seed(n + k)
+    weight, x = torch.randn(n, k, generator=gen), torch.randn(1, k, generator=gen)
+    got = gemv_triton(x, weight, bn, bk)
+    assert got.shape == (1, n) and torch.allclose(got, gemv_ref(x, weight), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(gemv_triton(x[0], weight, bn, bk), got[0], rtol=1e-6, atol=1e-6)
+
+
+def test_linear_dispatch_takes_one_row_of_a_plain_linear_and_leaves_the_rest(monkeypatch):
+    calls = []
+    monkeypatch.setitem(kernels._TRITON, "gemv", lambda x, w: calls.append(x.shape) or gemv_ref(x, w))
+    layer = torch.nn.Linear(24, 10, bias=False)
+    one, rows = torch.randn(1, 24), torch.randn(3, 24)
+    assert torch.allclose(kernels.linear(layer, one, impl="triton"), layer(one), atol=1e-5) and calls == [(1, 24)]
+    assert torch.equal(kernels.linear(layer, rows, impl="triton"), layer(rows))  # a prompt chunk: cuBLAS/torch
+    biased = torch.nn.Linear(24, 10)
+    assert torch.equal(kernels.linear(biased, one, impl="triton"), biased(one))
+    assert torch.equal(kernels.linear(layer, one), layer(one))  # off the GPU, by default: the layer itself
+    assert calls == [(1, 24)]
+
+
+def test_a_gemv_that_fails_to_build_leaves_the_layer_computing(monkeypatch):
+    def broken(x, w):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setitem(kernels._TRITON, "gemv", broken)
+    monkeypatch.setattr(kernels, "_GEMV_FAILED", [])
+    monkeypatch.setattr(kernels, "_pick", lambda op, tensor, impl: kernels._TRITON[op])  # as on CUDA
+    layer, one = torch.nn.Linear(24, 10, bias=False), torch.randn(1, 24)
+    with pytest.warns(RuntimeWarning, match="GEMV unavailable"):
+        assert torch.equal(kernels.linear(layer, one), layer(one))
+    assert kernels._GEMV_FAILED and torch.equal(kernels.linear(layer, one), layer(one))  # once, then quietly
+    with pytest.raises(RuntimeError):
+        kernels.linear(layer, one, impl="triton")  # forced: the failure is the answer
+
+
 # ---- on the GPU, bf16, the 9B model's shapes ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4608, 4096), (4096, 16384), (32768, 4096), (73448, 4096),
+                                  (4100, 4000), (256, 4096)])
+def test_gemv_kernel_bf16_on_gpu_within_a_rounding_of_fp32(n, k):
+    """The sum is fp32 in another order than the reference's, so a result may round to the neighbouring bf16
+    value; never further."""
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    weight = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+    got, exact = gemv_triton(x, weight).float(), x.float() @ weight.float().T
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs() + 1e-3  # + what fp32 sums in two orders may differ by
+    assert ((got - exact).abs() <= ulp).all()
+    assert (got == gemv_ref(x, weight).float()).float().mean().item() > 0.95
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 4096), (333, 4096), (333, 32, 128)])

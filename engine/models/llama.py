@@ -238,7 +238,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.up_proj is None:  # gate_proj computes gate and up side by side (fused weights): one kernel on CUDA
-            return self.down_proj(kernels.silu_mul(self.gate_proj(x)))
+            return kernels.linear(self.down_proj, kernels.silu_mul(kernels.linear(self.gate_proj, x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -135,7 +135,7 @@ class LightningAttention(nn.Module):
     def forward(self, x, cos, sin, state: LightningState) -> torch.Tensor:
         t = x.shape[0]
         if self.k_proj is None:  # q_proj computes q, k, v (and the gate's input) side by side: fuse_projections
-            q, k, v, *z = self.q_proj(x).split(self.q_proj.sizes, dim=-1)
+            q, k, v, *z = kernels.linear(self.q_proj, x).split(self.q_proj.sizes, dim=-1)
         else:
             q, k, v, z = self.q_proj(x), self.k_proj(x), self.v_proj(x), []
         q = q.view(t, self.heads, self.head_dim)
@@ -157,8 +157,8 @@ class LightningAttention(nn.Module):
         """The recurrence's out [H, T, D] to the layer's output [T, hidden]: norm, gate, projection."""
         t = x.shape[0]
         if self.args.use_output_norm and self.args.use_output_gate:  # heads back side by side, norm, gate: one kernel
-            gate = z[0] if z else self.z_proj(x)
-            return self.o_proj(kernels.gated_rms_norm(out, self.o_norm.weight, self.o_norm.eps, gate))
+            gate = z[0] if z else kernels.linear(self.z_proj, x)
+            return kernels.linear(self.o_proj, kernels.gated_rms_norm(out, self.o_norm.weight, self.o_norm.eps, gate))
         out = out.to(x.dtype).transpose(0, 1).reshape(t, -1)
         if self.args.use_output_norm:
             out = self.o_norm(out)
@@ -187,7 +187,7 @@ class SparseAttention(nn.Module):
         """q, k, v heads-first: everything before the cache (split out so decode graphs can hold it)."""
         t, d = x.shape[0], self.head_dim
         if self.k_proj is None:  # q_proj computes q, k and v side by side: fuse_projections
-            q, k, v = self.q_proj(x).split(self.q_proj.sizes, dim=-1)
+            q, k, v = kernels.linear(self.q_proj, x).split(self.q_proj.sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(t, self.heads, d).transpose(0, 1)
@@ -201,8 +201,8 @@ class SparseAttention(nn.Module):
         """Everything after the cache: heads back to the hidden size, output gate, projection."""
         out = out.transpose(0, 1).reshape(x.shape[0], -1)
         if self.args.attn_use_output_gate:
-            out = out * torch.sigmoid(self.o_gate(x))
-        return self.o_proj(out)
+            out = out * torch.sigmoid(kernels.linear(self.o_gate, x))
+        return kernels.linear(self.o_proj, out)
 
     def forward(self, x, cos, sin, cache: SparseKVCache, pos0: int) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin)
@@ -332,7 +332,7 @@ class SalaForCausalLM(nn.Module):
         _, h = kernels.add_rms_norm(h, pending, a.residual_scale, norm.weight, norm.eps)
         if a.dim_model_base:
             h = h / (a.hidden_size / a.dim_model_base)
-        return self.lm_head(h).float()
+        return kernels.linear(self.lm_head, h).float()
 
     def _decode_with_graphs(self, graphs, h, rope, cache, pos0: int) -> torch.Tensor:
         """One token: only the sparse layers' caches (append, select, attend) run eagerly; everything between
