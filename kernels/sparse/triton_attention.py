@@ -144,8 +144,9 @@ def block_sparse_attention_triton(q, k, v, idx, q_pos0: int, block_size: int, sc
     else:
         union, bits, count = union_of_selections(idx, bq)
         slots = 0
-    # few query tiles (decode) would leave most of the GPU idle: split each tile's blocks over programs
-    splits = splits or (1 if union.shape[1] * kv_heads >= 64 else 16)
+    # few query tiles would leave most of the GPU idle: split each tile's blocks over programs; a decoded
+    # token, one block a program (H200, 1M tokens, 96 blocks: 8.1 us against 12.7 in 16 splits)
+    splits = splits or (1 if union.shape[1] * kv_heads >= 64 else min(slots, 128) if slots else 16)
     if splits == 1:
         out, part_lse = torch.empty_like(q), count
     else:
