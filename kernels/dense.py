@@ -4,6 +4,7 @@ flash-attention calls that never build the [T, L] mask."""
 from __future__ import annotations
 
 import torch
+from salachat.kernels import cpu_decode
 
 
 def dense_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float) -> torch.Tensor:
@@ -31,6 +32,10 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
     if t == 1:
         if _CAUSAL_MASK[0] is not None:  # a reading is over: its last chunk's mask goes
             _CAUSAL_MASK[:] = [None, None]
+        if q.device.type == "cpu" and cpu_decode.wanted(q, k, v, length):
+            out = cpu_decode.decode_attention(grouped_q[0], k, v, scale)
+            if out is not None:
+                return out.to(out_dtype or q.dtype).reshape(heads, t, d)
         if q.device.type == "cpu" and _split_keys(kv_heads, length, torch.get_num_threads()):
             return _decode_two_halves(grouped_q[0], k, v, scale).to(out_dtype or q.dtype).reshape(heads, t, d)
         out = torch.nn.functional.scaled_dot_product_attention(grouped_q, k[None], v[None], scale=scale)
@@ -38,6 +43,8 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
     # a chunk, one query head of each group at a time: SDPA given a mask builds the [rows, keys] scores in
     # fp32, and all G heads' rows at once were the default model's prefill peak (50 MB for 512 tokens over 8K
     # keys); row (head, i) sees key j iff j <= pos0 + i, the same mask for every head
+    if q.device.type == "cpu" and cpu_decode.wanted(q, k, v, length):  # this reading's decode steps will want it
+        cpu_decode.prepare(group, d)
     mask = _causal_mask(pos0, t, length, q.dtype, q.device)
     out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         grouped_q[:, :, g * t : (g + 1) * t], k[None], v[None], attn_mask=mask, scale=scale) for g in range(group)],

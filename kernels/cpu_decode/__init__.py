@@ -1,0 +1,104 @@
+"""A decode step's attention over the bf16 KV cache on the CPU: a numba kernel (`numba_attention.py`) beside
+its definition (`reference.py`), for the long contexts where torch's flash attention is most of a step.
+
+numba is imported, and the kernel compiled (or loaded from numba's cache), only once a reading reaches
+MIN_KEYS keys, in a background thread while the prompt is read (`prepare`); the first decode step waits for
+it, so which kernel runs never depends on timing. If numba is missing or fails, `decode_attention` returns
+None (said once) and the caller keeps torch's path.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+# below this many keys torch's flash call is cheap (a few ms a step for 30 layers) and a reading that short
+# should not pay numba's import and load (~0.8 s, ~2 s when numba's cache is cold)
+MIN_KEYS = 768
+
+_LOADS: dict[tuple[int, int], Future] = {}
+_POOL: list[ThreadPoolExecutor] = []
+_FAILED: list[str] = []  # why the kernel is unavailable in this process, if it is
+_LOCAL = threading.local()  # per calling thread: the numba thread count it last set (numba's count is per
+# thread) and its scratch for the tasks' partial results
+
+
+def wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> bool:
+    """Whether attention over `length` keys of this cache is the kernel's: bf16 q, K and V on the CPU, rows of a
+    multiple of 16 contiguous, enough keys, and the kernel not known to have failed."""
+    return (not _FAILED and q.dtype == k.dtype == v.dtype == torch.bfloat16 and k.device.type == "cpu" and length >= MIN_KEYS
+            and k.shape[-1] % 16 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.shape[0] % k.shape[0] == 0)
+
+
+def prepare(group: int, dim: int) -> None:
+    """Start loading the kernel for G = `group`, D = `dim` in the background (once a process)."""
+    if (group, dim) not in _LOADS and not _FAILED:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="salachat-numba"))
+        _LOADS[(group, dim)] = _POOL[0].submit(_load, group, dim)
+
+
+def _load(group: int, dim: int):
+    import numba
+
+    if numba.config.THREADING_LAYER == "default":
+        # a layer that allows calls from several threads at once (workqueue aborts the process on them)
+        numba.config.THREADING_LAYER = "threadsafe"
+    from salachat.kernels.cpu_decode.numba_attention import kernel
+
+    attend = kernel(group, dim)
+    keys = np.zeros((1, 16, dim), np.uint16)
+    attend(np.zeros((1, group, dim), np.uint16), keys, keys, 16, 1.0, 1, np.empty((1, group, dim + 2), np.float32),
+           np.empty((1, group, dim), np.float32))  # starts numba's thread pool
+    return attend
+
+
+def _kernel(group: int, dim: int):
+    prepare(group, dim)
+    load = _LOADS.get((group, dim))
+    if load is None:
+        return None
+    try:
+        return load.result()
+    except Exception as e:  # numba missing, or it failed to compile: torch's path serves
+        if not _FAILED:
+            _FAILED.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"numba decode attention unavailable ({type(e).__name__}: {e}); using torch's flash "
+                          "attention", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def splits_for(kv_heads: int, threads: int) -> int:
+    """Key ranges per KV head, so that the tasks (heads x ranges) fill every thread in whole rounds."""
+    return threads // math.gcd(kv_heads, threads)
+
+
+def decode_attention(grouped_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """One token's attention: grouped_q [Hkv, G, D] bf16 (a KV group's query heads as rows) over k, v [Hkv, L, D]
+    bf16 (views of the cache: each row contiguous); fp32 [Hkv, G, D], or None where the kernel is unavailable."""
+    kv_heads, group, dim = grouped_q.shape
+    attend = _kernel(group, dim)
+    if attend is None:
+        return None
+    threads = torch.get_num_threads()  # salachat's rule (engine/threads.py) sets torch's count; numba follows
+    if getattr(_LOCAL, "threads", None) != threads:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _LOCAL.threads = threads
+    splits = splits_for(kv_heads, threads)
+    partial = getattr(_LOCAL, "partial", None)
+    if partial is None or partial.shape != (kv_heads * splits, group, dim + 2):
+        partial = _LOCAL.partial = np.empty((kv_heads * splits, group, dim + 2), np.float32)
+    out = torch.empty(kv_heads, group, dim)
+    attend(_bits(grouped_q.contiguous()), _bits(k), _bits(v), k.shape[1], scale, splits, partial, out.numpy())
+    return out
+
+
+def _bits(x: torch.Tensor) -> np.ndarray:
+    return x.view(torch.int16).numpy().view(np.uint16)
