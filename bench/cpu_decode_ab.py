@@ -1,0 +1,62 @@
+"""CPU decode attention: the numba kernel (kernels/cpu_decode/) against torch's flash path, in one process.
+
+The default model (or --model) reads N tokens of the sample document (2048 by default) on SALACHAT_THREADS
+threads (2), then decodes 32 tokens at a time, alternating between the two attention paths on the same cache
+(the kernel switched off through its failure flag), for 3 rounds. Prints tokens/s and writes
+$OUT/cpu_decode_ab.json (else bench/results/).
+
+    .venv/bin/python bench/cpu_decode_ab.py [--model PATH.gguf] [--tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("SALACHAT_THREADS", "2")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+import ask_cpu  # noqa: E402
+from salachat.engine.generate import prefill  # noqa: E402
+from salachat.engine.loader import load_model  # noqa: E402
+from salachat.kernels import cpu_decode  # noqa: E402
+from salachat.models import resolve  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--tokens", type=int, default=2048)
+    args = parser.parse_args()
+    path = str(resolve(args.model))
+    loaded = load_model(path, device="cpu")
+    cache = loaded.new_cache()
+    token = int(prefill(loaded.model, ask_cpu.prompt_ids(path, args.tokens), cache).argmax())
+    report = {"model": os.path.basename(path), "prompt_tokens": args.tokens, "threads": torch.get_num_threads(),
+              "load_average": os.getloadavg()[0]}
+    for rnd in range(3):
+        for name in ("torch", "numba"):
+            if name == "torch":
+                cpu_decode._FAILED.append("switched off for the comparison")
+            else:
+                cpu_decode._FAILED.clear()
+            start = time.perf_counter()
+            for _ in range(32):
+                token = int(loaded.model(torch.tensor([token]), cache)[-1].argmax())
+            rate = 32 / (time.perf_counter() - start)
+            report.setdefault(f"{name}_tokens_per_second", []).append(rate)
+            print(f"round {rnd}: {name:5} {rate:6.1f} tokens/s", flush=True)
+    cpu_decode._FAILED.clear()
+    report["load_average_after"] = os.getloadavg()[0]
+    where = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    with open(os.path.join(where, "cpu_decode_ab.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
