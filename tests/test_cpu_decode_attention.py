@@ -1,12 +1,18 @@
 """The CPU decode attention kernel (numba, kernels/cpu_decode/) against its float64 definition, and the paths
 around it: the model's decode step through it, and torch's flash path when numba cannot serve."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from salachat.kernels import cpu_decode, dense
 from salachat.kernels.cpu_decode.reference import decode_attention_ref
 
-pytest.importorskip("numba")
+numba = pytest.importorskip("numba")
 
 
 def _cache(kv_heads, capacity, dim, seed):
@@ -14,6 +20,27 @@ def _cache(kv_heads, capacity, dim, seed):
     k = (torch.randn(kv_heads, capacity, dim, generator=gen) * 2).bfloat16()
     v = torch.randn(kv_heads, capacity, dim, generator=gen).bfloat16()
     return k, v
+
+
+
+def _bits(x: torch.Tensor) -> np.ndarray:
+    return x.view(torch.int16).numpy().view(np.uint16)
+
+
+def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max-abs, relative RMS) error."""
+    diff = got.double() - want.double()
+    return diff.abs().max().item(), (diff.pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
+
+
+def _drifting_cache(kv_heads, length, capacity, dim, seed):
+    """k, v views [Hkv, length, D] of a [2, Hkv, capacity, D] block, scores spread wide (exp underflows for
+    some keys) and keys drifting so that the running max grows from one group of 16 keys to the next."""
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randn(2, kv_heads, capacity, dim, generator=g) * 3
+    block[0] += torch.linspace(0, 3, capacity)[None, :, None]
+    block = block.bfloat16()
+    return block[0, :, :length], block[1, :, :length]
 
 
 # lengths across the 16-key groups and the splits' edges (odd, one key, a group plus one); G 1, 3, 4, 7; D 64,
@@ -67,3 +94,79 @@ def test_short_caches_and_fp32_caches_are_not_the_kernels():
     q = torch.randn(9, 1, 64).bfloat16()
     assert cpu_decode.wanted(q, k, v, 2048) and not cpu_decode.wanted(q, k, v, cpu_decode.MIN_KEYS - 1)
     assert not cpu_decode.wanted(q.float(), k.float(), v.float(), 2048)
+
+
+@pytest.mark.parametrize(
+    "kv_heads, group, dim, length, splits",
+    [(3, 3, 64, 1, 1), (3, 3, 64, 1, 4), (3, 3, 64, 17, 2), (3, 3, 64, 63, 6), (3, 3, 64, 1000, 2),
+     (3, 3, 64, 4097, 4), (2, 1, 64, 300, 3), (2, 4, 128, 1001, 2), (1, 2, 128, 16, 1), (2, 2, 32, 33, 7)],
+    ids=lambda x: str(x))
+def test_kernel_over_explicit_splits_equals_the_float64_definition(kv_heads, group, dim, length, splits):
+    """The compiled kernel itself at explicit splits: lengths across the 16-key groups and the split edges
+    (1, 17, 63, 4097; more splits than keys leaves tasks empty), G 1-4, D 32-128, the capacity beyond the
+    length."""
+    from salachat.kernels.cpu_decode.numba_attention import kernel
+
+    k, v = _drifting_cache(kv_heads, length, length + 37, dim, length)
+    q = (torch.randn(kv_heads, group, dim, generator=torch.Generator().manual_seed(7)) * 2).to(torch.bfloat16)
+    scale = dim**-0.5
+    out = np.empty((kv_heads, group, dim), np.float32)
+    partial = np.empty((kv_heads * splits, group, dim + 2), np.float32)
+    kernel(group, dim)(_bits(q), _bits(k), _bits(v), length, scale, splits, partial, out)
+    max_abs, rel = _errors(torch.from_numpy(out), decode_attention_ref(q, k, v, scale))
+    assert max_abs < 2e-5 and rel < 2e-6, (max_abs, rel)
+
+
+def test_numbas_threads_follow_torchs():
+    k, v = _cache(3, 1024, 64, 5)
+    q = torch.randn(3, 3, 64).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            torch.set_num_threads(threads)
+            assert cpu_decode.decode_attention(q, k, v, 0.125) is not None
+            assert numba.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_packed_model_decodes_the_same_greedy_tokens_through_the_kernel(tmp_path, monkeypatch):
+    """The tiny packed Llama (G 2, D 32) decoding 24 greedy tokens after a 90-token prompt: the same tokens
+    through the kernel as through torch's path, and the kernel was taken."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from salachat.engine.loader import load_model
+    from test_models_families import IDS, write_gguf
+
+    write_gguf(tmp_path / "m.gguf", "llama3", "Q4_1")
+    loaded = load_model(tmp_path / "m.gguf", device="cpu")
+    calls = []
+    real = cpu_decode.decode_attention
+    monkeypatch.setattr(cpu_decode, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for name, min_keys in (("kernel", 64), ("torch", 1 << 40)):
+        monkeypatch.setattr(cpu_decode, "MIN_KEYS", min_keys)
+        cache = loaded.new_cache()
+        logits = loaded.model(IDS[:90], cache)[-1]
+        tokens = []
+        for _ in range(24):
+            tokens.append(int(logits.argmax()))
+            logits = loaded.model(torch.tensor(tokens[-1:]), cache)[-1]
+        runs[name] = tokens
+    assert len(calls) == 24 * 2  # every decode step, both layers
+    assert runs["kernel"] == runs["torch"]
+
+
+def test_an_unwritable_numba_cache_still_runs_without_a_traceback(tmp_path):
+    """NUMBA_CACHE_DIR where no folder can be made (under a file: even root cannot): compiled for the process."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = ("import torch\nfrom salachat.kernels import cpu_decode\n"
+            "k = torch.randn(3, 800, 64).to(torch.bfloat16)\nq = torch.randn(3, 3, 64).to(torch.bfloat16)\n"
+            "print(cpu_decode.decode_attention(q, k, k, 0.125) is not None)\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(blocker / "numba")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.strip() == "True"
