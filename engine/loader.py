@@ -240,7 +240,7 @@ def _build(cls, args, tensors: dict[str, object], device, dtype, source: str, re
     """The model on `device` with the checkpoint's tensors; a tensor given as (packed bytes, GGUF info) makes
     its linear layer a quantised one. `release` is called after each such layer copied what it keeps (a
     mapped file's pages, counted in the process's memory while mapped, are let go there)."""
-    from salachat.engine.qlinear import QuantEmbedding, QuantLinear
+    from salachat.engine.qlinear import QuantEmbedding
 
     with torch.device("meta"), _no_init():
         model = cls(args)
@@ -251,7 +251,7 @@ def _build(cls, args, tensors: dict[str, object], device, dtype, source: str, re
     if missing:
         raise ModelLoadError(f"{source}: checkpoint lacks tensor {missing[0]}"
                              + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-    plain = {}
+    plain, packed = {}, []
     tied_packed = args.tie_word_embeddings and isinstance(tensors.get("model.embed_tokens.weight"), tuple)
     for name, ref in expected.items():
         value = tensors[name]
@@ -260,54 +260,92 @@ def _build(cls, args, tensors: dict[str, object], device, dtype, source: str, re
             raise ModelLoadError(f"{source}: tensor {name} has shape {shape}, expected {tuple(ref.shape)}")
         if tied_packed and name == "model.embed_tokens.weight":
             continue  # read from the LM head's packs, built below: no copy of the file's blocks to throw away
-        if isinstance(value, tuple):
-            _set_quantised(model, name.removesuffix(".weight"), value)
+        if isinstance(value, tuple) and isinstance(model.get_submodule(name.removesuffix(".weight")),
+                                                   torch.nn.Embedding):
+            _set_quantised_embedding(model, name.removesuffix(".weight"), value)
             release()
+        elif isinstance(value, tuple):
+            packed.append(name.removesuffix(".weight"))
         else:
             plain[name] = value.to(dtype)
+    if tied_packed:
+        packed.append("lm_head")
+    _build_packed(model, packed, tensors, plain, release)
     model.load_state_dict(plain, strict=False, assign=True)
     embed = model.model.embed_tokens
     if args.tie_word_embeddings:
         if tied_packed:
-            model.lm_head = QuantLinear.from_gguf(*tensors["model.embed_tokens.weight"])
             model.model.embed_tokens = QuantEmbedding.tied(model.lm_head)
-            release()
         else:
             model.lm_head.weight = embed.weight
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise ModelLoadError(f"{source}: checkpoint lacks tensor {leftover[0]}")
-    _fuse_packed(model)
     return model.to(device).eval()
 
 
-def _fuse_packed(model) -> None:
-    """q/k/v and gate/up of a layer as one packed matmul each, where all of them are packed alike."""
-    from salachat.engine.qlinear import QuantLinear
-
-    for layer in model.model.layers:
-        for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-                             (layer.mlp, ("gate_proj", "up_proj"))):
-            parts = [getattr(owner, name) for name in names]
-            if all(isinstance(p, QuantLinear) for p in parts):
-                fused = QuantLinear.concat(parts)
-                if fused is not None:
-                    setattr(owner, names[0], fused)
-                    for name in names[1:]:
-                        setattr(owner, name, None)
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # computed side by side where packed alike
 
 
-def _set_quantised(model, module_name: str, value) -> None:
-    from salachat.engine.qlinear import QuantEmbedding, QuantLinear
+def _packed_plan(packed: list[str], tensors: dict[str, object]) -> list[list[str]]:
+    """The packed linear layers to build, each as the modules whose rows it holds in order: a layer's q/k/v
+    and gate/up, all packed in one type, make one layer each (held by q_proj and gate_proj: one kernel call
+    instead of three or two per token); any other module is a layer of its own."""
+    qtype = {name: _packed_source(name, tensors)[1].qtype for name in packed}
+    plan, done = [], set()
+    for name in packed:
+        if name in done:
+            continue
+        parent, _, child = name.rpartition(".")
+        group = next((g for g in FUSED if g[0] == child), None)
+        members = [f"{parent}.{c}" for c in group] if group else [name]
+        if len(members) > 1 and (any(m not in qtype for m in members) or len({qtype[m] for m in members}) > 1):
+            members = [name]
+        plan.append(members)
+        done.update(members)
+    return plan
+
+
+def _packed_source(module_name: str, tensors: dict[str, object]) -> tuple:
+    """(raw blocks, GGUF info) of a packed module; a tied LM head is the embedding's."""
+    if module_name == "lm_head" and "lm_head.weight" not in tensors:
+        return tensors["model.embed_tokens.weight"]
+    return tensors[f"{module_name}.weight"]
+
+
+def _build_packed(model, packed: list[str], tensors: dict[str, object], plain: dict, release) -> None:
+    """The packed linear layers in one `Arena` sized from the GGUF header before any is filled, so that the
+    transients of packing are freed into memory given back whole rather than left as holes between the
+    model's tensors. Their biases are taken out of `plain`."""
+    from salachat.engine.qlinear import Arena, QuantLinear
+
+    plan = _packed_plan(packed, tensors)
+    shapes = []
+    for members in plan:
+        infos = [_packed_source(m, tensors)[1] for m in members]
+        shapes.append((infos[0].shape[1], sum(info.shape[0] for info in infos), infos[0].qtype.name))
+    arena = Arena(sum(QuantLinear.arena_bytes(*shape) for shape in shapes)) if plan else None
+    for members, shape in zip(plan, shapes):
+        has_bias = model.get_submodule(members[0]).bias is not None
+        bias = torch.cat([plain.pop(f"{m}.bias") for m in members]) if has_bias else None
+        layer = QuantLinear(*shape, bias=bias, arena=arena)
+        begin = 0
+        for m in members:
+            raw, info = _packed_source(m, tensors)
+            layer.load_rows(begin, raw)
+            begin += info.shape[0]
+            release()
+        for i, m in enumerate(members):
+            parent, _, child = m.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer if i == 0 else None)
+
+
+def _set_quantised_embedding(model, module_name: str, value) -> None:
+    from salachat.engine.qlinear import QuantEmbedding
 
     raw, info = value
     parent, _, child = module_name.rpartition(".")
-    current = model.get_submodule(module_name)
-    if isinstance(current, torch.nn.Embedding):
-        layer = QuantEmbedding(raw, info.qtype.name, info.shape[1])
-    else:
-        layer = QuantLinear.from_gguf(raw, info, bias=current.bias is not None)
-    setattr(model.get_submodule(parent), child, layer)
+    setattr(model.get_submodule(parent), child, QuantEmbedding(raw, info.qtype.name, info.shape[1]))
 
 
 def _load_hf_folder(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:

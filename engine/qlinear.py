@@ -18,13 +18,15 @@ per-32 block scales do not fit without requantising, and measured slower than bo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 GROUP = 32
 PREFILL_ROWS = 16  # from this many tokens on, dequantise once and use a dense bf16 matmul
-PACK_ROWS = 1024  # a multiple of the kernel's 64-row blocks
+PACK_ROWS = 256  # a multiple of the kernel's 64-row blocks (1024: the default model's load peak 21 MiB higher)
 DEQUANT_SLAB = 1 << 18  # fp32 elements a slab of `dequantized` (1 MB)
 
 
@@ -57,60 +59,111 @@ def dequantize_reference(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     return ((g - 8) * scale[..., None] + zero[..., None]).reshape(rows, cols)
 
 
-def _affine(q: torch.Tensor, scale_offset: torch.Tensor) -> torch.Tensor:
-    """Weights [R, K] in fp32 from 4-bit codes q [R, K] and one (scale, offset) per GROUP inputs and row
-    ([K / GROUP, R, 2], the packs' layout): w = q · scale + offset, exactly GGUF's dequantisation."""
+def _affine(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Weights [R, K] in fp32 from 4-bit codes q [R, K] and one scale and offset per GROUP inputs and row
+    ([K / GROUP, R], the packs' layout): w = q · scale + offset, exactly GGUF's dequantisation."""
     rows, k = q.shape
-    scale, offset = scale_offset[..., 0].T[..., None], scale_offset[..., 1].T[..., None]
-    return (q.view(rows, k // GROUP, GROUP).float() * scale.float() + offset.float()).reshape(rows, k)
+    return (q.view(rows, k // GROUP, GROUP).float() * scale.T[..., None] + offset.T[..., None]).reshape(rows, k)
 
 
-def _scale_offset(rows: torch.Tensor, qtype: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """GGUF blocks [rows, row_bytes] → per pack (4-bit codes [rows, cols], scale, offset [rows, cols/32]) with
-    w = q · scale + offset summed over the packs; scale and offset are GGUF's fp16 numbers times a power of
-    two, in fp32: Q4_0 d and -8 d, Q4_1 d and m, Q8_0's hi + 8 with 16 d and -128 d, lo with d and 0."""
+# GGUF's own fp16 numbers a group (Q4_0 and Q8_0: d; Q4_1: d, m), and per pack the powers of two that make
+# them the pack's (scale, offset) with w = q · scale + offset (None: Q4_1's m): Q4_0 (d, -8 d), Q4_1 (d, m),
+# Q8_0's hi + 8 (16 d, -128 d) and lo (d, 0)
+GGUF_NUMBERS = {"Q4_0": 1, "Q4_1": 2, "Q8_0": 1}
+PACK_FACTORS = {"Q4_0": ((1, -8),), "Q4_1": ((1, None),), "Q8_0": ((16, -128), (1, 0))}
+
+
+def pack_scale_offset(numbers: torch.Tensor, qtype: str, pack: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pack's (scale, offset) in fp32 from GGUF's numbers [..., GGUF_NUMBERS[qtype]] in fp16: powers of two
+    times fp16 numbers, exact in fp32 (in fp16 16 d or -128 d can overflow)."""
+    scale_factor, offset_factor = PACK_FACTORS[qtype][pack]
+    d = numbers[..., 0].float()
+    scale = d if scale_factor == 1 else scale_factor * d
+    if offset_factor is None:
+        return scale, numbers[..., 1].float()
+    return scale, (offset_factor * d if offset_factor else torch.zeros_like(d))
+
+
+def _codes(rows: torch.Tensor, qtype: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """GGUF blocks [rows, row_bytes] → each pack's 4-bit codes [rows, cols] (int32) and GGUF's fp16 numbers
+    [rows, cols/32, GGUF_NUMBERS[qtype]]; w = q · scale + offset summed over the packs (`pack_scale_offset`)."""
     block = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
     blocks = rows.reshape(rows.shape[0], -1, block)
-    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    numbers = blocks[..., : 2 * GGUF_NUMBERS[qtype]].contiguous().view(torch.float16)
     if qtype == "Q8_0":
         q = blocks[..., 2:].contiguous().view(torch.int8).to(torch.int32).reshape(rows.shape[0], -1)
         hi = torch.div(q, 16, rounding_mode="floor")
-        return [(hi + 8, 16 * d, -128 * d), (q - 16 * hi, d, torch.zeros_like(d))]
+        return [hi + 8, q - 16 * hi], numbers
     nibbles = blocks[..., 2:] if qtype == "Q4_0" else blocks[..., 4:]
     q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).to(torch.int32).reshape(rows.shape[0], -1)
-    offset = -8 * d if qtype == "Q4_0" else blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
-    return [(q, d, offset)]
+    return [q], numbers
 
 
-def _exact_half(x: torch.Tensor) -> torch.Tensor:
-    """x in fp16 where that holds it exactly (GGUF's scales are fp16; times 16 or -128 they stay so unless
-    they overflow), else in fp32."""
-    half = x.half()
-    return half.contiguous() if torch.equal(half.float(), x) else x.contiguous()
+class Arena:
+    """Tensors carved out of one allocation made to measure. A model's packed layers built one by one sat in
+    glibc's heap between the transients that built them; what those left behind was ~75 MiB of holes that a
+    prefill's own transients wandered through and made resident again. One block is mapped on its own, and
+    the transients' memory is given back whole."""
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int):
+        self.block = torch.empty(nbytes, dtype=torch.uint8)
+        self.used = 0
+
+    @classmethod
+    def nbytes(cls, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return -(-math.prod(shape) * dtype.itemsize // cls.ALIGN) * cls.ALIGN
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        size = math.prod(shape) * dtype.itemsize
+        if self.used + size > self.block.numel():
+            raise ValueError(f"arena of {self.block.numel()} bytes has no room for {size} more")
+        view = self.block[self.used : self.used + size].view(dtype).view(shape)
+        self.used += self.nbytes(shape, dtype)
+        return view
 
 
 class QuantLinear(nn.Module):
     """y = x W^T + b with W held as one or two int4 packs.
 
-    Each pack's (scale, offset) are kept in fp16, exactly as GGUF stores them (w = q · scale + offset in fp32
-    is the file's dequantisation, for prefill's dense matmul and the LM head's refined rows), and as the
-    kernel's bf16 (scale, zero = offset + 8 scale) for decode. Rounding the scales to bf16 everywhere scaled
-    whole groups of 32 weights by up to 0.4 % alike: the default model's logits moved by up to 0.69 and its
-    answer to the sample question became a copy of the prompt; rounded only in decode, it answers as in
-    fp32. (fp32 copies of the exact numbers were 20 % of the default model's memory.)"""
+    GGUF's own fp16 numbers are kept as the file has them (`gguf_numbers`: w = q · scale + offset in fp32,
+    the packs' (scale, offset) from them by `pack_scale_offset`, is the file's dequantisation, for prefill's
+    dense matmul and the LM head's refined rows), and the kernel's bf16 (scale, zero = offset + 8 scale) for
+    decode. Rounding the scales to bf16 everywhere scaled whole groups of 32 weights by up to 0.4 % alike: the
+    default model's logits moved by up to 0.69 and its answer to the sample question became a copy of the
+    prompt; rounded only in decode, it answers as in fp32. (fp32 copies of the exact numbers were 20 % of the
+    default model's memory; each pack's fp16 (scale, offset), 4 numbers a group of Q8_0 where the file has
+    one, 5 MiB of the default model's 117.)
 
-    def __init__(self, in_features: int, out_features: int, packs: list[tuple[torch.Tensor, torch.Tensor]],
-                 qtype: str, bias: torch.Tensor | None = None):
+    Built empty (from an `Arena`, or not) and filled by `load_rows`, a GGUF tensor's rows at a time: several
+    tensors of one input side by side (q, k and v; gate and up) make one layer, one kernel call instead of
+    three or two per token, whose fixed cost is most of a small matrix's."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: str, bias: torch.Tensor | None = None,
+                 arena: Arena | None = None):
         super().__init__()
         self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
-        for i, (packed, scale_offset) in enumerate(packs):
-            self.register_buffer(f"packed{i}", packed)
-            self.register_buffer(f"scale_offset{i}", scale_offset)
-            kernel = torch.stack([scale_offset[..., 0].float(), scale_offset[..., 1].float()
-                                  + 8 * scale_offset[..., 0].float()], dim=-1)
-            self.register_buffer(f"kernel_scales_zeros{i}", kernel.to(torch.bfloat16), persistent=False)
-        self.n_packs = len(packs)
+        self.n_packs = len(PACK_FACTORS[qtype])
+        for name, (shape, dtype) in self.buffer_shapes(in_features, out_features, qtype).items():
+            buffer = arena.empty(shape, dtype) if arena is not None else torch.empty(shape, dtype=dtype)
+            self.register_buffer(name, buffer, persistent=not name.startswith("kernel"))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @staticmethod
+    def buffer_shapes(in_features: int, out_features: int, qtype: str) -> dict[str, tuple[tuple, torch.dtype]]:
+        groups = in_features // GROUP
+        shapes = {"gguf_numbers": ((groups, out_features, GGUF_NUMBERS[qtype]), torch.float16)}
+        for i in range(len(PACK_FACTORS[qtype])):
+            shapes[f"packed{i}"] = ((out_features, in_features // 2), torch.uint8)
+            shapes[f"kernel_scales_zeros{i}"] = ((groups, out_features, 2), torch.bfloat16)
+        return shapes
+
+    @classmethod
+    def arena_bytes(cls, in_features: int, out_features: int, qtype: str) -> int:
+        """What the layer's buffers take in an `Arena`."""
+        return sum(Arena.nbytes(shape, dtype) for shape, dtype in cls.buffer_shapes(in_features, out_features,
+                                                                                     qtype).values())
 
     @staticmethod
     def fits(info) -> bool:
@@ -119,43 +172,33 @@ class QuantLinear(nn.Module):
                 and info.shape[1] % GROUP == 0)
 
     @classmethod
-    def from_gguf(cls, raw: torch.Tensor, info, bias: bool = False) -> QuantLinear:
+    def from_gguf(cls, raw: torch.Tensor, info, bias: bool = False, arena: Arena | None = None) -> QuantLinear:
         """From a GGUF tensor's raw blocks; the bias (if any) is loaded afterwards under `.bias`."""
-        qtype = info.qtype.name
         out_features, in_features = info.shape
-        n_packs = 2 if qtype == "Q8_0" else 1
-        packed = scale_offset = None
-        # rows a slice at a time, written into the finished buffers: the kernel's packing wants int32 codes,
-        # 8x the bytes of the file's, and slices of a few MB are reused by the allocator where large ones
-        # fragmented its heap (the tied 49K-row head of the default model raised the load peak by 178 MiB)
-        for begin in range(0, out_features, PACK_ROWS):
-            rows = raw[begin : begin + PACK_ROWS]
-            rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows.copy())
-            for i, (nibbles, scale, offset) in enumerate(_scale_offset(rows, qtype)):
-                part = torch._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
-                if packed is None:
-                    packed = [part.new_empty(out_features, *part.shape[1:]) for _ in range(n_packs)]
-                    scale_offset = [scale.new_empty(scale.shape[1], out_features, 2) for _ in range(n_packs)]
-                packed[i][begin : begin + part.shape[0]] = part
-                scale_offset[i][:, begin : begin + part.shape[0]] = torch.stack([scale.T, offset.T], dim=-1)
-        packs = [(packed[i], _exact_half(scale_offset[i])) for i in range(n_packs)]
-        b = torch.zeros(out_features) if bias else None
-        return cls(in_features, out_features, packs, qtype, b)
+        layer = cls(in_features, out_features, info.qtype.name, torch.zeros(out_features) if bias else None, arena)
+        layer.load_rows(0, raw)
+        return layer
 
-    @classmethod
-    def concat(cls, layers: list[QuantLinear]) -> QuantLinear | None:
-        """One layer computing several layers' outputs side by side (q, k and v; gate and up): one kernel
-        call instead of three or two per token, whose fixed cost is most of a small matrix's. None if the
-        layers do not share a type and input."""
-        first = layers[0]
-        if any(l.qtype != first.qtype or l.in_features != first.in_features or l.n_packs != first.n_packs
-               or (l.bias is None) != (first.bias is None) for l in layers):
-            return None
-        packs = [(torch.cat([getattr(l, f"packed{i}") for l in layers]),
-                  torch.cat([getattr(l, f"scale_offset{i}") for l in layers], dim=1).contiguous())
-                 for i in range(first.n_packs)]
-        bias = torch.cat([l.bias.data for l in layers]) if first.bias is not None else None
-        return cls(first.in_features, sum(l.out_features for l in layers), packs, first.qtype, bias)
+    def load_rows(self, begin: int, raw) -> None:
+        """Output rows begin.. from a GGUF tensor's raw blocks [rows, row_bytes] (a multiple of 64 rows).
+
+        A slice of rows at a time, written into the layer's buffers: the kernel's packing wants int32 codes,
+        8x the bytes of the file's, and slices of under a MB are reused by the allocator where large ones
+        fragmented its heap (the tied 49K-row head of the default model raised the load peak by 178 MiB)."""
+        if begin % 64 or raw.shape[0] % 64 or begin + raw.shape[0] > self.out_features:
+            raise ValueError(f"rows {begin}..{begin + raw.shape[0]} do not fit {self.out_features} in blocks of 64")
+        for first in range(0, raw.shape[0], PACK_ROWS):
+            rows = raw[first : first + PACK_ROWS]
+            rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows.copy())
+            at = slice(begin + first, begin + first + rows.shape[0])
+            codes, numbers = _codes(rows, self.qtype)
+            self.gguf_numbers[:, at] = numbers.transpose(0, 1)
+            for i, q in enumerate(codes):
+                getattr(self, f"packed{i}")[at] = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+                scale, offset = pack_scale_offset(numbers, self.qtype, i)
+                kernel = getattr(self, f"kernel_scales_zeros{i}")[:, at]
+                kernel[..., 0] = scale.T
+                kernel[..., 1] = (offset + 8 * scale).T
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """W (for prefill's dense matmul), read back from the packs. torch's CPU int4 layout: per block of 64
@@ -174,13 +217,13 @@ class QuantLinear(nn.Module):
             w = work[: end - begin]
             for i in range(self.n_packs):
                 blocks = getattr(self, f"packed{i}").view(n // 64, k, 32)[begin // 64 : end // 64]
-                scale_offset = getattr(self, f"scale_offset{i}")[:, begin:end]
+                scale, offset = pack_scale_offset(self.gguf_numbers[:, begin:end], self.qtype, i)
                 part = w if i == 0 else extra[: end - begin]
                 rows64 = part.view(-1, 64, k)
                 rows64[:, :32].copy_((blocks & 0xF).transpose(1, 2))
                 rows64[:, 32:].copy_((blocks >> 4).transpose(1, 2))
                 groups = part.view(end - begin, k // GROUP, GROUP)  # w = q · scale + offset, as `_affine`
-                groups.mul_(scale_offset[..., 0].T[..., None]).add_(scale_offset[..., 1].T[..., None])
+                groups.mul_(scale.T[..., None]).add_(offset.T[..., None])
                 if i:
                     w.add_(part)
             weight[begin:end].copy_(w)
@@ -195,7 +238,7 @@ class QuantLinear(nn.Module):
         for i in range(self.n_packs):
             byte = getattr(self, f"packed{i}").view(n // 64, k, 32)[block, :, j % 32]  # [R, k]: 2 rows a byte
             q = (byte >> shift) & 0xF  # a shift a row: half the time of `where` over both nibbles
-            w = _affine(q, getattr(self, f"scale_offset{i}")[:, index])
+            w = _affine(q, *pack_scale_offset(self.gguf_numbers[:, index], self.qtype, i))
             weight = w if weight is None else weight + w
         return weight
 

@@ -263,3 +263,72 @@ def test_packed_decode_step_has_the_generic_forwards_bits(tmp_path, family, qtyp
             assert model._packed_decode(cache) == (family == "llama3")
         runs[name] = torch.cat([model(IDS[i : i + 1], cache) for i in range(90, 100)])
     assert torch.equal(runs["fast"], runs["generic"])
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_packed_layers_share_one_block_and_hold_each_tensor_built_alone(tmp_path, family, qtype):
+    """The loader builds every packed layer in one arena, q/k/v and gate/up side by side: each holds exactly
+    what its tensors give built one by one (packs, GGUF's numbers, the kernel's scales, the weights, biases),
+    and a model whose layers own copies of those buffers computes the same bits."""
+    from salachat.engine.gguf_file import GGUFFile
+    from salachat.engine.models.llama import LlamaArgs, LlamaForCausalLM
+    from salachat.engine.qlinear import QuantLinear
+
+    write_gguf(tmp_path / "m.gguf", family, qtype)
+    loaded = load_model(tmp_path / "m.gguf", device="cpu")
+    model = loaded.model
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 1 + 4 * LAYERS  # the LM head; per block q/k/v, o, gate/up, down
+    block = layers[0].packed0.untyped_storage()
+    assert all(b.untyped_storage().data_ptr() == block.data_ptr() for m in layers for b in m.buffers())
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.nbytes) for m in layers for b in m.buffers())
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no two views overlap
+
+    gguf_file = GGUFFile.open(tmp_path / "m.gguf")
+    config = gguf_file.hf_config()
+    with torch.device("meta"):
+        names = list(LlamaForCausalLM(LlamaArgs.from_config(config)).state_dict())
+    raw = gguf_file.tensors(names, LAYERS, keep=QuantLinear.fits)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    for fused, parts in ((attn.q_proj, ("q_proj", "k_proj", "v_proj")), (mlp.gate_proj, ("gate_proj", "up_proj"))):
+        owner = "self_attn" if fused is attn.q_proj else "mlp"
+        alone = [QuantLinear.from_gguf(*raw[f"model.layers.1.{owner}.{p}.weight"]) for p in parts]
+        for name, buffer in fused.named_buffers():
+            dim = 0 if name.startswith("packed") else 1
+            assert torch.equal(buffer, torch.cat([getattr(a, name) for a in alone], dim=dim)), name
+        assert torch.equal(fused.dequantized(torch.float32), torch.cat([a.dequantized(torch.float32) for a in alone]))
+    if family == "qwen2":
+        biases = [raw[f"model.layers.1.self_attn.{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")]
+        assert torch.equal(attn.q_proj.bias, torch.cat(biases))
+
+    cache = loaded.new_cache()
+    before = torch.cat([model(IDS[:90], cache), *[model(IDS[i : i + 1], cache) for i in range(90, 100)]])
+    for layer in layers:
+        for name, buffer in list(layer.named_buffers()):
+            setattr(layer, name, buffer.clone())
+    cache = loaded.new_cache()
+    after = torch.cat([model(IDS[:90], cache), *[model(IDS[i : i + 1], cache) for i in range(90, 100)]])
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_weights_are_exact_where_scaled_scales_overflow_fp16(qtype):
+    """Only GGUF's own fp16 numbers are kept; a pack's scale and offset are powers of two times them, in fp32:
+    with d near fp16's largest values 16 d and -128 d overflow fp16 and the weights must still be the file's."""
+    from salachat.engine.gguf_file import TensorInfo
+    from salachat.engine.qlinear import QuantLinear
+
+    rng = np.random.default_rng(2)
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    raw = gguf.quants.quantize(w, kind).copy()
+    d = raw.reshape(128, 2, -1)[..., 0:2].copy().view(np.float16)
+    d[::2] = (60000 * np.sign(d[::2].astype(np.float32))).astype(np.float16)  # every other row's d near fp16's top
+    raw.reshape(128, 2, -1)[..., 0:2] = d.view(np.uint8)
+    exact = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    assert exact.abs().max() > 65504
+    layer = QuantLinear.from_gguf(torch.from_numpy(raw), TensorInfo("w", (128, 64), kind, 0))
+    assert torch.equal(layer.dequantized(torch.float32), exact)
+    index = torch.tensor([0, 1, 33, 64, 127])
+    assert torch.equal(layer.rows(index), exact[index])
