@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+from salachat.kernels import packed_gemv
 from torch import nn
 
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
@@ -263,13 +264,21 @@ class QuantLinear(nn.Module):
             out = y if out is None else out + y
         return out
 
+    def one_row(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, in] (fp32 or bf16) times W, without the bias: fp32 from the numba kernel (exact weights, fp32
+        input, ~5e-7 from float64) where it serves, else bf16 from torch's int4 kernel."""
+        y = packed_gemv.matvec(self, x)
+        return y if y is not None else self._packed_mm(x.to(torch.bfloat16))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= PREFILL_ROWS:
-            y = x2 @ self.dequantized().T
+            y = x2.to(torch.bfloat16) @ self.dequantized().T
+        elif x2.shape[0] == 1:
+            y = self.one_row(x2)
         else:
-            y = self._packed_mm(x2)
+            y = self._packed_mm(x2.to(torch.bfloat16))
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)

@@ -15,6 +15,7 @@ from salachat.engine.threads import keep_fitting
 from torch import nn
 
 from salachat import kernels
+from salachat.kernels import packed_gemv
 
 # model_type → (q/k/v biases by default, q/k RMSNorm per head). Qwen2 differs from Llama by its attention
 # biases, Qwen3 by its per-head q/k norms: two flags, not two model files.
@@ -264,23 +265,23 @@ class Block(nn.Module):
 
     def decode_packed(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, cache: KVCache,
                       pos0: int) -> torch.Tensor:
-        """`forward` for one token x [1, hidden] (fp32) of a packed model on the CPU over a dense bf16 cache,
-        with the same bits: the kernels' bf16 outputs are not cast to fp32 and back where the next step
-        rounds them to bf16 anyway (q, k, v into the cache and the attention, the attention's output into
-        o_proj), and the modules' own calls are skipped. `sin_signed` is sin with its first half negated:
-        RoPE's rotate_half is then a roll (`rope_decode`)."""
+        """`forward` for one token x [1, hidden] (fp32) of a packed model on the CPU over a dense bf16 cache, the
+        modules' own calls skipped. The matmuls are `QuantLinear.one_row`: fp32 out of the numba kernel, bf16 out
+        of torch's int4 kernel where numba does not serve (then the same bits as `forward`: its bf16 outputs are
+        not cast to fp32 and back where the next step rounds them to bf16 anyway). `sin_signed` is sin with its
+        first half negated: RoPE's rotate_half is then a roll (`rope_decode`)."""
         attn, mlp = self.self_attn, self.mlp
         n_heads, n_kv, d = attn.n_heads, attn.n_kv, attn.head_dim
-        h = kernels.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps).to(torch.bfloat16)
-        qkv = attn.q_proj._packed_mm(h)[0]  # bf16 [(heads + 2 kv heads) * d]
+        h = kernels.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
+        qkv = attn.q_proj.one_row(h)[0]  # [(heads + 2 kv heads) * d]
         qk = rope_decode(qkv[: (n_heads + n_kv) * d].view(n_heads + n_kv, 1, d), cos, sin_signed)
         v = qkv[(n_heads + n_kv) * d :].view(n_kv, 1, d)
-        out = cache.attend(qk[:n_heads], qk[n_heads:], v, pos0, d**-0.5)  # bf16 [heads, 1, d]
-        x = x + attn.o_proj._packed_mm(out.reshape(1, n_heads * d))  # fp32 + bf16: added in fp32
+        out = cache.attend(qk[:n_heads], qk[n_heads:], v, pos0, d**-0.5)  # [heads, 1, d]
+        x = x + attn.o_proj.one_row(out.reshape(1, n_heads * d))  # added in fp32
         h = kernels.rms_norm(x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        gate, up = mlp.gate_proj._packed_mm(h.to(torch.bfloat16)).chunk(2, dim=-1)
-        act = (F.silu(gate.float()) * up).to(torch.bfloat16)  # silu in fp32, times up in fp32, as in MLP
-        return x + mlp.down_proj._packed_mm(act)
+        gate, up = mlp.gate_proj.one_row(h).chunk(2, dim=-1)
+        act = F.silu(gate.float()) * up  # silu in fp32, times up in fp32, as in MLP
+        return x + mlp.down_proj.one_row(act)
 
 
 def rope_decode(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -319,6 +320,12 @@ class LlamaForCausalLM(nn.Module):
                              f"{tuple(plain.shape)} positive factors")
         self.rotary = Rotary(plain / factors.float().cpu())
 
+    def _packed_kinds(self) -> set[str]:
+        kinds = self.__dict__.get("_kinds")
+        if kinds is None:
+            kinds = self.__dict__["_kinds"] = {m.qtype for m in self.modules() if isinstance(m, QuantLinear)}
+        return kinds
+
     def _packed_decode(self, cache: ModelCache) -> bool:
         """Whether a decode step takes `Block.decode_packed`: every block fits it, every cache is a dense
         KVCache in bf16 (a packed model's), and the kernels are not forced to a non-default implementation."""
@@ -353,6 +360,7 @@ class LlamaForCausalLM(nn.Module):
         """Logits of every token, or with `last_only` of the last (prefill needs no LM head for the rest)."""
         if ids.device.type == "cpu":
             keep_fitting()
+            packed_gemv.prepare(self._packed_kinds())  # loads while the prompt is read; decode waits for it
         pos0 = cache.position
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
         cos, sin = self.rotary.cos_sin(positions)
@@ -367,7 +375,12 @@ class LlamaForCausalLM(nn.Module):
                 h = layer(h, cos, sin, layer_cache, pos0, self.rotary)
         cache.position = pos0 + ids.shape[0]
         x = self.model.norm(h[-1:] if last_only else h)
+        packed = isinstance(self.lm_head, QuantLinear)
+        if packed and x.shape[0] == 1 and x.device.type == "cpu":
+            logits = packed_gemv.matvec(self.lm_head, x)  # exact weights, fp32: nothing to refine
+            if logits is not None:
+                return logits if self.lm_head.bias is None else logits + self.lm_head.bias.float()
         logits = self.lm_head(x).float()
-        if isinstance(self.lm_head, QuantLinear) and x.shape[0] < PREFILL_ROWS:  # the kernel's bf16 logits
+        if packed and x.shape[0] < PREFILL_ROWS:  # torch's kernel's bf16 logits
             logits = self.lm_head.refine_top(x, logits)
         return logits

@@ -12,20 +12,19 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
 import torch
+from salachat.kernels import cpu_jit
 
 # below this many keys torch's flash call is cheap (a few ms a step for 30 layers) and a reading that short
 # should not pay numba's import and load (~0.8 s, ~2 s when numba's cache is cold)
 MIN_KEYS = 768
 
 _LOADS: dict[tuple[int, int], Future] = {}
-_POOL: list[ThreadPoolExecutor] = []
 _FAILED: list[str] = []  # why the kernel is unavailable in this process, if it is
-_LOCAL = threading.local()  # per calling thread: the numba thread count it last set (numba's count is per
-# thread) and its scratch for the tasks' partial results
+_LOCAL = threading.local()  # per calling thread: its scratch for the tasks' partial results
 
 
 def wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> bool:
@@ -38,17 +37,11 @@ def wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> bo
 def prepare(group: int, dim: int) -> None:
     """Start loading the kernel for G = `group`, D = `dim` in the background (once a process)."""
     if (group, dim) not in _LOADS and not _FAILED:
-        if not _POOL:
-            _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="salachat-numba"))
-        _LOADS[(group, dim)] = _POOL[0].submit(_load, group, dim)
+        _LOADS[(group, dim)] = cpu_jit.submit(_load, group, dim)
 
 
 def _load(group: int, dim: int):
-    import numba
-
-    if numba.config.THREADING_LAYER == "default":
-        # a layer that allows calls from several threads at once (workqueue aborts the process on them)
-        numba.config.THREADING_LAYER = "threadsafe"
+    cpu_jit.import_numba()
     from salachat.kernels.cpu_decode.numba_attention import kernel
 
     attend = kernel(group, dim)
@@ -85,12 +78,7 @@ def decode_attention(grouped_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     attend = _kernel(group, dim)
     if attend is None:
         return None
-    threads = torch.get_num_threads()  # salachat's rule (engine/threads.py) sets torch's count; numba follows
-    if getattr(_LOCAL, "threads", None) != threads:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        _LOCAL.threads = threads
+    threads = cpu_jit.follow_torch_threads()
     splits = splits_for(kv_heads, threads)
     partial = getattr(_LOCAL, "partial", None)
     if partial is None or partial.shape != (kv_heads * splits, group, dim + 2):

@@ -1,0 +1,175 @@
+"""One token's matmul over GGUF weights held in torch's CPU int4 packs: numba for the threads, LLVM IR for the
+loop (the way `cpu_decode/numba_attention.py` is written, and for the same reason: numba's own loops do not
+keep accumulators in registers).
+
+A task is one block of 64 output rows over all the inputs. torch's layout keeps a block's bytes as [K][32],
+byte (k, j) holding rows j (low nibble) and j + 32 (high), so a task streams K * 32 contiguous bytes: per input
+k, 32 bytes are split into 64 codes, widened to fp32 and multiplied by x[k] into 4 vectors of 16 rows. At the
+end of each group of 32 inputs the group's sums become weights' sums with GGUF's own numbers, in fp32:
+
+    y += d * (sum_p factor_p * acc_p + offset * sum(x))          Q4_0 (1 pack, offset -8), Q8_0 (2, -128)
+    y += d * acc + m * sum(x)                                     Q4_1
+
+which is sum_k w[k] x[k] for w = q * scale + offset per pack (`qlinear.pack_scale_offset`), reordered.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16
+GROUP = 32
+ROWS = 64  # a block of torch's int4 layout
+
+_f32, _f16, _i8, _i32, _i64 = ir.FloatType(), ir.HalfType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_vf = ir.VectorType(_f32, LANES)
+_vb = ir.VectorType(_i8, 2 * LANES)
+_vi = ir.VectorType(_i32, LANES)
+
+# per GGUF kind: each pack's factor on d, the offset's factor on d times sum(x) (None: Q4_1's own m)
+KINDS = {"Q4_0": ((1.0,), -8.0), "Q4_1": ((1.0,), None), "Q8_0": ((16.0, 1.0), -128.0)}
+
+
+def _address(b, base, offset, typ):
+    return b.inttoptr(b.add(b.ptrtoint(base, _i64), offset), ir.PointerType(typ))
+
+
+def _splat(value, typ=_vf):
+    return ir.Constant(typ, [value] * typ.count)
+
+
+def _broadcast(b, scalar):
+    one = b.insert_element(ir.Constant(_vf, ir.Undefined), scalar, ir.Constant(_i32, 0))
+    return b.shuffle_vector(one, ir.Constant(_vf, ir.Undefined), ir.Constant(_vi, [0] * LANES))
+
+
+def _half(b, x, part: int):
+    """Lanes part*16 .. part*16+15 of a 32-lane vector."""
+    return b.shuffle_vector(x, x, ir.Constant(_vi, list(range(part * LANES, (part + 1) * LANES))))
+
+
+def _block_function(module, qtype: str):
+    """void block(i8* packs[2], i8* numbers (fp16), float* x, float* y, i64 K, i64 N, i64 block): y[block's 64 rows]
+    = the rows' weights times x."""
+    name = f"salachat_packed_gemv_{qtype}"
+    if name in module.globals:
+        return module.globals[name]
+    factors, offset = KINDS[qtype]
+    n_numbers = 2 if offset is None else 1
+    ptr8 = ir.PointerType(_i8)
+    fnty = ir.FunctionType(ir.VoidType(), [ptr8, ptr8, ptr8, ir.PointerType(_f32), ir.PointerType(_f32), _i64, _i64,
+                                          _i64])
+    fn = ir.Function(module, fnty, name)
+    fn.linkage = "internal"
+    pack0, pack1, numbers, x_ptr, y_ptr, k_count, n_count, block = fn.args
+    packs = (pack0, pack1)[: len(factors)]
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(_vf, [_vf, _vf, _vf]), "llvm.fma.v16f32")
+    vsum = cgutils.get_or_insert_function(module, ir.FunctionType(_f32, [_f32, _vf]), "llvm.vector.reduce.fadd.v16f32")
+    entry, body, done = fn.append_basic_block("entry"), fn.append_basic_block("group"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    block_bytes = b.mul(b.mul(block, k_count), ir.Constant(_i64, ROWS // 2))  # a block's [K][32] bytes start here
+    y_acc = [b.alloca(_vf) for _ in range(4)]
+    for a in y_acc:
+        b.store(_splat(0.0), a)
+    groups = b.udiv(k_count, ir.Constant(_i64, GROUP))
+    b.cbranch(b.icmp_signed(">", groups, ir.Constant(_i64, 0)), body, done)
+
+    b.position_at_end(body)
+    g = b.phi(_i64)
+    g.add_incoming(ir.Constant(_i64, 0), entry)
+    k0 = b.mul(g, ir.Constant(_i64, GROUP))
+    xs = [b.load(_address(b, x_ptr, b.mul(b.add(k0, ir.Constant(_i64, kk)), ir.Constant(_i64, 4)), _f32))
+          for kk in range(GROUP)]
+    x_lo = b.load(_address(b, x_ptr, b.mul(k0, ir.Constant(_i64, 4)), _vf), align=4)
+    x_hi = b.load(_address(b, x_ptr, b.mul(b.add(k0, ir.Constant(_i64, LANES)), ir.Constant(_i64, 4)), _vf), align=4)
+    x_sum = b.call(vsum, [ir.Constant(_f32, 0.0), b.fadd(x_lo, x_hi)], fastmath=("reassoc",))
+    group_bytes = b.add(block_bytes, b.mul(k0, ir.Constant(_i64, ROWS // 2)))
+    accs = []
+    for pack in packs:
+        acc = [_splat(0.0) for _ in range(4)]
+        for kk in range(GROUP):
+            raw = b.load(_address(b, pack, b.add(group_bytes, ir.Constant(_i64, kk * ROWS // 2)), _vb), align=1)
+            low = b.and_(raw, _splat(0xF, _vb))
+            high = b.lshr(raw, _splat(4, _vb))
+            xk = _broadcast(b, xs[kk])
+            codes = [_half(b, low, 0), _half(b, low, 1), _half(b, high, 0), _half(b, high, 1)]
+            acc = [b.call(fma, [b.uitofp(c, _vf), xk, a]) for c, a in zip(codes, acc)]
+        accs.append(acc)
+    # GGUF's numbers for the group's 64 rows: [groups, N, n_numbers] fp16
+    numbers_at = b.mul(b.add(b.mul(g, n_count), b.mul(block, ir.Constant(_i64, ROWS))), ir.Constant(_i64, 2 * n_numbers))
+    x_sum_v = _broadcast(b, x_sum)
+    for part in range(4):
+        at = b.add(numbers_at, ir.Constant(_i64, part * LANES * 2 * n_numbers))
+        if n_numbers == 1:
+            d = b.fpext(b.load(_address(b, numbers, at, ir.VectorType(_f16, LANES)), align=2), _vf)
+        else:
+            pair = b.load(_address(b, numbers, at, ir.VectorType(_f16, 2 * LANES)), align=2)
+            d = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(0, 2 * LANES, 2)))), _vf)
+            m = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(1, 2 * LANES, 2)))), _vf)
+        total = accs[0][part] if factors[0] == 1.0 else b.fmul(accs[0][part], _splat(factors[0]))
+        for factor, acc in zip(factors[1:], accs[1:]):
+            total = b.call(fma, [acc[part], _splat(factor), total]) if factor != 1.0 else b.fadd(total, acc[part])
+        y_part = b.load(y_acc[part])
+        if offset is None:
+            y_part = b.call(fma, [m, x_sum_v, b.call(fma, [d, total, y_part])])
+        else:
+            y_part = b.call(fma, [d, b.call(fma, [x_sum_v, _splat(offset), total]), y_part])
+        b.store(y_part, y_acc[part])
+    g_next = b.add(g, ir.Constant(_i64, 1))
+    g.add_incoming(g_next, b.block)
+    b.cbranch(b.icmp_signed("<", g_next, groups), body, done)
+
+    b.position_at_end(done)
+    y_at = b.mul(block, ir.Constant(_i64, ROWS * 4))
+    for part in range(4):
+        b.store(b.load(y_acc[part]), _address(b, y_ptr, b.add(y_at, ir.Constant(_i64, part * LANES * 4)), _vf), align=4)
+    b.ret_void()
+    return fn
+
+
+@intrinsic(prefer_literal=True)
+def _block_task(typingctx, pack0, pack1, numbers, x, y, block, qtype):
+    """`_block_function` for one block: packs uint8 [N, K/2] (torch's int4 layout), numbers uint16 [K/32, N,
+    n] (fp16 bits), x fp32 [K], y fp32 [N], all C-contiguous; `qtype` a compile-time string."""
+    if not isinstance(qtype, types.StringLiteral):
+        return None
+    kind = qtype.literal_value
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in range(5)]
+        fn = _block_function(builder.module, kind)
+        k_count = builder.mul(cgutils.unpack_tuple(builder, arrays[0].shape)[1], ir.Constant(_i64, 2))
+        n_count = cgutils.unpack_tuple(builder, arrays[4].shape)[0]
+        ptr8 = ir.PointerType(_i8)
+        builder.call(fn, [builder.bitcast(arrays[0].data, ptr8), builder.bitcast(arrays[1].data, ptr8),
+                          builder.bitcast(arrays[2].data, ptr8), builder.bitcast(arrays[3].data, ir.PointerType(_f32)),
+                          builder.bitcast(arrays[4].data, ir.PointerType(_f32)), k_count, n_count, args[5]])
+        return context.get_dummy_value()
+
+    return types.none(pack0, pack1, numbers, x, y, block, qtype), codegen
+
+
+def _build(qtype: str):
+    kind = qtype
+
+    @njit("void(uint8[:, ::1], uint8[:, ::1], uint16[:, :, ::1], float32[::1], float32[::1])", parallel=True,
+          cache=True, nogil=True, error_model="numpy")
+    def gemv(pack0, pack1, numbers, x, y):
+        """y [N] = W x for W held as packs [N, K/2] (pack1 unused but for Q8_0) and GGUF numbers [K/32, N, n]."""
+        for block in prange(y.shape[0] // 64):
+            _block_task(pack0, pack1, numbers, x, y, block, kind)
+
+    return gemv
+
+
+_KERNELS: dict[str, object] = {}
+
+
+def kernel(qtype: str):
+    """The compiled kernel for one GGUF kind (compiled once a process; numba's cache keeps it)."""
+    if qtype not in _KERNELS:
+        _KERNELS[qtype] = _build(qtype)
+    return _KERNELS[qtype]
