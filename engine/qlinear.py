@@ -31,6 +31,30 @@ PACK_ROWS = 256  # a multiple of the kernel's 64-row blocks (1024: the default m
 DEQUANT_SLAB = 1 << 18  # fp32 elements a slab of `dequantized` (1 MB)
 
 
+def packed_bytes(q: torch.Tensor, block: int) -> torch.Tensor:
+    """4-bit codes [N, K] as torch's CPU int4 packs [N, K/2] with `block` output rows a block: per block, bytes
+    [K][block / 2], byte (k, j) holding rows j (low nibble) and j + block / 2 (high)."""
+    n, k = q.shape
+    b = q.reshape(n // block, 2, block // 2, k).to(torch.uint8)
+    return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
+
+
+def _torch_pack_block() -> int | None:
+    """The output rows of a block of torch's int4 packs on this CPU, or None for a layout we do not read.
+    torch picks its packing by the instruction set it finds at run time (64 rows with AVX-512, 32 with AVX2),
+    and everything that reads the packs besides its kernel (`dequantized`, `rows`, the numba kernel) must walk
+    the same one: reading AVX-512's on an AVX2 machine gave the default model noise for every answer."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (64, 32):
+        if packed.shape == (128, 32) and torch.equal(packed, packed_bytes(q, block)):
+            return block
+    return None
+
+
+PACK_BLOCK = _torch_pack_block()
+
+
 def unpack_blocks(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF blocks [rows, row_bytes] → (q [rows, cols] int, scale [rows, cols/32], zero [rows, cols/32]) in
     fp32, with w = (q - 8) * scale + zero for 4-bit q (and w = d q, zero unused, for Q8_0's 8-bit q)."""
@@ -169,8 +193,8 @@ class QuantLinear(nn.Module):
     @staticmethod
     def fits(info) -> bool:
         """The kernel packs output rows by 64 and inputs by groups of 32."""
-        return (info.qtype.name in PACKED_TYPES and len(info.shape) == 2 and info.shape[0] % 64 == 0
-                and info.shape[1] % GROUP == 0)
+        return (PACK_BLOCK is not None and info.qtype.name in PACKED_TYPES and len(info.shape) == 2
+                and info.shape[0] % 64 == 0 and info.shape[1] % GROUP == 0)
 
     @classmethod
     def from_gguf(cls, raw: torch.Tensor, info, bias: bool = False, arena: Arena | None = None) -> QuantLinear:
@@ -183,8 +207,8 @@ class QuantLinear(nn.Module):
     def load_rows(self, begin: int, raw) -> None:
         """Output rows begin.. from a GGUF tensor's raw blocks [rows, row_bytes] (a multiple of 64 rows).
 
-        A slice of rows at a time, written into the layer's buffers: the kernel's packing wants int32 codes,
-        8x the bytes of the file's, and slices of under a MB are reused by the allocator where large ones
+        A slice of rows at a time, written into the layer's buffers: the codes are int32, 8x the bytes of the
+        file's, and slices of under a MB are reused by the allocator where large ones
         fragmented its heap (the tied 49K-row head of the default model raised the load peak by 178 MiB)."""
         if begin % 64 or raw.shape[0] % 64 or begin + raw.shape[0] > self.out_features:
             raise ValueError(f"rows {begin}..{begin + raw.shape[0]} do not fit {self.out_features} in blocks of 64")
@@ -195,15 +219,15 @@ class QuantLinear(nn.Module):
             codes, numbers = _codes(rows, self.qtype)
             self.gguf_numbers[:, at] = numbers.transpose(0, 1)
             for i, q in enumerate(codes):
-                getattr(self, f"packed{i}")[at] = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+                getattr(self, f"packed{i}")[at] = packed_bytes(q, PACK_BLOCK)  # torch's own packing, checked
                 scale, offset = pack_scale_offset(numbers, self.qtype, i)
                 kernel = getattr(self, f"kernel_scales_zeros{i}")[:, at]
                 kernel[..., 0] = scale.T
                 kernel[..., 1] = (offset + 8 * scale).T
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """W (for prefill's dense matmul), read back from the packs. torch's CPU int4 layout: per block of 64
-        output rows, bytes [in_features][32], byte (k, j) holding rows j (low nibble) and j + 32 (high).
+        """W (for prefill's dense matmul), read back from the packs (`packed_bytes`' layout, PACK_BLOCK rows a
+        block).
 
         Computed in fp32 a slab of rows at a time, in place, and rounded into the result: the whole matrix in
         fp32 and its temporaries were a prefill's largest transients (3 of 7 MB each for the default model's
@@ -217,12 +241,14 @@ class QuantLinear(nn.Module):
             end = min(n, begin + slab)
             w = work[: end - begin]
             for i in range(self.n_packs):
-                blocks = getattr(self, f"packed{i}").view(n // 64, k, 32)[begin // 64 : end // 64]
+                half = PACK_BLOCK // 2
+                blocks = getattr(self, f"packed{i}").view(n // PACK_BLOCK, k, half)
+                blocks = blocks[begin // PACK_BLOCK : end // PACK_BLOCK]
                 scale, offset = pack_scale_offset(self.gguf_numbers[:, begin:end], self.qtype, i)
                 part = w if i == 0 else extra[: end - begin]
-                rows64 = part.view(-1, 64, k)
-                rows64[:, :32].copy_((blocks & 0xF).transpose(1, 2))
-                rows64[:, 32:].copy_((blocks >> 4).transpose(1, 2))
+                block_rows = part.view(-1, PACK_BLOCK, k)
+                block_rows[:, :half].copy_((blocks & 0xF).transpose(1, 2))
+                block_rows[:, half:].copy_((blocks >> 4).transpose(1, 2))
                 groups = part.view(end - begin, k // GROUP, GROUP)  # w = q · scale + offset, as `_affine`
                 groups.mul_(scale.T[..., None]).add_(offset.T[..., None])
                 if i:
@@ -233,11 +259,12 @@ class QuantLinear(nn.Module):
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """W[index] [R, in_features] in fp32, exactly as the file holds it (as `dequantized` reads it)."""
         n, k = self.out_features, self.in_features
-        block, j = index // 64, (index % 64)
-        shift = ((j >= 32).to(torch.uint8) * 4)[:, None]  # row j + 32 is the high nibble
+        half = PACK_BLOCK // 2
+        block, j = index // PACK_BLOCK, (index % PACK_BLOCK)
+        shift = ((j >= half).to(torch.uint8) * 4)[:, None]  # row j + half is the high nibble
         weight = None
         for i in range(self.n_packs):
-            byte = getattr(self, f"packed{i}").view(n // 64, k, 32)[block, :, j % 32]  # [R, k]: 2 rows a byte
+            byte = getattr(self, f"packed{i}").view(n // PACK_BLOCK, k, half)[block, :, j % half]  # 2 rows a byte
             q = (byte >> shift) & 0xF  # a shift a row: half the time of `where` over both nibbles
             w = _affine(q, *pack_scale_offset(self.gguf_numbers[:, index], self.qtype, i))
             weight = w if weight is None else weight + w

@@ -50,6 +50,55 @@ def test_kernel_matches_the_float64_definition(qtype, n, k):
     assert _rel(got[0], want) < _rel(torch_int4, want) / 100
 
 
+@pytest.mark.parametrize("block", [64, 32])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_both_of_torchs_layouts_read_back_the_files_weights(qtype, block, monkeypatch):
+    """torch packs 64 rows a block on an AVX-512 CPU and 32 on an AVX2 one; whichever this machine has, the
+    packs' readers (`dequantized`, `rows`, the numba kernel) walk each layout to the weights gguf's own code
+    dequantises."""
+    from salachat.engine import qlinear
+    from salachat.kernels.packed_gemv.numba_gemv import kernel
+
+    monkeypatch.setattr(qlinear, "PACK_BLOCK", block)
+    n, k = 192, 96
+    rng = np.random.default_rng(block)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    raw = gguf.quants.quantize(w, kind)
+    exact = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    layer = qlinear.QuantLinear.from_gguf(torch.from_numpy(raw), qlinear_info(n, k, kind))
+    assert torch.equal(layer.dequantized(torch.float32), exact)
+    index = torch.tensor([0, block // 2 - 1, block // 2, block - 1, block, n - 1])
+    assert torch.equal(layer.rows(index), exact[index])
+    x = torch.randn(k, generator=torch.Generator().manual_seed(1))
+    pack1 = layer.packed1.numpy() if layer.n_packs > 1 else layer.packed0.numpy()
+    y = np.empty(n, np.float32)
+    kernel(qtype, block)(layer.packed0.numpy(), pack1, layer.gguf_numbers.view(torch.int16).numpy().view(np.uint16),
+                         x.numpy(), y)
+    assert _rel(torch.from_numpy(y), (exact.double() @ x.double()).float()) < 2e-6
+
+
+def test_the_packs_are_torchs_own_on_this_cpu():
+    """The layout found at import is the one torch's kernel reads here: its product over our packs matches the
+    file's weights to bf16's precision."""
+    from salachat.engine import qlinear
+
+    assert qlinear.PACK_BLOCK in (64, 32)
+    q = torch.randint(0, 16, (256, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(qlinear.packed_bytes(q, qlinear.PACK_BLOCK), torch._convert_weight_to_int4pack_for_cpu(q, 1))
+    layer = _layer("Q4_1", 256, 128, seed=9)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9))
+    got = layer._packed_mm(x.bfloat16()).float()
+    want = x.double() @ layer.dequantized(torch.float32).double().T
+    assert _rel(got, want) < 2e-2
+
+
+def qlinear_info(n, k, kind):
+    from salachat.engine.gguf_file import TensorInfo
+
+    return TensorInfo("w", (n, k), kind, 0)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_scales_near_fp16s_top_stay_exact(qtype):
     layer = _layer(qtype, 128, 64, seed=5, huge_d=True)

@@ -31,9 +31,10 @@ def prepare(qtypes) -> None:
 
 def _load(qtype: str):
     cpu_jit.import_numba()
+    from salachat.engine.qlinear import PACK_BLOCK
     from salachat.kernels.packed_gemv.numba_gemv import kernel
 
-    gemv = kernel(qtype)
+    gemv = kernel(qtype, PACK_BLOCK)
     pack = np.zeros((64, 16), np.uint8)
     numbers = np.zeros((1, 64, 2 if qtype == "Q4_1" else 1), np.uint16)
     gemv(pack, pack, numbers, np.zeros(32, np.float32), np.empty(64, np.float32))  # starts numba's threads

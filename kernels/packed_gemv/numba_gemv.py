@@ -2,10 +2,11 @@
 loop (the way `cpu_decode/numba_attention.py` is written, and for the same reason: numba's own loops do not
 keep accumulators in registers).
 
-A task is one block of 64 output rows over all the inputs. torch's layout keeps a block's bytes as [K][32],
-byte (k, j) holding rows j (low nibble) and j + 32 (high), so a task streams K * 32 contiguous bytes: per input
-k, 32 bytes are split into 64 codes, widened to fp32 and multiplied by x[k] into 4 vectors of 16 rows. At the
-end of each group of 32 inputs the group's sums become weights' sums with GGUF's own numbers, in fp32:
+A task is one block of R output rows over all the inputs (R = 64 where torch packs for AVX-512, 32 for AVX2:
+`qlinear.PACK_BLOCK`). torch's layout keeps a block's bytes as [K][R/2], byte (k, j) holding rows j (low
+nibble) and j + R/2 (high), so a task streams K * R/2 contiguous bytes: per input k, R/2 bytes are split into R
+codes, widened to fp32 and multiplied by x[k] into R/16 vectors of 16 rows. At the end of each group of 32
+inputs the group's sums become weights' sums with GGUF's own numbers, in fp32:
 
     y += d * (sum_p factor_p * acc_p + offset * sum(x))          Q4_0 (1 pack, offset -8), Q8_0 (2, -128)
     y += d * acc + m * sum(x)                                     Q4_1
@@ -22,11 +23,9 @@ from numba.extending import intrinsic
 
 LANES = 16
 GROUP = 32
-ROWS = 64  # a block of torch's int4 layout
 
 _f32, _f16, _i8, _i32, _i64 = ir.FloatType(), ir.HalfType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _vf = ir.VectorType(_f32, LANES)
-_vb = ir.VectorType(_i8, 2 * LANES)
 _vi = ir.VectorType(_i32, LANES)
 
 # per GGUF kind: each pack's factor on d, the offset's factor on d times sum(x) (None: Q4_1's own m)
@@ -47,14 +46,16 @@ def _broadcast(b, scalar):
 
 
 def _half(b, x, part: int):
-    """Lanes part*16 .. part*16+15 of a 32-lane vector."""
+    """Lanes part*16 .. part*16+15 of a vector."""
     return b.shuffle_vector(x, x, ir.Constant(_vi, list(range(part * LANES, (part + 1) * LANES))))
 
 
-def _block_function(module, qtype: str):
-    """void block(i8* packs[2], i8* numbers (fp16), float* x, float* y, i64 K, i64 N, i64 block): y[block's 64 rows]
-    = the rows' weights times x."""
-    name = f"salachat_packed_gemv_{qtype}"
+def _block_function(module, qtype: str, rows: int):
+    """void block(i8* packs[2], i8* numbers (fp16), float* x, float* y, i64 K, i64 N, i64 block): y[block's `rows`
+    rows] = the rows' weights times x."""
+    name = f"salachat_packed_gemv_{qtype}_{rows}"
+    parts, halves = rows // LANES, rows // (2 * LANES)  # vectors of 16 rows a block; of them, in each nibble
+    vb = ir.VectorType(_i8, rows // 2)
     if name in module.globals:
         return module.globals[name]
     factors, offset = KINDS[qtype]
@@ -70,8 +71,8 @@ def _block_function(module, qtype: str):
     vsum = cgutils.get_or_insert_function(module, ir.FunctionType(_f32, [_f32, _vf]), "llvm.vector.reduce.fadd.v16f32")
     entry, body, done = fn.append_basic_block("entry"), fn.append_basic_block("group"), fn.append_basic_block("done")
     b = ir.IRBuilder(entry)
-    block_bytes = b.mul(b.mul(block, k_count), ir.Constant(_i64, ROWS // 2))  # a block's [K][32] bytes start here
-    y_acc = [b.alloca(_vf) for _ in range(4)]
+    block_bytes = b.mul(b.mul(block, k_count), ir.Constant(_i64, rows // 2))  # a block's [K][R/2] bytes start here
+    y_acc = [b.alloca(_vf) for _ in range(parts)]
     for a in y_acc:
         b.store(_splat(0.0), a)
     groups = b.udiv(k_count, ir.Constant(_i64, GROUP))
@@ -86,22 +87,22 @@ def _block_function(module, qtype: str):
     x_lo = b.load(_address(b, x_ptr, b.mul(k0, ir.Constant(_i64, 4)), _vf), align=4)
     x_hi = b.load(_address(b, x_ptr, b.mul(b.add(k0, ir.Constant(_i64, LANES)), ir.Constant(_i64, 4)), _vf), align=4)
     x_sum = b.call(vsum, [ir.Constant(_f32, 0.0), b.fadd(x_lo, x_hi)], fastmath=("reassoc",))
-    group_bytes = b.add(block_bytes, b.mul(k0, ir.Constant(_i64, ROWS // 2)))
+    group_bytes = b.add(block_bytes, b.mul(k0, ir.Constant(_i64, rows // 2)))
     accs = []
     for pack in packs:
-        acc = [_splat(0.0) for _ in range(4)]
+        acc = [_splat(0.0) for _ in range(parts)]
         for kk in range(GROUP):
-            raw = b.load(_address(b, pack, b.add(group_bytes, ir.Constant(_i64, kk * ROWS // 2)), _vb), align=1)
-            low = b.and_(raw, _splat(0xF, _vb))
-            high = b.lshr(raw, _splat(4, _vb))
+            raw = b.load(_address(b, pack, b.add(group_bytes, ir.Constant(_i64, kk * rows // 2)), vb), align=1)
+            low = b.and_(raw, _splat(0xF, vb))
+            high = b.lshr(raw, _splat(4, vb))
             xk = _broadcast(b, xs[kk])
-            codes = [_half(b, low, 0), _half(b, low, 1), _half(b, high, 0), _half(b, high, 1)]
+            codes = [_half(b, nibble, h) if halves > 1 else nibble for nibble in (low, high) for h in range(halves)]
             acc = [b.call(fma, [b.uitofp(c, _vf), xk, a]) for c, a in zip(codes, acc)]
         accs.append(acc)
-    # GGUF's numbers for the group's 64 rows: [groups, N, n_numbers] fp16
-    numbers_at = b.mul(b.add(b.mul(g, n_count), b.mul(block, ir.Constant(_i64, ROWS))), ir.Constant(_i64, 2 * n_numbers))
+    # GGUF's numbers for the group's rows: [groups, N, n_numbers] fp16
+    numbers_at = b.mul(b.add(b.mul(g, n_count), b.mul(block, ir.Constant(_i64, rows))), ir.Constant(_i64, 2 * n_numbers))
     x_sum_v = _broadcast(b, x_sum)
-    for part in range(4):
+    for part in range(parts):
         at = b.add(numbers_at, ir.Constant(_i64, part * LANES * 2 * n_numbers))
         if n_numbers == 1:
             d = b.fpext(b.load(_address(b, numbers, at, ir.VectorType(_f16, LANES)), align=2), _vf)
@@ -123,24 +124,25 @@ def _block_function(module, qtype: str):
     b.cbranch(b.icmp_signed("<", g_next, groups), body, done)
 
     b.position_at_end(done)
-    y_at = b.mul(block, ir.Constant(_i64, ROWS * 4))
-    for part in range(4):
+    y_at = b.mul(block, ir.Constant(_i64, rows * 4))
+    for part in range(parts):
         b.store(b.load(y_acc[part]), _address(b, y_ptr, b.add(y_at, ir.Constant(_i64, part * LANES * 4)), _vf), align=4)
     b.ret_void()
     return fn
 
 
 @intrinsic(prefer_literal=True)
-def _block_task(typingctx, pack0, pack1, numbers, x, y, block, qtype):
+def _block_task(typingctx, pack0, pack1, numbers, x, y, block, qtype, rows):
     """`_block_function` for one block: packs uint8 [N, K/2] (torch's int4 layout), numbers uint16 [K/32, N,
-    n] (fp16 bits), x fp32 [K], y fp32 [N], all C-contiguous; `qtype` a compile-time string."""
-    if not isinstance(qtype, types.StringLiteral):
+    n] (fp16 bits), x fp32 [K], y fp32 [N], all C-contiguous; `qtype` a compile-time string, `rows` a
+    compile-time int (the layout's rows a block)."""
+    if not isinstance(qtype, types.StringLiteral) or not isinstance(rows, types.IntegerLiteral):
         return None
-    kind = qtype.literal_value
+    kind, block_rows = qtype.literal_value, rows.literal_value
 
     def codegen(context, builder, signature, args):
         arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in range(5)]
-        fn = _block_function(builder.module, kind)
+        fn = _block_function(builder.module, kind, block_rows)
         k_count = builder.mul(cgutils.unpack_tuple(builder, arrays[0].shape)[1], ir.Constant(_i64, 2))
         n_count = cgutils.unpack_tuple(builder, arrays[4].shape)[0]
         ptr8 = ir.PointerType(_i8)
@@ -149,27 +151,30 @@ def _block_task(typingctx, pack0, pack1, numbers, x, y, block, qtype):
                           builder.bitcast(arrays[4].data, ir.PointerType(_f32)), k_count, n_count, args[5]])
         return context.get_dummy_value()
 
-    return types.none(pack0, pack1, numbers, x, y, block, qtype), codegen
+    return types.none(pack0, pack1, numbers, x, y, block, qtype, rows), codegen
 
 
-def _build(qtype: str):
-    kind = qtype
+def _build(qtype: str, rows: int):
+    kind, block_rows = qtype, rows
 
     @njit("void(uint8[:, ::1], uint8[:, ::1], uint16[:, :, ::1], float32[::1], float32[::1])", parallel=True,
           cache=True, nogil=True, error_model="numpy")
     def gemv(pack0, pack1, numbers, x, y):
         """y [N] = W x for W held as packs [N, K/2] (pack1 unused but for Q8_0) and GGUF numbers [K/32, N, n]."""
-        for block in prange(y.shape[0] // 64):
-            _block_task(pack0, pack1, numbers, x, y, block, kind)
+        for block in prange(y.shape[0] // block_rows):
+            _block_task(pack0, pack1, numbers, x, y, block, kind, block_rows)
 
     return gemv
 
 
-_KERNELS: dict[str, object] = {}
+_KERNELS: dict[tuple[str, int], object] = {}
 
 
-def kernel(qtype: str):
-    """The compiled kernel for one GGUF kind (compiled once a process; numba's cache keeps it)."""
-    if qtype not in _KERNELS:
-        _KERNELS[qtype] = _build(qtype)
-    return _KERNELS[qtype]
+def kernel(qtype: str, rows: int):
+    """The compiled kernel for one GGUF kind and layout (64 or 32 rows a block; compiled once a process,
+    numba's cache keeps it)."""
+    if rows not in (32, 64):
+        raise ValueError(f"no kernel for torch's int4 layout of {rows} rows a block")
+    if (qtype, rows) not in _KERNELS:
+        _KERNELS[qtype, rows] = _build(qtype, rows)
+    return _KERNELS[qtype, rows]
