@@ -11,8 +11,8 @@ bf16 rounding:
 
 Measured on a 2-core AMX CPU (bench/ask_cpu.py has the end-to-end figures): for one token the int4 kernel
 reads 5x fewer bytes than fp32 and beats a dense bf16 or fp32 matrix-vector product; for a prompt's
-hundreds of tokens a dense bf16 matmul (AMX) on weights dequantised for the call is faster, so prefill
-takes that path. torch's int8 kernel (`_weight_int8pack_mm`) has one scale per output row, which GGUF's
+hundreds of tokens a dense matmul on weights dequantised for the call is faster, so prefill takes that path
+(in bf16 on AMX, in fp32 where the CPU has no bf16 arithmetic: PREFILL_DTYPE). torch's int8 kernel (`_weight_int8pack_mm`) has one scale per output row, which GGUF's
 per-32 block scales do not fit without requantising, and measured slower than both.
 """
 
@@ -26,7 +26,7 @@ from torch import nn
 
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 GROUP = 32
-PREFILL_ROWS = 16  # from this many tokens on, dequantise once and use a dense bf16 matmul
+PREFILL_ROWS = 16  # from this many tokens on, dequantise once and use a dense matmul (PREFILL_DTYPE)
 PACK_ROWS = 256  # a multiple of the kernel's 64-row blocks (1024: the default model's load peak 21 MiB higher)
 DEQUANT_SLAB = 1 << 18  # fp32 elements a slab of `dequantized` (1 MB)
 
@@ -53,6 +53,11 @@ def _torch_pack_block() -> int | None:
 
 
 PACK_BLOCK = _torch_pack_block()
+# A prompt's matmul in bf16 where the CPU has bf16 arithmetic (AVX-512 BF16, AMX: oneDNN's bf16 kernels), else
+# in fp32: on an AVX2 CPU torch's bf16 matmul is emulated, 8x slower than fp32 (512x576 by 576x1536 on 2 cores:
+# 136 against 17 ms), and the default model read 27.5 tokens/s.
+PREFILL_DTYPE = torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+    else torch.float32
 
 
 def unpack_blocks(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -301,7 +306,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= PREFILL_ROWS:
-            y = x2.to(torch.bfloat16) @ self.dequantized().T
+            y = x2.to(PREFILL_DTYPE) @ self.dequantized(PREFILL_DTYPE).T
         elif x2.shape[0] == 1:
             y = self.one_row(x2)
         else:
