@@ -49,9 +49,10 @@ def prompt_ids(model: str, n: int) -> list[int]:
 
 
 def worker_salachat(model: str, threads: int, ids: list[int]) -> dict:
+    os.environ["SALACHAT_THREADS"] = str(threads)
+    import salachat  # noqa: F401  (first, as the CLI does: it sets OpenMP's wait policy before torch loads)
     import torch
 
-    os.environ["SALACHAT_THREADS"] = str(threads)
     import salachat.engine.gguf_file
     import salachat.engine.models.llama
     import salachat.engine.qlinear
