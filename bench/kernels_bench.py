@@ -215,10 +215,28 @@ def sweep_select(length: int, queries: int) -> list[dict]:
     return rows
 
 
-def select_against(baseline: str, contexts, chunk: int) -> list[dict]:
+def _scorer_keys(module, call) -> list[torch.Tensor]:
+    """The sort keys the scorer wrote during call() (one tensor per tile of queries), for a bitwise comparison."""
+    saved, chosen = [], module._chosen_blocks
+
+    def keep(keys, *args):
+        saved.append(keys.clone())
+        return chosen(keys, *args)
+
+    module._chosen_blocks = keep
+    try:
+        call()
+    finally:
+        module._chosen_blocks = chosen
+    return saved
+
+
+def select_against(baseline: str, contexts, chunk: int, variants=(), ref_queries: int = 1024) -> list[dict]:
     """The working tree's block selection against another version of kernels/sparse/triton_select.py (a file,
     e.g. `git show REV:kernels/sparse/triton_select.py > before.py`), the same inputs in one run, alternating:
-    wall time, each kernel's GPU time, and whether the two select the same blocks."""
+    wall time, each kernel's GPU time, whether the two select the same blocks and write the same key bits, and
+    how many selected ids differ from the fp32 reference's over the chunk's last `ref_queries` queries.
+    `variants` (dicts of select_blocks_triton keywords) time more settings of the working tree's file."""
     import importlib.util
 
     from salachat.kernels.sparse import triton_select as current
@@ -227,16 +245,35 @@ def select_against(baseline: str, contexts, chunk: int) -> list[dict]:
     before = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(before)
     p, scale, rows = SparseParams(), D**-0.5, []
+    settings = [("baseline", before, {}), ("current", current, {})]
+    settings += [(json.dumps(v, sort_keys=True), current, v) for v in variants]
     for length in contexts:
         k = torch.randn(HKV_SPARSE, length, D, device="cuda", dtype=torch.bfloat16)
         k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, 4 * p.kernel_size, 4 * p.kernel_stride)
         del k
         for t in (chunk, 1):
             q = torch.randn(H, t, D, device="cuda", dtype=torch.bfloat16)
-            calls = {name: (lambda m=m: m.select_blocks_triton(q, k1, k2, length - t, p, scale))
-                     for name, m in (("baseline", before), ("current", current))}
-            row = {"op": "select_against", "baseline": baseline, "context": length, "queries": t,
-                   "same_selection": bool(torch.equal(calls["baseline"](), calls["current"]()))}
+            calls = {name: (lambda m=m, kw=kw: m.select_blocks_triton(q, k1, k2, length - t, p, scale, **kw))
+                     for name, m, kw in settings}
+            r = min(ref_queries, t)
+            want = select_blocks_ref(q[:, t - r:], k1, k2, length - r, p, scale)
+            base_sel, base_keys = calls["baseline"](), _scorer_keys(before, calls["baseline"])
+            row = {"op": "select_against", "baseline": baseline, "context": length, "queries": t, "ref_queries": r,
+                   "baseline_ref_diff": int((base_sel[:, t - r:] != want).sum())}
+            for name, m, _ in settings[1:]:
+                sel = calls[name]()
+                if m._FLASH_FAILED:  # a setting that does not build (shared memory, say) must not leave every
+                    # later call of this process on the tile scorer
+                    row[f"{name}_failed"] = m._FLASH_FAILED.pop()
+                    del calls[name]
+                    continue
+                keys = _scorer_keys(m, calls[name])
+                row[f"{name}_same_selection"] = bool(torch.equal(sel, base_sel))
+                row[f"{name}_same_keys"] = all(torch.equal(a, b) for a, b in zip(keys, base_keys, strict=True))
+                row[f"{name}_ref_diff"] = int((sel[:, t - r:] != want).sum())
+                del keys
+            row["same_selection"] = row["current_same_selection"]
+            del base_keys, want
             for _ in range(2):
                 for name, call in calls.items():
                     row.setdefault(f"{name}_ms", []).append(timed(call, repeat=5 if t > 1 else 50))
@@ -245,6 +282,38 @@ def select_against(baseline: str, contexts, chunk: int) -> list[dict]:
             rows.append(row)
             print(row)
         del k1, k2
+        torch.cuda.empty_cache()
+    return rows
+
+
+def attend_against(contexts, chunk: int, variants) -> list[dict]:
+    """The block-sparse attention with other keywords of block_sparse_attention_triton (`variants`) against its
+    defaults, the same inputs and selection in one run, alternating: wall time, GPU time, largest difference."""
+    from salachat.kernels.sparse.triton_attention import block_sparse_attention_triton
+    from salachat.kernels.sparse.triton_select import select_blocks_triton
+
+    p, scale, rows = SparseParams(), D**-0.5, []
+    for length in contexts:
+        k = torch.randn(HKV_SPARSE, length, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, 4 * p.kernel_size, 4 * p.kernel_stride)
+        for t in (chunk, 1):
+            q = torch.randn(H, t, D, device="cuda", dtype=torch.bfloat16)
+            idx = select_blocks_triton(q, k1, k2, length - t, p, scale)
+            calls = {json.dumps(kw, sort_keys=True): (lambda kw=kw: block_sparse_attention_triton(
+                q, k, v, idx, length - t, p.block_size, scale, **kw)) for kw in [{}, *variants]}
+            want = calls["{}"]().float()
+            row = {"op": "attend_against", "context": length, "queries": t}
+            for name, call in calls.items():
+                row[f"{name}_max_diff"] = (call().float() - want).abs().max().item()
+            for _ in range(2):
+                for name, call in calls.items():
+                    row.setdefault(f"{name}_ms", []).append(timed(call, repeat=5 if t > 1 else 50))
+            for name, call in calls.items():
+                row[f"{name}_kernels_ms"] = kernel_ms(call)
+            rows.append(row)
+            print(row)
+        del k, v, k1, k2
         torch.cuda.empty_cache()
     return rows
 
@@ -320,6 +389,12 @@ def main() -> None:
     parser.add_argument("--select-against", metavar="FILE",
                         help="also time the selection against this other version of triton_select.py at the "
                              "--sparse-contexts (then those contexts get no other sparse rows)")
+    parser.add_argument("--select-variants", nargs="+", default=[], metavar="JSON",
+                        help="with --select-against, also time these select_blocks_triton keywords of the working "
+                             "tree's file, e.g. '{\"num_stages\": 2}'")
+    parser.add_argument("--attend-variants", nargs="+", default=[], metavar="JSON",
+                        help="also time the sparse attention with these block_sparse_attention_triton keywords "
+                             "against its defaults at the --sparse-contexts")
     parser.add_argument("--topk-contexts", nargs="+", type=int, default=[], metavar="CONTEXT",
                         help="also time the selection's top-k alone (torch.topk against Triton) at these contexts")
     parser.add_argument("--topk-sweep", action="store_true", help="try the Triton top-k's groups and warps")
@@ -329,18 +404,33 @@ def main() -> None:
     rows += bench_topk(args.topk_contexts, args.chunk, args.topk_sweep) if args.topk_contexts else []
     lengths = [t for t in args.lightning_lengths if t > 0]  # 0: no Lightning rows
     contexts = [t for t in args.sparse_contexts if t > 0]  # 0: no sparse rows
+    if args.attend_variants:
+        rows += attend_against(contexts, args.chunk, [json.loads(v) for v in args.attend_variants])
     if args.select_against:
-        rows += select_against(args.select_against, contexts, args.chunk)
+        rows += select_against(args.select_against, contexts, args.chunk, [json.loads(v) for v in args.select_variants])
+    if args.attend_variants or args.select_against:
         contexts = []
     rows += (bench_lightning(lengths, args.sweep) if lengths else []) + bench_sparse(contexts, args.chunk, args.reference)
     print("\n| op | size | triton / sparse ms | baseline ms |")
     print("|---|---|---|---|")
     for r in rows:
         if r["op"] == "select_against":
-            print(f"| select, {r['baseline']} against now | L={r['context']}, T={r['queries']} | "
-                  f"{min(r['current_ms']):.3f} | {min(r['baseline_ms']):.3f} (same selection: {r['same_selection']}) |")
+            for name in [n[:-3] for n in r if n.endswith("_ms") and not n.endswith("kernels_ms") and n != "baseline_ms"]:
+                print(f"| select, {name} against {r['baseline']} | L={r['context']}, T={r['queries']} | "
+                      f"{min(r[name + '_ms']):.3f} | {min(r['baseline_ms']):.3f} (same selection: "
+                      f"{r[name + '_same_selection']}, same keys: {r[name + '_same_keys']}; ids off the reference "
+                      f"in the last {r['ref_queries']} queries: {r[name + '_ref_diff']} against "
+                      f"{r['baseline_ref_diff']}) |")
+            for name in [n[:-7] for n in r if n.endswith("_failed")]:
+                print(f"| select, {name} | L={r['context']}, T={r['queries']} | did not build: "
+                      f"{r[name + '_failed'][:80]} | |")
             continue
         if r["op"].startswith("select_"):
+            continue
+        if r["op"] == "attend_against":
+            for name in [n[:-3] for n in r if n.endswith("_ms") and not n.endswith("kernels_ms")]:
+                print(f"| attend, {name} | L={r['context']}, T={r['queries']} | {min(r[name + '_ms']):.3f} | "
+                      f"{min(r['{}_ms']):.3f} (largest difference {r[name + '_max_diff']:.2e}) |")
             continue
         if r["op"].startswith("topk"):
             graph = (f"; graphed {r['triton_graph_ms']:.4f} vs {r['torch_graph_ms']:.4f}"
