@@ -50,10 +50,12 @@ def build(kernel, args: list[str], constants: dict, num_warps: int, num_stages: 
 
 def variants():
     sala = {"BLOCK": 64, "KERNEL": 32, "STRIDE": 16, "INIT": 1, "LOCAL": 32, "PRECISION": "tf32", "D": 128}
-    # the launch's own settings: 64-row prefill tiles and 16-row decode tiles, 4 warps, 3 stages
-    for group, gpad, bq, stages, splits in [(16, 16, 4, 3, 1), (3, 4, 16, 3, 1), (7, 8, 8, 3, 1), (16, 16, 1, 3, 32)]:
+    # the launch's own settings: 128-row prefill tiles against 16 blocks (64 for a one-head group) and 16-row
+    # decode tiles against 32 blocks, 4 warps, 3 stages
+    for group, gpad, bq, blocks, splits in [(16, 16, 8, 16, 1), (3, 4, 32, 16, 1), (7, 8, 16, 16, 1),
+                                            (1, 1, 64, 16, 1), (16, 16, 1, 32, 32)]:
         yield (f"flash scorer group {group} rows {gpad * bq}", triton_select._flash_score_kernel, SELECT_ARGS,
-               dict(GROUP=group, GPAD=gpad, BQ=bq, NB=32, PER_BLOCK=4, LOOKBACK=1, SPLITS=splits, **sala), 4, stages)
+               dict(GROUP=group, GPAD=gpad, BQ=bq, NB=blocks, PER_BLOCK=4, LOOKBACK=1, SPLITS=splits, **sala), 4, 3)
     yield ("block-sparse attention group 3", triton_attention._block_sparse_kernel, ATTN_ARGS,
            {"GROUP": 3, "GPAD": 4, "BQ": 16, "D": 128, "BLOCK": 64, "HAS_BLOCK_POS": False, "SPLITS": 1,
             "PRECISION": "tf32", "SLOTS": 0}, 4, 3)

@@ -11,12 +11,12 @@ the GPU `triton_topk.py` finds them, elsewhere (and as its reference) `_top_bloc
 
 Two scorers. `_flash_score_kernel` (every geometry where a block owns a power of two of level-1 chunks and
 overlaps at most one chunk of the block before it: MiniCPM-SALA's 64/32/16 and the Llama defaults) is written
-like flash attention: a tile of queries (all the group's heads stacked as rows) walks contiguous tiles of
-level-1 keys on tensor cores, each score is computed once, exp2 of the normalised score, the head sum and the
-max-pool are done in registers (a chunk shared with the previous block is carried across tiles). The older
-`_tile_score_kernel` gathers the overlapping chunks of each block (5/4 of the work) and serves the other
-geometries. The group of query heads is padded to a power of two (tl.arange needs one) and the padded rows
-are masked, so any GQA group size works.
+like flash attention: a tile of queries (all the group's heads side by side) walks contiguous tiles of
+level-1 keys on tensor cores (keys as the rows of the product), each score is computed once, exp2 of the
+normalised score, the head sum and the max-pool are done in registers (a chunk shared with the previous block
+is carried across tiles). The older `_tile_score_kernel` gathers the overlapping chunks of each block (5/4 of
+the work) and serves the other geometries. The group of query heads is padded to a power of two (tl.arange
+needs one) and the padded heads are masked, so any GQA group size works.
 """
 
 from __future__ import annotations
@@ -129,45 +129,92 @@ def _lse_kernel(
 
 
 @triton.jit
-def _group_scores(q, K1g, cols, n1, sk1t, lse2, pos, c, BQ: tl.constexpr, GPAD: tl.constexpr, BN: tl.constexpr,
-                  D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, PRECISION: tl.constexpr,
-                  EDGE: tl.constexpr = True):
-    """[BQ, BN]: sum over the group's heads of exp(s1 - lse) for level-1 chunks `cols` (0 where a query does
-    not see the chunk, -inf where the chunk does not exist). EDGE=False: every chunk exists and every query
-    sees it (the interior of a long context), so no mask is computed; the values are the same bits."""
+def _cols(tile, g, T, q_pos0, GROUP: tl.constexpr, GPAD: tl.constexpr, BQ: tl.constexpr):
+    """The flash scorer's tile is transposed (keys as rows, the program's (query, head) pairs as columns), and
+    column c holds head (c // 2BQ) * 2 + c % 2 of query (c // 2) % BQ: in the wgmma accumulator a thread holds
+    columns c % 8 in {2l, 2l + 1} of every 8, so with this order all 16 heads of a query sit in one thread's
+    registers (4 queries in the 4 lanes l) and the sum over the heads needs no shuffle."""
+    c = tl.arange(0, BQ * GPAD)
+    if GPAD == 1:
+        hrow = c * 0
+        qloc = c
+    else:
+        hrow = (c // (2 * BQ)) * 2 + c % 2
+        qloc = (c // 2) % BQ
+    head = g * GROUP + tl.minimum(hrow, GROUP - 1)
+    qi = tile * BQ + qloc
+    valid = (qi < T) & (hrow < GROUP)
+    return head, qi, valid, q_pos0 + qi
+
+
+@triton.jit
+def _head_sum(p, BN: tl.constexpr, BQ: tl.constexpr, GPAD: tl.constexpr):
+    """[BN, BQ * GPAD] in `_cols`' order -> [BN, BQ], summed over the heads highest head bit first, the tree
+    the row-major scorer's butterfly reduction used (so the sums are the same bits)."""
+    if GPAD == 1:
+        score = p
+    else:
+        x = tl.reshape(p, (BN, GPAD // 2, 2 * BQ))
+        for i in tl.static_range(GPAD.bit_length() - 2):
+            x = tl.sum(tl.reshape(x, (BN, 2, GPAD // (4 << i), 2 * BQ)), 1)
+        score = tl.sum(tl.reshape(x, (BN, BQ, 2)), 2)
+    return score
+
+
+@triton.jit
+def _chunk_dot(qt, K1g, cols, n1, sk1t, D: tl.constexpr, PRECISION: tl.constexpr, EDGE: tl.constexpr):
+    """[BN, BQ * GPAD]: level-1 keys `cols` (past n1 or below 0 as zeros where EDGE) times the queries."""
     offs_d = tl.arange(0, D)
     if EDGE:
         k = tl.load(K1g + cols[:, None] * sk1t + offs_d[None, :], mask=(cols[:, None] < n1) & (cols[:, None] >= 0),
                     other=0.0)
     else:
         k = tl.load(K1g + cols[:, None] * sk1t + offs_d[None, :])
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    p = tl.exp2(s * c - lse2[:, None])
+    return tl.dot(k, qt, input_precision=PRECISION)
+
+
+@triton.jit
+def _head_scores(s, cols, n1, lse2, pos, c, BQ: tl.constexpr, GPAD: tl.constexpr, BN: tl.constexpr,
+                 KERNEL: tl.constexpr, STRIDE: tl.constexpr, EDGE: tl.constexpr):
+    """[BN, BQ]: sum over the group's heads of exp(s1 - lse) for the dot `s` of level-1 chunks `cols` (0 where
+    a query does not see the chunk, -inf where the chunk does not exist). EDGE=False: every chunk exists and
+    every query sees it (the interior of a long context), so no mask is computed; the values are the same
+    bits."""
+    p = tl.exp2(s * c - lse2[None, :])
     if EDGE:
-        p = tl.where(cols[None, :] * STRIDE + KERNEL <= pos[:, None] + 1, p, 0.0)
-    score = tl.sum(tl.reshape(p, (BQ, GPAD, BN)), 1)
+        p = tl.where(cols[:, None] * STRIDE + KERNEL <= pos[None, :] + 1, p, 0.0)
+    score = _head_sum(p, BN, BQ, GPAD)
     if EDGE:
-        score = tl.where((cols[None, :] < n1) & (cols[None, :] >= 0), score, float("-inf"))
+        score = tl.where((cols[:, None] < n1) & (cols[:, None] >= 0), score, float("-inf"))
     return score
+
+
+@triton.jit
+def _group_scores(qt, K1g, cols, n1, sk1t, lse2, pos, c, BQ: tl.constexpr, GPAD: tl.constexpr,
+                  BN: tl.constexpr, D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
+                  PRECISION: tl.constexpr, EDGE: tl.constexpr = True):
+    """`_head_scores` of `_chunk_dot`: qt is the program's queries [D, BQ * GPAD] in `_cols`' order."""
+    s = _chunk_dot(qt, K1g, cols, n1, sk1t, D, PRECISION, EDGE)
+    return _head_scores(s, cols, n1, lse2, pos, c, BQ, GPAD, BN, KERNEL, STRIDE, EDGE)
 
 
 @triton.jit
 def _pool_and_store(score, carry, b0, qb, q_rows, T, b_end, KEYSg, skeyt, BQ: tl.constexpr, NB: tl.constexpr,
                     PER_BLOCK: tl.constexpr, LOOKBACK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
-    """Max-pool a tile's chunk scores [BQ, NB * PER_BLOCK] into its NB blocks (with LOOKBACK the last chunk of
+    """Max-pool a tile's chunk scores [NB * PER_BLOCK, BQ] into its NB blocks (with LOOKBACK the last chunk of
     the block before, `carry` across tiles), store the blocks' keys; returns the carry for the next tile."""
     nb = tl.arange(0, NB)
     e = tl.arange(0, PER_BLOCK)
-    grouped = tl.reshape(score, (BQ, NB, PER_BLOCK))
-    pooled = tl.max(grouped, 2)
+    grouped = tl.reshape(score, (NB, PER_BLOCK, BQ))
+    pooled = tl.max(grouped, 1)
     if LOOKBACK:
-        last = tl.max(tl.where(e[None, None, :] == PER_BLOCK - 1, grouped, float("-inf")), 2)  # [BQ, NB]
-        prev = tl.gather(last, tl.maximum(nb - 1, 0)[None, :] + tl.zeros((BQ, NB), tl.int32), 1)
-        prev = tl.where(nb[None, :] == 0, carry[:, None], prev)
+        last = tl.max(tl.where(e[None, :, None] == PER_BLOCK - 1, grouped, float("-inf")), 1)  # [NB, BQ]
+        prev = tl.gather(last, tl.maximum(nb - 1, 0)[:, None] + tl.zeros((NB, BQ), tl.int32), 0)
+        prev = tl.where(nb[:, None] == 0, carry[None, :], prev)
         pooled = tl.maximum(pooled, prev)
-        carry = tl.max(tl.where(nb[None, :] == NB - 1, last, float("-inf")), 1)
+        carry = tl.max(tl.where(nb[:, None] == NB - 1, last, float("-inf")), 0)
     blocks = b0 + nb
-    key = _pack_keys(pooled, blocks, qb, INIT, LOCAL)
+    key = _pack_keys(tl.trans(pooled), blocks, qb, INIT, LOCAL)
     ok = (q_rows[:, None] < T) & (blocks[None, :] < b_end)
     tl.store(KEYSg + q_rows[:, None] * skeyt + blocks[None, :], key, mask=ok)
     return carry
@@ -186,9 +233,9 @@ def _flash_score_kernel(
     PER_BLOCK*b .. PER_BLOCK*b + PER_BLOCK - 1 and, with LOOKBACK, also overlaps chunk PER_BLOCK*b - 1 (the
     last of block b - 1): that chunk's group score is carried from the previous tile."""
     tile, g, bsplit = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    head, qi, valid, pos = _rows(tile, g, T, q_pos0, GROUP, GPAD, BQ)
+    head, qi, valid, pos = _cols(tile, g, T, q_pos0, GROUP, GPAD, BQ)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + head[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :], mask=valid[:, None], other=0.0)
+    q = tl.load(Q + head[None, :] * sqh + qi[None, :] * sqt + offs_d[:, None], mask=valid[None, :], other=0.0)
     lse2 = _merged_lse(LSE, head, qi, valid, T, tl.num_programs(1) * GROUP, SPLITS) * 1.4426950408889634
     c = scale * 1.4426950408889634
     q_rows = tile * BQ + tl.arange(0, BQ)
@@ -217,21 +264,30 @@ def _flash_score_kernel(
             cols = (b_begin - NB) * PER_BLOCK + tl.arange(0, NB * PER_BLOCK)
             if b_begin <= full_blocks:
                 score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
-                                      KERNEL, STRIDE, PRECISION, EDGE=False)
+                                      KERNEL, STRIDE, PRECISION, False)
             else:
                 score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
-                                      KERNEL, STRIDE, PRECISION)
-            carry = tl.max(tl.where(cols[None, :] == b_begin * PER_BLOCK - 1, score, float("-inf")), 1)
-    for b0 in range(b_begin, b_int, NB):
-        cols = b0 * PER_BLOCK + tl.arange(0, NB * PER_BLOCK)
-        score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
-                              KERNEL, STRIDE, PRECISION, EDGE=False)
-        carry = _pool_and_store(score, carry, b0, qb, q_rows, T, b_end, KEYS + g * skeyh, skeyt, BQ, NB, PER_BLOCK,
-                                LOOKBACK, INIT, LOCAL)
+                                      KERNEL, STRIDE, PRECISION, True)
+            carry = tl.max(tl.where(cols[:, None] == b_begin * PER_BLOCK - 1, score, float("-inf")), 0)
+    # the interior: the next tile's dot is issued before this tile's exponentials, so the tensor cores work
+    # while the exp unit does (ptxas interleaves the two); with the transposed tile, 27.1 -> 21.2 ms for a
+    # 16K-query chunk at 1M tokens (64 rows, 128 chunks a tile)
+    if b_begin < b_int:
+        s = _chunk_dot(q, K1 + g * sk1h, b_begin * PER_BLOCK + tl.arange(0, NB * PER_BLOCK), n1, sk1t, D,
+                       PRECISION, False)
+        for b0 in range(b_begin, b_int, NB):
+            nxt = tl.minimum(b0 + NB, b_int - NB) * PER_BLOCK  # after the last tile, that tile again: no mask
+            s_next = _chunk_dot(q, K1 + g * sk1h, nxt + tl.arange(0, NB * PER_BLOCK), n1, sk1t, D, PRECISION,
+                                False)
+            cols = b0 * PER_BLOCK + tl.arange(0, NB * PER_BLOCK)
+            score = _head_scores(s, cols, n1, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, KERNEL, STRIDE, False)
+            carry = _pool_and_store(score, carry, b0, qb, q_rows, T, b_end, KEYS + g * skeyh, skeyt, BQ, NB,
+                                    PER_BLOCK, LOOKBACK, INIT, LOCAL)
+            s = s_next
     for b0 in range(b_int, b_comp, NB):
         cols = b0 * PER_BLOCK + tl.arange(0, NB * PER_BLOCK)
         score = _group_scores(q, K1 + g * sk1h, cols, n1, sk1t, lse2, pos, c, BQ, GPAD, NB * PER_BLOCK, D,
-                              KERNEL, STRIDE, PRECISION)
+                              KERNEL, STRIDE, PRECISION, True)
         carry = _pool_and_store(score, carry, b0, qb, q_rows, T, b_end, KEYS + g * skeyh, skeyt, BQ, NB, PER_BLOCK,
                                 LOOKBACK, INIT, LOCAL)
     # blocks none of whose chunks the tile's queries see: 0 where a chunk exists (invisible chunks score 0,
@@ -315,7 +371,9 @@ def _group_rows(group: int, rows: int) -> tuple[int, int]:
 def _launch_flash(qs, k1, lse, keys, n, n1, width, pos0, scale, geometry, p, group, gpad, bq, d, tiles, kv_heads,
                   splits, precision, num_warps, num_stages, block_tile, block_splits):
     per, lookback = geometry
-    nb = block_tile or max(1, 128 // per)  # 128 level-1 chunks a tile
+    # 64 level-1 chunks a tile at prefill (128 rows; a one-head group's 64 rows spill registers with 128
+    # chunks), 128 at decode (16 rows)
+    nb = block_tile or max(1, (64 if gpad * bq >= 128 or (gpad == 1 and bq > 16) else 128) // per)
     # few query tiles (decode, a short chunk) would leave the GPU idle: split the blocks over programs,
     # each at least 4 tiles (a split recomputes the tile before its first block)
     want = block_splits or max(1, min(triton.cdiv(width, 4 * nb), triton.cdiv(264, tiles * kv_heads)))
@@ -326,8 +384,9 @@ def _launch_flash(qs, k1, lse, keys, n, n1, width, pos0, scale, geometry, p, gro
         GROUP=group, GPAD=gpad, BQ=bq, D=d, NB=nb, PER_BLOCK=per, LOOKBACK=lookback,
         BLOCK=p.block_size, KERNEL=p.kernel_size, STRIDE=p.kernel_stride, INIT=p.init_blocks,
         LOCAL=p.local_blocks, SPLITS=splits, PRECISION=precision,
-        # 64 rows and 4 warps at prefill: 27.1 ms against 31.5 with 128 rows and 8 warps for a 16K-query chunk
-        # at 1M tokens (H200, bench/RESULTS.md); 128 rows on 4 warps is as fast but spills registers
+        # 128 rows against tiles of 64 chunks on 4 warps at prefill: 18.7 ms for a 16K-query chunk at 1M
+        # tokens against 21.2 with 64 rows and 128 chunks, 23.5 with 128 rows on 8 warps (H200,
+        # bench/RESULTS.md)
         num_warps=num_warps or 4, num_stages=num_stages,
     )
 
@@ -356,7 +415,7 @@ def _chosen_blocks(keys: torch.Tensor, k: int, method: str, forced: bool, tile: 
 def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: float, query_tile: int = 4096,
                          topk_tile: int | None = None, scorer: str | None = None, num_warps: int | None = None,
                          num_stages: int = 3, block_tile: int | None = None, block_splits: int | None = None,
-                         rows: int = 64, topk_method: str | None = None):
+                         rows: int = 128, topk_method: str | None = None):
     """Same contract as select_blocks_ref: idx [Hkv, T, topk + local] (ascending ids, then -1).
     `scorer` "flash" or "tile" forces one (tests, benchmarks); by default the flash scorer where it applies.
     `topk_method` "triton" (the default on CUDA), "topk" (torch.topk, the default elsewhere) or "sort" forces
@@ -379,7 +438,8 @@ def select_blocks_triton(q, k1, k2, q_pos0: int, params: SparseParams, scale: fl
     flash = geometry is not None and scorer != "tile" and (scorer == "flash" or not _FLASH_FAILED)
     method = topk_method or ("triton" if q.is_cuda and not _TOPK_FAILED else "topk")
     topk_tile = topk_tile or (TOPK_ROW if method == "triton" else TOPK_TILE)
-    gpad, bq = _group_rows(group, rows if t > 1 else 16)
+    # a one-head group's 128 queries in 128 rows spill registers: 64 rows for it
+    gpad, bq = _group_rows(group, (rows if group > 1 else min(rows, 64)) if t > 1 else 16)
     out = None
     for begin in range(0, t, query_tile):  # bounds the [Hkv, tile, n_blocks] keys at a long context
         qs = q[:, begin : begin + query_tile]
