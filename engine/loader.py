@@ -159,7 +159,7 @@ FAMILIES = {"llama": _llama_family, "qwen2": _llama_family, "qwen3": _llama_fami
 
 def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quantised: bool) -> LoadedModel:
     from salachat.engine.gguf_file import GGUFError, GGUFFile
-    from salachat.engine.qlinear import QuantLinear
+    from salachat.engine.qlinear import KV_DTYPE, QuantLinear
 
     try:
         gguf = GGUFFile.open(path)
@@ -177,9 +177,9 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype, keep_quanti
     rope_freqs = tensors.pop("rope_freqs", None)
     model = _build(cls, args, tensors, device, dtype, str(path), release=gguf.drop_pages)
     if keep_quantised and device.type == "cpu":
-        # fp32 activations, K/V kept in bf16 (llama.cpp keeps f16): half the cache's memory, and half the bytes
-        # a decoded token's attention reads (docs/architecture.md, "Models")
-        model.kv_dtype = torch.bfloat16
+        # fp32 activations, K/V kept in 16 bits (qlinear.KV_DTYPE: bf16 or fp16 by the CPU): half the cache's
+        # memory, and half the bytes a decoded token's attention reads (docs/architecture.md, "Models")
+        model.kv_dtype = KV_DTYPE
     if rope_freqs is not None:
         try:
             model.scale_rope_frequencies(rope_freqs)

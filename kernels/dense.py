@@ -15,8 +15,15 @@ def dense_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_prefix_and_chunk(q, k, v, pos0, scale)
-    if k.dtype != q.dtype:  # a bf16 cache under fp32 activations (packed GGUF models on the CPU)
-        return _grouped_sdpa(q.to(k.dtype), k, v, pos0, scale, q.dtype).to(q.dtype)
+    if k.dtype != q.dtype:  # a 16-bit cache under fp32 activations (packed GGUF models on the CPU)
+        low = q.to(k.dtype)
+        if k.dtype != torch.float16 or (q.shape[1] == 1 and cpu_decode.wanted(low, k, v, k.shape[1])):
+            return _grouped_sdpa(low, k, v, pos0, scale, q.dtype).to(q.dtype)
+        # torch's CPU attention in fp16 runs 2-5x slower than in fp32 (no fp16 arithmetic on such a CPU): an
+        # fp16 cache is read in fp32 outside the numba decode kernel
+        if q.shape[1] > 1 and q.device.type == "cpu" and cpu_decode.wanted(low, k, v, k.shape[1]):
+            cpu_decode.prepare(q.shape[0] // k.shape[0], q.shape[-1], k.dtype)  # this reading's decode steps'
+        return _grouped_sdpa(q, k.to(q.dtype), v.to(q.dtype), pos0, scale, q.dtype)
     return _grouped_sdpa(q, k, v, pos0, scale, q.dtype)
 
 
@@ -44,7 +51,7 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
     # fp32, and all G heads' rows at once were the default model's prefill peak (50 MB for 512 tokens over 8K
     # keys); row (head, i) sees key j iff j <= pos0 + i, the same mask for every head
     if q.device.type == "cpu" and cpu_decode.wanted(q, k, v, length):  # this reading's decode steps will want it
-        cpu_decode.prepare(group, d)
+        cpu_decode.prepare(group, d, k.dtype)
     mask = _causal_mask(pos0, t, length, q.dtype, q.device)
     out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         grouped_q[:, :, g * t : (g + 1) * t], k[None], v[None], attn_mask=mask, scale=scale) for g in range(group)],

@@ -15,10 +15,10 @@ from salachat.kernels.cpu_decode.reference import decode_attention_ref
 numba = pytest.importorskip("numba")
 
 
-def _cache(kv_heads, capacity, dim, seed):
+def _cache(kv_heads, capacity, dim, seed, dtype=torch.bfloat16):
     gen = torch.Generator().manual_seed(seed)
-    k = (torch.randn(kv_heads, capacity, dim, generator=gen) * 2).bfloat16()
-    v = torch.randn(kv_heads, capacity, dim, generator=gen).bfloat16()
+    k = (torch.randn(kv_heads, capacity, dim, generator=gen) * 2).to(dtype)
+    v = torch.randn(kv_heads, capacity, dim, generator=gen).to(dtype)
     return k, v
 
 
@@ -49,10 +49,11 @@ def _drifting_cache(kv_heads, length, capacity, dim, seed):
     (3, 3, 64, 2048, 2), (3, 3, 64, 1, 2), (3, 3, 64, 17, 2), (2, 4, 128, 1000, 2), (1, 7, 64, 333, 1),
     (3, 1, 64, 771, 3), (2, 3, 64, 16, 2),
 ])
-def test_kernel_matches_the_float64_reference(kv_heads, group, dim, length, threads, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # the cache of a CPU with bf16 arithmetic, and not
+def test_kernel_matches_the_float64_reference(kv_heads, group, dim, length, threads, dtype, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    k, v = _cache(kv_heads, length + 100, dim, length)
-    q = torch.randn(kv_heads, group, dim, generator=torch.Generator().manual_seed(1)).bfloat16()
+    k, v = _cache(kv_heads, length + 100, dim, length, dtype)
+    q = torch.randn(kv_heads, group, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = cpu_decode.decode_attention(q, k[:, :length], v[:, :length], dim**-0.5)
     want = decode_attention_ref(q, k[:, :length], v[:, :length], dim**-0.5)
     assert got is not None and got.shape == want.shape and got.dtype == torch.float32
@@ -76,7 +77,7 @@ def test_without_numba_decode_keeps_torchs_path_and_says_so_once(monkeypatch):
     monkeypatch.setattr(cpu_decode, "_LOADS", {})
     monkeypatch.setattr(cpu_decode, "_FAILED", [])
 
-    def missing(group, dim):
+    def missing(group, dim, half):
         raise ImportError("No module named 'numba'")
 
     monkeypatch.setattr(cpu_decode, "_load", missing)
@@ -94,6 +95,17 @@ def test_short_caches_and_fp32_caches_are_not_the_kernels():
     q = torch.randn(9, 1, 64).bfloat16()
     assert cpu_decode.wanted(q, k, v, 2048) and not cpu_decode.wanted(q, k, v, cpu_decode.MIN_KEYS - 1)
     assert not cpu_decode.wanted(q.float(), k.float(), v.float(), 2048)
+    assert cpu_decode.wanted(q.half(), k.half(), v.half(), 2048) and not cpu_decode.wanted(q, k.half(), v.half(), 2048)
+
+
+def test_a_prompt_over_an_fp16_cache_is_read_in_fp32():
+    """A CPU without bf16 arithmetic keeps K/V in fp16 and its chunk attention in fp32 (torch's fp16 path is
+    slower): fp32 queries over the fp16 cache give the fp32 answer over the same numbers."""
+    k, v = _cache(3, 300, 64, 6, torch.float16)
+    q = torch.randn(9, 40, 64, generator=torch.Generator().manual_seed(6))
+    got = dense.dense_attention_impl(q, k, v, 260, 0.125)
+    want = dense.dense_attention_impl(q, k.float(), v.float(), 260, 0.125)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize(
@@ -101,18 +113,20 @@ def test_short_caches_and_fp32_caches_are_not_the_kernels():
     [(3, 3, 64, 1, 1), (3, 3, 64, 1, 4), (3, 3, 64, 17, 2), (3, 3, 64, 63, 6), (3, 3, 64, 1000, 2),
      (3, 3, 64, 4097, 4), (2, 1, 64, 300, 3), (2, 4, 128, 1001, 2), (1, 2, 128, 16, 1), (2, 2, 32, 33, 7)],
     ids=lambda x: str(x))
-def test_kernel_over_explicit_splits_equals_the_float64_definition(kv_heads, group, dim, length, splits):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_over_explicit_splits_equals_the_float64_definition(kv_heads, group, dim, length, splits, dtype):
     """The compiled kernel itself at explicit splits: lengths across the 16-key groups and the split edges
     (1, 17, 63, 4097; more splits than keys leaves tasks empty), G 1-4, D 32-128, the capacity beyond the
-    length."""
+    length; bf16 and fp16 rows."""
     from salachat.kernels.cpu_decode.numba_attention import kernel
 
     k, v = _drifting_cache(kv_heads, length, length + 37, dim, length)
-    q = (torch.randn(kv_heads, group, dim, generator=torch.Generator().manual_seed(7)) * 2).to(torch.bfloat16)
+    k, v = k.to(dtype), v.to(dtype)
+    q = (torch.randn(kv_heads, group, dim, generator=torch.Generator().manual_seed(7)) * 2).to(dtype)
     scale = dim**-0.5
     out = np.empty((kv_heads, group, dim), np.float32)
     partial = np.empty((kv_heads * splits, group, dim + 2), np.float32)
-    kernel(group, dim)(_bits(q), _bits(k), _bits(v), length, scale, splits, partial, out)
+    kernel(group, dim, dtype == torch.float16)(_bits(q), _bits(k), _bits(v), length, scale, splits, partial, out)
     max_abs, rel = _errors(torch.from_numpy(out), decode_attention_ref(q, k, v, scale))
     assert max_abs < 2e-5 and rel < 2e-6, (max_abs, rel)
 

@@ -163,10 +163,12 @@ def test_checkpointer_keeps_saving_under_its_budget():
 
 
 def test_a_packed_model_resumes_packed_and_a_session_saved_with_fp32_kv_still_resumes(smollm2_path):
-    """The default model keeps its GGUF weights packed and its K/V in bf16; its session says so (`packed`),
-    so `resume` loads it packed again (a dtype would dequantise it). A session saved while the CPU cache was
-    fp32 resumes with that cache, as it was saved."""
+    """The default model keeps its GGUF weights packed and its K/V in 16 bits (bf16 or fp16 by the CPU); its
+    session says so (`packed`), so `resume` loads it packed again (a dtype would dequantise it). A session
+    saved while the CPU cache was fp32, or in the other 16-bit kind (saved on a CPU that chose it), resumes
+    with that cache, as it was saved."""
     from salachat.engine.loader import load_model
+    from salachat.engine.qlinear import KV_DTYPE
 
     from salachat.chat import ChatSession, _model_for
     from salachat.sessions.manifest import read_manifest
@@ -176,17 +178,19 @@ def test_a_packed_model_resumes_packed_and_a_session_saved_with_fp32_kv_still_re
     chat = ChatSession.open(text=TEXT.encode(), loaded=smollm2, session="packed")
     chat.answer(QUESTIONS[0], greedy)
     manifest = read_manifest(chat.writer.folder)
-    assert manifest["model"]["packed"] is True and chat.conversation.cache.layers[0].keys.dtype == torch.bfloat16
+    assert manifest["model"]["packed"] is True and chat.conversation.cache.layers[0].keys.dtype == KV_DTYPE
     again = _model_for(manifest, smollm2.model_id, "cpu")
-    assert again.packed and again.new_cache().layers[0].keys.dtype == torch.bfloat16
+    assert again.packed and again.new_cache().layers[0].keys.dtype == KV_DTYPE
 
-    smollm2.model.kv_dtype = torch.float32  # what the CPU cache was before
-    try:
-        old = ChatSession.open(text=TEXT.encode(), loaded=smollm2, session="fp32-kv")
-        old.answer(QUESTIONS[0], greedy)
-        twin = old.fork()
-    finally:
-        smollm2.model.kv_dtype = torch.bfloat16
-    resumed = ChatSession.resume("fp32-kv", loaded=smollm2)
-    assert resumed.conversation.cache.layers[0].keys.dtype == torch.float32
-    assert resumed.answer(QUESTIONS[1], greedy)[0] == twin.answer(QUESTIONS[1], greedy)[0]
+    other = torch.float16 if KV_DTYPE == torch.bfloat16 else torch.bfloat16
+    for saved in (torch.float32, other):  # fp32: what the CPU cache was before
+        smollm2.model.kv_dtype = saved
+        try:
+            old = ChatSession.open(text=TEXT.encode(), loaded=smollm2, session=f"kv-{saved}".replace(".", "-"))
+            old.answer(QUESTIONS[0], greedy)
+            twin = old.fork()
+        finally:
+            smollm2.model.kv_dtype = KV_DTYPE
+        resumed = ChatSession.resume(f"kv-{saved}".replace(".", "-"), loaded=smollm2)
+        assert resumed.conversation.cache.layers[0].keys.dtype == saved
+        assert resumed.answer(QUESTIONS[1], greedy)[0] == twin.answer(QUESTIONS[1], greedy)[0]

@@ -265,7 +265,7 @@ class Block(nn.Module):
 
     def decode_packed(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, cache: KVCache,
                       pos0: int) -> torch.Tensor:
-        """`forward` for one token x [1, hidden] (fp32) of a packed model on the CPU over a dense bf16 cache, the
+        """`forward` for one token x [1, hidden] (fp32) of a packed model on the CPU over a dense 16-bit cache, the
         modules' own calls skipped. The matmuls are `QuantLinear.one_row`: fp32 out of the numba kernel, bf16 out
         of torch's int4 kernel where numba does not serve (then the same bits as `forward`: its bf16 outputs are
         not cast to fp32 and back where the next step rounds them to bf16 anyway). `sin_signed` is sin with its
@@ -328,12 +328,12 @@ class LlamaForCausalLM(nn.Module):
 
     def _packed_decode(self, cache: ModelCache) -> bool:
         """Whether a decode step takes `Block.decode_packed`: every block fits it, every cache is a dense
-        KVCache in bf16 (a packed model's), and the kernels are not forced to a non-default implementation."""
+        KVCache in 16 bits (a packed model's), and the kernels are not forced to a non-default implementation."""
         fits = self.__dict__.get("_blocks_fit_packed_decode")
         if fits is None:
             fits = self.__dict__["_blocks_fit_packed_decode"] = all(l.packed_decode_fits() for l in self.model.layers)
         return (fits and kernels._FORCED[0] is None
-                and all(type(c) is KVCache and c.keys.dtype == torch.bfloat16 for c in cache.layers))
+                and all(type(c) is KVCache and c.keys.dtype in (torch.bfloat16, torch.float16) for c in cache.layers))
 
     def new_cache(self, sparse=None) -> ModelCache:
         """A dense KV cache per layer; with `sparse`, the long-context caches it builds (`sparse.layer_cache`),

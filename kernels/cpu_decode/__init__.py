@@ -1,5 +1,6 @@
-"""A decode step's attention over the bf16 KV cache on the CPU: a numba kernel (`numba_attention.py`) beside
-its definition (`reference.py`), for the long contexts where torch's flash attention is most of a step.
+"""A decode step's attention over the 16-bit (bf16 or fp16) KV cache on the CPU: a numba kernel
+(`numba_attention.py`) beside its definition (`reference.py`), for the long contexts where torch's flash
+attention is most of a step.
 
 numba is imported, and the kernel compiled (or loaded from numba's cache), only once a reading reaches
 MIN_KEYS keys, in a background thread while the prompt is read (`prepare`); the first decode step waits for
@@ -28,32 +29,35 @@ _LOCAL = threading.local()  # per calling thread: its scratch for the tasks' par
 
 
 def wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> bool:
-    """Whether attention over `length` keys of this cache is the kernel's: bf16 q, K and V on the CPU, rows of a
-    multiple of 16 contiguous, enough keys, and the kernel not known to have failed."""
-    return (not _FAILED and q.dtype == k.dtype == v.dtype == torch.bfloat16 and k.device.type == "cpu" and length >= MIN_KEYS
+    """Whether attention over `length` keys of this cache is the kernel's: q, K and V all bf16 or all fp16 on the
+    CPU, rows of a multiple of 16 contiguous, enough keys, and the kernel not known to have failed."""
+    return (not _FAILED and q.dtype == k.dtype == v.dtype and k.dtype in (torch.bfloat16, torch.float16)
+            and k.device.type == "cpu" and length >= MIN_KEYS
             and k.shape[-1] % 16 == 0 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.shape[0] % k.shape[0] == 0)
 
 
-def prepare(group: int, dim: int) -> None:
-    """Start loading the kernel for G = `group`, D = `dim` in the background (once a process)."""
-    if (group, dim) not in _LOADS and not _FAILED:
-        _LOADS[(group, dim)] = cpu_jit.submit(_load, group, dim)
+def prepare(group: int, dim: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Start loading the kernel for G = `group`, D = `dim` and a cache of `dtype` in the background (once a
+    process)."""
+    key = (group, dim, dtype == torch.float16)
+    if key not in _LOADS and not _FAILED:
+        _LOADS[key] = cpu_jit.submit(_load, *key)
 
 
-def _load(group: int, dim: int):
+def _load(group: int, dim: int, half: bool):
     cpu_jit.import_numba()
     from salachat.kernels.cpu_decode.numba_attention import kernel
 
-    attend = kernel(group, dim)
+    attend = kernel(group, dim, half)
     keys = np.zeros((1, 16, dim), np.uint16)
     attend(np.zeros((1, group, dim), np.uint16), keys, keys, 16, 1.0, 1, np.empty((1, group, dim + 2), np.float32),
            np.empty((1, group, dim), np.float32))  # starts numba's thread pool
     return attend
 
 
-def _kernel(group: int, dim: int):
-    prepare(group, dim)
-    load = _LOADS.get((group, dim))
+def _kernel(group: int, dim: int, dtype: torch.dtype):
+    prepare(group, dim, dtype)
+    load = _LOADS.get((group, dim, dtype == torch.float16))
     if load is None:
         return None
     try:
@@ -72,10 +76,11 @@ def splits_for(kv_heads: int, threads: int) -> int:
 
 
 def decode_attention(grouped_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """One token's attention: grouped_q [Hkv, G, D] bf16 (a KV group's query heads as rows) over k, v [Hkv, L, D]
-    bf16 (views of the cache: each row contiguous); fp32 [Hkv, G, D], or None where the kernel is unavailable."""
+    """One token's attention: grouped_q [Hkv, G, D] (a KV group's query heads as rows) over k, v [Hkv, L, D], all
+    bf16 or all fp16 (k, v views of the cache: each row contiguous); fp32 [Hkv, G, D], or None where the kernel
+    is unavailable."""
     kv_heads, group, dim = grouped_q.shape
-    attend = _kernel(group, dim)
+    attend = _kernel(group, dim, k.dtype)
     if attend is None:
         return None
     threads = cpu_jit.follow_torch_threads()

@@ -1,9 +1,11 @@
-"""One query token's attention over a bf16 KV cache on the CPU: numba for the threads, LLVM IR for the loop.
+"""One query token's attention over a 16-bit KV cache (bf16 or fp16) on the CPU: numba for the threads, LLVM IR for
+the loop.
 
 A task is one KV head over one range of keys, all of the head's G query rows at once: an online softmax over
 groups of 16 keys, written as LLVM vector code (`_task_function`), because numba's loops left the costly
 parts scalar or in memory (a horizontal sum per score, the running output loaded and stored at every key,
-glibc's expf per element). Per group: each key's bf16 row is widened to fp32 by a shift, multiplied with the
+glibc's expf per element). Per group: each key's row is widened to fp32 (bf16 by a shift, fp16 by the
+conversion instruction), multiplied with the
 G query rows in registers, and the 16 keys' partial sums are folded into one vector of 16 scores by a tree of
 shuffles (about 3 operations a score instead of 8); exp is a polynomial over the vector; the group's values
 are added into the G x D outputs held in registers. Scores, softmax and sums are fp32. The tasks run in a
@@ -34,8 +36,10 @@ def _address(b, base, offset, typ):
     return b.inttoptr(b.add(b.ptrtoint(base, _i64), offset), ir.PointerType(typ))
 
 
-def _widen(b, bits):
-    """16 bf16s (as i16) to fp32: zero-extended and shifted into the top half."""
+def _widen(b, bits, half: bool):
+    """16 bf16s or (`half`) fp16s, as i16, to fp32: bf16 zero-extended and shifted into the top half."""
+    if half:
+        return b.fpext(b.bitcast(bits, ir.VectorType(ir.HalfType(), LANES)), _vf)
     return b.bitcast(b.shl(b.zext(bits, _vi), _splat(16, _vi)), _vf)
 
 
@@ -72,11 +76,11 @@ def _fold(b, x, y, width: int):
     return b.fadd(b.shuffle_vector(x, y, ir.Constant(_vi, lo)), b.shuffle_vector(x, y, ir.Constant(_vi, hi)))
 
 
-def _task_function(module, group: int, dim: int):
-    """void task(i16* q [G, D] (bf16 bits), i8* k, i8* v, i64 k_row_bytes, i64 v_row_bytes, i64 lo, i64 hi, float scale,
+def _task_function(module, group: int, dim: int, half: bool):
+    """void task(i16* q [G, D] (bf16 or, `half`, fp16 bits), i8* k, i8* v, i64 k_row_bytes, i64 v_row_bytes, i64 lo, i64 hi, float scale,
     float* out [G, D + 2]): out = the unnormalised softmax-weighted sum of v[lo:hi], then the max score and the
     sum of exp(score - max), for the G query rows; k and v point at key 0 of the head, rows of D bf16s."""
-    name = f"salachat_decode_task_g{group}_d{dim}"
+    name = f"salachat_decode_task_g{group}_d{dim}_{'f16' if half else 'bf16'}"
     if name in module.globals:
         return module.globals[name]
     chunks = dim // LANES
@@ -92,7 +96,7 @@ def _task_function(module, group: int, dim: int):
            "rmax": _intrinsic_fn(module, "llvm.vector.reduce.fmax.v16f32", _f32, [_vf])}
     entry, body, done = fn.append_basic_block("entry"), fn.append_basic_block("group"), fn.append_basic_block("done")
     b = ir.IRBuilder(entry)
-    qv = [[_widen(b, b.load(_address(b, q_ptr, ir.Constant(_i64, 2 * (g * dim + c * LANES)), _vh), align=2))
+    qv = [[_widen(b, b.load(_address(b, q_ptr, ir.Constant(_i64, 2 * (g * dim + c * LANES)), _vh), align=2), half)
            for c in range(chunks)] for g in range(group)]
     acc = [[b.alloca(_vf) for _ in range(chunks)] for _ in range(group)]
     sums = [b.alloca(_vf) for _ in range(group)]
@@ -114,7 +118,8 @@ def _task_function(module, group: int, dim: int):
         last one."""
         key = b.select(b.icmp_signed("<", key, hi), key, last)
         start = b.mul(key, row_bytes)
-        return [_widen(b, b.load(_address(b, base, b.add(start, ir.Constant(_i64, 2 * c * LANES)), _vh), align=2))
+        return [_widen(b, b.load(_address(b, base, b.add(start, ir.Constant(_i64, 2 * c * LANES)), _vh), align=2),
+                       half)
                 for c in range(chunks)]
 
     # scores: per key and query row a vector of partial dot products, folded 16 keys into one vector
@@ -178,18 +183,18 @@ def _task_function(module, group: int, dim: int):
 
 
 @intrinsic(prefer_literal=True)
-def _attend_task(typingctx, q, k, v, head, lo, hi, scale, out, group, dim):
+def _attend_task(typingctx, q, k, v, head, lo, hi, scale, out, group, dim, half):
     """`_task_function` for KV head `head` over keys lo..hi: q uint16 [Hkv, G, D] (bf16 bits, C-contiguous), k and v uint16
     [Hkv, capacity, D] (bf16 bits, rows contiguous), out fp32 [G, D + 2] (C-contiguous); `group` and `dim`
-    are G and D as compile-time constants."""
-    if not (isinstance(group, types.IntegerLiteral) and isinstance(dim, types.IntegerLiteral)):
+    are G and D as compile-time constants, `half` 1 for fp16 bits (0: bf16)."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (group, dim, half)):
         return None
-    g_count, d_count = group.literal_value, dim.literal_value
+    g_count, d_count, is_half = group.literal_value, dim.literal_value, bool(half.literal_value)
 
     def codegen(context, builder, signature, args):
         q_arr, k_arr, v_arr = (context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3))
         out_arr = context.make_array(signature.args[7])(context, builder, args[7])
-        fn = _task_function(builder.module, g_count, d_count)
+        fn = _task_function(builder.module, g_count, d_count, is_half)
         strides = [cgutils.unpack_tuple(builder, arr.strides) for arr in (q_arr, k_arr, v_arr)]
         heads = [_address(builder, arr.data, builder.mul(args[3], st[0]), ir.IntType(8))
                  for arr, st in zip((q_arr, k_arr, v_arr), strides)]
@@ -199,25 +204,25 @@ def _attend_task(typingctx, q, k, v, head, lo, hi, scale, out, group, dim):
                           builder.bitcast(out_arr.data, ir.PointerType(_f32))])
         return context.get_dummy_value()
 
-    return types.none(q, k, v, head, lo, hi, scale, out, group, dim), codegen
+    return types.none(q, k, v, head, lo, hi, scale, out, group, dim, half), codegen
 
 
-def _build(group: int, dim: int):
-    """The kernel for `group` query heads per KV head and head size `dim` (a multiple of 16)."""
-    G, D = group, dim
+def _build(group: int, dim: int, half: bool):
+    """The kernel for `group` query heads per KV head, head size `dim` (a multiple of 16), fp16 or bf16 bits."""
+    G, D, H = group, dim, int(half)
 
     # one signature, compiled (or loaded from numba's cache) when made: a cache view and a whole buffer are the
     # same kernel
     @njit("void(uint16[:, :, ::1], uint16[:, :, :], uint16[:, :, :], int64, float64, int64, float32[:, :, ::1], "
           "float32[:, :, ::1])", parallel=True, cache=True, nogil=True, error_model="numpy")
     def attend(q, k, v, length, scale, splits, partial, out):
-        """q, k, v uint16 (bf16 bits): q [Hkv, G, D], k, v [Hkv, capacity, D] (bf16 bits); out fp32 [Hkv, G, D]; partial fp32
+        """q, k, v uint16 (bf16 or fp16 bits, as built): q [Hkv, G, D], k, v [Hkv, capacity, D] (bf16 bits); out fp32 [Hkv, G, D]; partial fp32
         [Hkv * splits, G, D + 2] is scratch."""
         kv_heads = q.shape[0]
         span = (length + splits - 1) // splits
         for task in prange(kv_heads * splits):
             lo = (task % splits) * span
-            _attend_task(q, k, v, task // splits, lo, min(length, lo + span), scale, partial[task], G, D)
+            _attend_task(q, k, v, task // splits, lo, min(length, lo + span), scale, partial[task], G, D, H)
         for h in range(kv_heads):
             for g in range(G):
                 top = -np.inf
@@ -239,11 +244,12 @@ def _build(group: int, dim: int):
     return attend
 
 
-_KERNELS: dict[tuple[int, int], object] = {}
+_KERNELS: dict[tuple[int, int, bool], object] = {}
 
 
-def kernel(group: int, dim: int):
-    """The compiled kernel for G = `group`, D = `dim` (compiled once a process; numba's cache keeps it)."""
-    if (group, dim) not in _KERNELS:
-        _KERNELS[(group, dim)] = _build(group, dim)
-    return _KERNELS[(group, dim)]
+def kernel(group: int, dim: int, half: bool = False):
+    """The compiled kernel for G = `group`, D = `dim`, fp16 (`half`) or bf16 rows (compiled once a process;
+    numba's cache keeps it)."""
+    if (group, dim, half) not in _KERNELS:
+        _KERNELS[(group, dim, half)] = _build(group, dim, half)
+    return _KERNELS[(group, dim, half)]

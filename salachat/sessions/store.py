@@ -303,10 +303,11 @@ def _check_layout(manifest: dict, fresh: ModelCache, name: str) -> None:
         want, shape = expected[tensor], entry["shape"]
         axis = entry["axis"]
         # on the CPU a cache attends in whatever float dtype it holds: sessions saved with fp32 K/V (before
-        # packed models kept theirs in bf16) resume as they were saved
+        # packed models kept theirs in 16 bits), or with bf16 K/V on a CPU that computes in bf16 and resumed on
+        # one that keeps fp16, resume as they were saved
         kind = meta["layers"][int(tensor.split(".")[1])]["kind"]
         either = (want.device.type == "cpu" and kind in ("kv", "long_context_kv")
-                  and {DTYPES[want.dtype], entry["dtype"]} <= {"F32", "BF16"})
+                  and {DTYPES[want.dtype], entry["dtype"]} <= {"F32", "BF16", "F16"})
         if (DTYPES[want.dtype] != entry["dtype"] and not either) or len(shape) != want.dim() or any(
                 a != b for j, (a, b) in enumerate(zip(shape, want.shape)) if j != axis):
             raise damaged(name, f"manifest: {tensor} is {entry['dtype']} {shape}, this model's is "
