@@ -19,6 +19,7 @@ import time
 os.environ.setdefault("SALACHAT_THREADS", "2")
 sys.path.insert(0, os.path.dirname(__file__))
 
+import salachat  # noqa: E402, F401  (before torch, as the CLI: OpenMP's wait policy)
 import torch  # noqa: E402
 
 import ask_cpu  # noqa: E402
