@@ -56,8 +56,14 @@ PACK_BLOCK = _torch_pack_block()
 # A prompt's matmul in bf16 where the CPU has bf16 arithmetic (AVX-512 BF16, AMX: oneDNN's bf16 kernels), else
 # in fp32: on an AVX2 CPU torch's bf16 matmul is emulated, 8x slower than fp32 (512x576 by 576x1536 on 2 cores:
 # 136 against 17 ms), and the default model read 27.5 tokens/s.
-PREFILL_DTYPE = torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-    else torch.float32
+def _cpu_computes_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN's check: fp32, right everywhere
+        return False
+
+
+PREFILL_DTYPE = torch.bfloat16 if _cpu_computes_bf16() else torch.float32
 # A packed model's K/V on the CPU: 16 bits, half of fp32's memory and of the bytes a decoded token reads. bf16
 # where the CPU computes in it (the prompt's attention runs in bf16), else fp16 (llama.cpp's default), whose
 # 8x finer rounding costs nothing there: with K/V rounded to bf16 and the prompt read in fp32 the default model
