@@ -335,3 +335,22 @@ def test_weights_are_exact_where_scaled_scales_overflow_fp16(qtype):
     assert torch.equal(layer.dequantized(torch.float32), exact)
     index = torch.tensor([0, 1, 33, 64, 127])
     assert torch.equal(layer.rows(index), exact[index])
+
+
+@pytest.mark.parametrize("prefill_dtype", [torch.bfloat16, torch.float32])
+def test_a_prompts_matmul_in_either_dtype_follows_the_files_weights(prefill_dtype, monkeypatch):
+    """A prompt's rows take a dense matmul in bf16 where the CPU computes in it and in fp32 elsewhere
+    (`qlinear.PREFILL_DTYPE`): either way the result is the file's weights times x, in x's dtype."""
+    from salachat.engine import qlinear
+    from salachat.engine.gguf_file import TensorInfo
+
+    monkeypatch.setattr(qlinear, "PREFILL_DTYPE", prefill_dtype)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((128, 96)).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    exact = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1).astype(np.float32))
+    layer = qlinear.QuantLinear.from_gguf(torch.from_numpy(raw), TensorInfo("w", (128, 96), gguf.GGMLQuantizationType.Q4_1, 0))
+    x = torch.from_numpy(rng.standard_normal((40, 96)).astype(np.float32))
+    y = layer(x)
+    assert y.dtype == torch.float32
+    assert rel_rms(y, x @ exact.T) < (1e-2 if prefill_dtype == torch.bfloat16 else 1e-6)
