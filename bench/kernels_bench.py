@@ -274,16 +274,21 @@ def select_against(baseline: str, contexts, chunk: int, variants=(), ref_queries
                 del keys
             row["same_selection"] = row["current_same_selection"]
             del base_keys, want
-            for _ in range(2):
-                for name, call in calls.items():
-                    row.setdefault(f"{name}_ms", []).append(timed(call, repeat=5 if t > 1 else 50))
-            for name, call in calls.items():
-                row[f"{name}_kernels_ms"] = kernel_ms(call)
+            _time_alternating(row, calls, t)
             rows.append(row)
             print(row)
         del k1, k2
         torch.cuda.empty_cache()
     return rows
+
+
+def _time_alternating(row: dict, calls: dict, t: int) -> None:
+    """Wall time of each call, alternating over two rounds, then its GPU time, into `row`."""
+    for _ in range(2):
+        for name, call in calls.items():
+            row.setdefault(f"{name}_ms", []).append(timed(call, repeat=5 if t > 1 else 50))
+    for name, call in calls.items():
+        row[f"{name}_kernels_ms"] = kernel_ms(call)
 
 
 def attend_against(contexts, chunk: int, variants) -> list[dict]:
@@ -306,11 +311,7 @@ def attend_against(contexts, chunk: int, variants) -> list[dict]:
             row = {"op": "attend_against", "context": length, "queries": t}
             for name, call in calls.items():
                 row[f"{name}_max_diff"] = (call().float() - want).abs().max().item()
-            for _ in range(2):
-                for name, call in calls.items():
-                    row.setdefault(f"{name}_ms", []).append(timed(call, repeat=5 if t > 1 else 50))
-            for name, call in calls.items():
-                row[f"{name}_kernels_ms"] = kernel_ms(call)
+            _time_alternating(row, calls, t)
             rows.append(row)
             print(row)
         del k, v, k1, k2
