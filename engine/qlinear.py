@@ -12,8 +12,9 @@ bf16 rounding:
 Measured on a 2-core AMX CPU (bench/ask_cpu.py has the end-to-end figures): for one token the int4 kernel
 reads 5x fewer bytes than fp32 and beats a dense bf16 or fp32 matrix-vector product; for a prompt's
 hundreds of tokens a dense matmul on weights dequantised for the call is faster, so prefill takes that path
-(in bf16 on AMX, in fp32 where the CPU has no bf16 arithmetic: PREFILL_DTYPE). torch's int8 kernel (`_weight_int8pack_mm`) has one scale per output row, which GGUF's
-per-32 block scales do not fit without requantising, and measured slower than both.
+(in bf16 on AMX, in fp32 where the CPU has no bf16 arithmetic: PREFILL_DTYPE). torch's int8 kernel
+(`_weight_int8pack_mm`) has one scale per output row, which GGUF's per-32 block scales do not fit without
+requantising, and measured slower than both.
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ def _torch_pack_block() -> int | None:
 
 
 PACK_BLOCK = _torch_pack_block()
-# A prompt's matmul in bf16 where the CPU has bf16 arithmetic (AVX-512 BF16, AMX: oneDNN's bf16 kernels), else
-# in fp32: on an AVX2 CPU torch's bf16 matmul is emulated, 8x slower than fp32 (512x576 by 576x1536 on 2 cores:
-# 136 against 17 ms), and the default model read 27.5 tokens/s.
+
+
 def _cpu_computes_bf16() -> bool:
     try:
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -63,6 +63,9 @@ def _cpu_computes_bf16() -> bool:
         return False
 
 
+# A prompt's matmul in bf16 where the CPU has bf16 arithmetic (AVX-512 BF16, AMX: oneDNN's bf16 kernels), else
+# in fp32: on an AVX2 CPU torch's bf16 matmul is emulated, 8x slower than fp32 (512x576 by 576x1536 on 2 cores:
+# 136 against 17 ms), and the default model read 27.5 tokens/s.
 PREFILL_DTYPE = torch.bfloat16 if _cpu_computes_bf16() else torch.float32
 # A packed model's K/V on the CPU: 16 bits, half of fp32's memory and of the bytes a decoded token reads. bf16
 # where the CPU computes in it (the prompt's attention runs in bf16), else fp16 (llama.cpp's default), whose
@@ -253,11 +256,11 @@ class QuantLinear(nn.Module):
         slab = max(64, DEQUANT_SLAB // k // 64 * 64)
         work = torch.empty(min(slab, n), k)
         extra = torch.empty_like(work) if self.n_packs > 1 else None
+        half = PACK_BLOCK // 2
         for begin in range(0, n, slab):
             end = min(n, begin + slab)
             w = work[: end - begin]
             for i in range(self.n_packs):
-                half = PACK_BLOCK // 2
                 blocks = getattr(self, f"packed{i}").view(n // PACK_BLOCK, k, half)
                 blocks = blocks[begin // PACK_BLOCK : end // PACK_BLOCK]
                 scale, offset = pack_scale_offset(self.gguf_numbers[:, begin:end], self.qtype, i)

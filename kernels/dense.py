@@ -17,11 +17,12 @@ def dense_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0
         return _flash_prefix_and_chunk(q, k, v, pos0, scale)
     if k.dtype != q.dtype:  # a 16-bit cache under fp32 activations (packed GGUF models on the CPU)
         low = q.to(k.dtype)
-        if k.dtype != torch.float16 or (q.shape[1] == 1 and cpu_decode.wanted(low, k, v, k.shape[1])):
+        kernel = q.device.type == "cpu" and cpu_decode.wanted(low, k, v, k.shape[1])
+        if k.dtype != torch.float16 or (q.shape[1] == 1 and kernel):
             return _grouped_sdpa(low, k, v, pos0, scale, q.dtype).to(q.dtype)
         # torch's CPU attention in fp16 runs 2-5x slower than in fp32 (no fp16 arithmetic on such a CPU): an
         # fp16 cache is read in fp32 outside the numba decode kernel
-        if q.shape[1] > 1 and q.device.type == "cpu" and cpu_decode.wanted(low, k, v, k.shape[1]):
+        if q.shape[1] > 1 and kernel:
             cpu_decode.prepare(q.shape[0] // k.shape[0], q.shape[-1], k.dtype)  # this reading's decode steps'
         return _grouped_sdpa(q, k.to(q.dtype), v.to(q.dtype), pos0, scale, q.dtype)
     return _grouped_sdpa(q, k, v, pos0, scale, q.dtype)

@@ -79,7 +79,7 @@ def _fold(b, x, y, width: int):
 def _task_function(module, group: int, dim: int, half: bool):
     """void task(i16* q [G, D] (bf16 or, `half`, fp16 bits), i8* k, i8* v, i64 k_row_bytes, i64 v_row_bytes, i64 lo, i64 hi, float scale,
     float* out [G, D + 2]): out = the unnormalised softmax-weighted sum of v[lo:hi], then the max score and the
-    sum of exp(score - max), for the G query rows; k and v point at key 0 of the head, rows of D bf16s."""
+    sum of exp(score - max), for the G query rows; k and v point at key 0 of the head, rows of D 16-bit floats."""
     name = f"salachat_decode_task_g{group}_d{dim}_{'f16' if half else 'bf16'}"
     if name in module.globals:
         return module.globals[name]
@@ -184,8 +184,8 @@ def _task_function(module, group: int, dim: int, half: bool):
 
 @intrinsic(prefer_literal=True)
 def _attend_task(typingctx, q, k, v, head, lo, hi, scale, out, group, dim, half):
-    """`_task_function` for KV head `head` over keys lo..hi: q uint16 [Hkv, G, D] (bf16 bits, C-contiguous), k and v uint16
-    [Hkv, capacity, D] (bf16 bits, rows contiguous), out fp32 [G, D + 2] (C-contiguous); `group` and `dim`
+    """`_task_function` for KV head `head` over keys lo..hi: q uint16 [Hkv, G, D] (16-bit float bits, C-contiguous), k
+    and v uint16 [Hkv, capacity, D] (the same kind's bits, rows contiguous), out fp32 [G, D + 2] (C-contiguous); `group` and `dim`
     are G and D as compile-time constants, `half` 1 for fp16 bits (0: bf16)."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (group, dim, half)):
         return None
@@ -216,8 +216,8 @@ def _build(group: int, dim: int, half: bool):
     @njit("void(uint16[:, :, ::1], uint16[:, :, :], uint16[:, :, :], int64, float64, int64, float32[:, :, ::1], "
           "float32[:, :, ::1])", parallel=True, cache=True, nogil=True, error_model="numpy")
     def attend(q, k, v, length, scale, splits, partial, out):
-        """q, k, v uint16 (bf16 or fp16 bits, as built): q [Hkv, G, D], k, v [Hkv, capacity, D] (bf16 bits); out fp32 [Hkv, G, D]; partial fp32
-        [Hkv * splits, G, D + 2] is scratch."""
+        """q, k, v uint16 (bf16 or fp16 bits, as built): q [Hkv, G, D], k, v [Hkv, capacity, D]; out fp32 [Hkv, G, D];
+        partial fp32 [Hkv * splits, G, D + 2] is scratch."""
         kv_heads = q.shape[0]
         span = (length + splits - 1) // splits
         for task in prange(kv_heads * splits):

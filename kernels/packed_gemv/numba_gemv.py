@@ -46,7 +46,7 @@ def _broadcast(b, scalar):
 
 
 def _half(b, x, part: int):
-    """Lanes part*16 .. part*16+15 of a vector."""
+    """Lanes part*16 .. part*16+15 of a vector (of a 16-lane one, itself)."""
     return b.shuffle_vector(x, x, ir.Constant(_vi, list(range(part * LANES, (part + 1) * LANES))))
 
 
@@ -96,7 +96,7 @@ def _block_function(module, qtype: str, rows: int):
             low = b.and_(raw, _splat(0xF, vb))
             high = b.lshr(raw, _splat(4, vb))
             xk = _broadcast(b, xs[kk])
-            codes = [_half(b, nibble, h) if halves > 1 else nibble for nibble in (low, high) for h in range(halves)]
+            codes = [_half(b, nibble, h) for nibble in (low, high) for h in range(halves)]
             acc = [b.call(fma, [b.uitofp(c, _vf), xk, a]) for c, a in zip(codes, acc)]
         accs.append(acc)
     # GGUF's numbers for the group's rows: [groups, N, n_numbers] fp16
