@@ -291,9 +291,10 @@ class QuantLinear(nn.Module):
 
     def refine_top(self, x: torch.Tensor, y: torch.Tensor, k: int = 64) -> torch.Tensor:
         """y = this layer's output for x [T, in] from the kernel, its k largest entries per row recomputed in
-        fp32 from the exact weights and the fp32 input. The kernel takes bf16 activations and returns bf16:
-        logits a bf16 step apart (0.03 at 7.5) tie, and which of two near-equal tokens greedy decoding
-        picks then hangs on rounding (the sample question's answer did, on a change of attention kernel)."""
+        fp32 from the exact weights and the fp32 input. torch's kernel takes bf16 activations and returns bf16,
+        the integer kernel rounds the activations to 8 bits: logits a rounding apart (0.03 at 7.5 in bf16) tie,
+        and which of two near-equal tokens greedy decoding picks then hangs on rounding (the sample
+        question's answer did, on a change of attention kernel)."""
         k = min(k, self.out_features)
         top = y.topk(k, dim=-1).indices  # [T, k]
         w = self.rows(top.flatten()).view(*top.shape, self.in_features)
@@ -310,11 +311,20 @@ class QuantLinear(nn.Module):
             out = y if out is None else out + y
         return out
 
-    def one_row(self, x: torch.Tensor) -> torch.Tensor:
-        """x [1, in] (fp32 or bf16) times W, without the bias: fp32 from the numba kernel (exact weights, fp32
-        input, ~5e-7 from float64) where it serves, else bf16 from torch's int4 kernel."""
-        y = packed_gemv.matvec(self, x)
-        return y if y is not None else self._packed_mm(x.to(torch.bfloat16))
+    def one_row(self, x: torch.Tensor, norm=None, silu_mul: bool = False) -> torch.Tensor:
+        """x [1, in] (fp32 or bf16) times W, without the bias: fp32 from a numba kernel (exact weights; the input
+        rounded to 8 bits a group on an AVX2 CPU, else fp32) where one serves, else bf16 from torch's int4
+        kernel. `norm` (an RMSNorm) normalises x first; with `silu_mul` x [1, 2 in] holds gate and up, and
+        silu(gate) * up is multiplied (`packed_gemv.matvec`: inside the kernel where it serves)."""
+        y = packed_gemv.matvec(self, x, norm=norm, silu_mul=silu_mul)
+        if y is not None:
+            return y
+        if norm is not None:
+            x = norm(x)
+        if silu_mul:
+            gate, up = x.chunk(2, dim=-1)
+            x = torch.nn.functional.silu(gate.float()) * up  # silu in fp32, times up in fp32, as in MLP
+        return self._packed_mm(x.to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -250,7 +250,10 @@ def test_dequantised_by_slabs_is_exact_across_slab_edges(qtype, monkeypatch):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 def test_packed_decode_step_has_the_generic_forwards_bits(tmp_path, family, qtype, monkeypatch):
     """A packed model's CPU decode step (`Block.decode_packed`, taken where every block fits it: no biases,
-    no q/k norms) gives exactly the logits of the modules' own forward, token after token."""
+    no q/k norms) gives the logits of the modules' own forward, token after token: exactly where the matmuls
+    take fp32 inputs; within rounding where the integer kernel rounds them to 8 bits, as it then takes the
+    norms and SiLU inside the kernel (their fp32 results can differ in the last bit from torch's, and a
+    last bit can move an 8-bit input by one step; the kernel against its unfused self: test_packed_gemv)."""
     from salachat.engine.models import llama
 
     write_gguf(tmp_path / "m.gguf", family, qtype)
@@ -265,7 +268,15 @@ def test_packed_decode_step_has_the_generic_forwards_bits(tmp_path, family, qtyp
         if name == "fast":
             assert model._packed_decode(cache) == (family == "llama3")
         runs[name] = torch.cat([model(IDS[i : i + 1], cache) for i in range(90, 100)])
-    assert torch.equal(runs["fast"], runs["generic"])
+    from salachat.engine.qlinear import QuantLinear
+    from salachat.kernels import packed_gemv
+
+    if any(packed_gemv.rounds_activations(m) for m in model.modules() if isinstance(m, QuantLinear)):
+        scale = runs["generic"].abs().max()
+        assert (runs["fast"] - runs["generic"]).abs().max() < 1e-4 * scale  # seen: 2e-7, or the same bits
+        assert torch.equal(runs["fast"].argmax(-1), runs["generic"].argmax(-1))
+    else:
+        assert torch.equal(runs["fast"], runs["generic"])
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])

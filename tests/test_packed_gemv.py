@@ -1,12 +1,13 @@
-"""The CPU one-token matmul over packed GGUF weights (numba, kernels/packed_gemv/) against its float64
-definition, and the paths around it: `QuantLinear` taking it for one row, torch's int4 kernel when numba cannot
+"""The CPU one-token matmuls over packed GGUF weights (numba, kernels/packed_gemv/: the fp32 kernel and the
+integer one, whose input is rounded to 8 bits) against their float64 definitions, their prologues (RMSNorm,
+SiLU), and the paths around them: `QuantLinear` taking them for one row, torch's int4 kernel when numba cannot
 serve, numba's threads following torch's."""
 
 import numpy as np
 import pytest
 import torch
 from salachat.kernels import packed_gemv
-from salachat.kernels.packed_gemv.reference import packed_gemv_ref
+from salachat.kernels.packed_gemv.reference import packed_gemv_q8_ref, packed_gemv_ref, quantized_activations
 
 numba = pytest.importorskip("numba")
 gguf = pytest.importorskip("gguf")
@@ -36,18 +37,106 @@ def _rel(got, want):
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
+def _definition(layer, x):
+    """What `packed_gemv.matvec` computes for this layer here: the product of the rounded input where the
+    integer kernel serves (AVX2), else of x itself."""
+    return (packed_gemv_q8_ref if packed_gemv.rounds_activations(layer) else packed_gemv_ref)(layer, x)
+
+
+def _modules():
+    from salachat.kernels.packed_gemv import numba_gemv, numba_gemv_q8
+
+    return [(numba_gemv, packed_gemv_ref)] + ([(numba_gemv_q8, packed_gemv_q8_ref)] if numba_gemv_q8.available() else [])
+
+
+def _call(module, layer, x, mode=0, weight=None, eps=0.0, block=None):
+    from salachat.engine import qlinear
+
+    pack1 = layer.packed1 if layer.n_packs > 1 else layer.packed0
+    y = torch.empty(layer.out_features)
+    x = x.reshape(-1).float().contiguous()
+    module.kernel(layer.qtype, block or qlinear.PACK_BLOCK)(
+        *(t.data_ptr() for t in (layer.packed0, pack1, layer.gguf_numbers, x, y)), layer.in_features,
+        layer.out_features, mode, 0 if weight is None else weight.data_ptr(), eps)
+    return y
+
+
 # one block of 64 rows and one group of 32 inputs, several of each, K past a power of two; every kind
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("n, k", [(64, 32), (192, 96), (448, 160), (128, 576)])
-def test_kernel_matches_the_float64_definition(qtype, n, k):
+def test_kernels_match_their_float64_definitions(qtype, n, k):
     layer = _layer(qtype, n, k, seed=n + k)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)) * 3
-    got = packed_gemv.matvec(layer, x)
-    want = packed_gemv_ref(layer, x[0])
+    exact = packed_gemv_ref(layer, x[0])
+    torch_int4 = layer._packed_mm(x.bfloat16()).float()[0]  # the kernel they replace: bf16 in and out
+    for module, definition in _modules():
+        got = _call(module, layer, x)
+        assert _rel(got, definition(layer, x[0])) < 2e-6, (module.__name__, _rel(got, definition(layer, x[0])))
+    fp32 = _call(_modules()[0][0], layer, x)
+    assert _rel(fp32, exact) < _rel(torch_int4, exact) / 100
+    got = packed_gemv.matvec(layer, x)  # the product's path: whichever serves here
     assert got is not None and got.shape == (1, n) and got.dtype == torch.float32
-    assert _rel(got[0], want) < 2e-6, _rel(got[0], want)
-    torch_int4 = layer._packed_mm(x.bfloat16()).float()[0]  # the kernel it replaces: bf16 in and out
-    assert _rel(got[0], want) < _rel(torch_int4, want) / 100
+    assert _rel(got[0], _definition(layer, x[0])) < 2e-6
+
+
+def test_activations_round_as_their_definition():
+    """The integer kernel's rounding of x: per group of 32, rint(x * 127 / max|x|), ties to even, a group of
+    zeros to zeros; the same bits as `quantized_activations`."""
+    from salachat.kernels.packed_gemv import numba_gemv_q8
+
+    x = torch.randn(7 * 32, generator=torch.Generator().manual_seed(11)) * torch.logspace(-6, 6, 7).repeat_interleave(32)
+    x[32:64] = 0.0  # a group of zeros
+    x[64:96] = torch.arange(32) - 15.5  # with max|x| = 127 the factor is 1: every x.5 is a tie
+    x[64] = 127.0
+    q, s, total = np.empty(x.numel(), np.int8), np.empty(7, np.float32), np.empty(7, np.int32)
+    numba_gemv_q8.quantize(x.numpy(), q, s, total)
+    want_q, want_s = quantized_activations(x)
+    assert torch.equal(torch.from_numpy(q), want_q) and torch.equal(torch.from_numpy(s), want_s)
+    assert torch.equal(torch.from_numpy(total), want_q.reshape(7, 32).sum(-1, dtype=torch.int32))
+    assert (want_q[32:64] == 0).all() and (want_s[1] == 0)
+    assert want_q.abs().max() == 127
+    assert want_q[65:69].tolist() == [-14, -14, -12, -12]  # -14.5, -13.5, -12.5, -11.5: to even
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_the_prologues_are_the_unfused_steps(qtype):
+    """A kernel's RMSNorm and SiLU prologues give the bits of the kernel fed the prologue's own result, and that
+    result is the model's norm and SiLU in fp32 (to a last bit: the sum of squares is taken in float64)."""
+    from salachat.kernels import rms_norm
+    from salachat.kernels.packed_gemv.numba_gemv import prologue
+
+    layer = _layer(qtype, 192, 96, seed=12)
+    gen = torch.Generator().manual_seed(12)
+    x, weight = torch.randn(96, generator=gen) * 4, torch.rand(96, generator=gen) + 0.5
+    normed = torch.from_numpy(prologue(1, x.data_ptr(), 96, weight.data_ptr(), np.float32(1e-5)).copy())
+    assert _rel(normed, rms_norm(x[None], weight, 1e-5)[0]) < 1e-6
+    gate_up = torch.randn(192, generator=gen) * 3
+    act = torch.from_numpy(prologue(2, gate_up.data_ptr(), 96, 0, np.float32(0.0)).copy())
+    assert _rel(act, torch.nn.functional.silu(gate_up[:96]) * gate_up[96:]) < 1e-6
+    for module, _ in _modules():
+        assert torch.equal(_call(module, layer, x, mode=1, weight=weight, eps=1e-5), _call(module, layer, normed))
+        assert torch.equal(_call(module, layer, gate_up, mode=2), _call(module, layer, act))
+
+
+def test_one_row_with_a_prologue_takes_the_same_steps_without_numba(monkeypatch):
+    """`QuantLinear.one_row(x, norm=..., silu_mul=True)`: the kernel's prologue where it serves, torch's norm
+    and SiLU before torch's int4 kernel where it does not: the same product to bf16's precision."""
+    from salachat.engine.models.llama import RMSNorm
+
+    layer = _layer("Q4_1", 128, 64, seed=13)
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=torch.Generator().manual_seed(13)) + 0.5)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(14))
+    gate_up = torch.randn(1, 128, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        fused = layer.one_row(x, norm=norm), layer.one_row(gate_up, silu_mul=True)
+        monkeypatch.setattr(packed_gemv, "matvec", lambda *a, **k: None)
+        plain = layer.one_row(x, norm=norm), layer.one_row(gate_up, silu_mul=True)
+        want = (packed_gemv_ref(layer, norm(x)[0]),
+                packed_gemv_ref(layer, (torch.nn.functional.silu(gate_up[:, :64]) * gate_up[:, 64:])[0]))
+    for f, p, w in zip(fused, plain, want):
+        assert _rel(f[0], w) < 2e-2 and _rel(p.float()[0], w) < 2e-2
 
 
 @pytest.mark.parametrize("block", [64, 32])
@@ -57,7 +146,6 @@ def test_both_of_torchs_layouts_read_back_the_files_weights(qtype, block, monkey
     packs' readers (`dequantized`, `rows`, the numba kernel) walk each layout to the weights gguf's own code
     dequantises."""
     from salachat.engine import qlinear
-    from salachat.kernels.packed_gemv.numba_gemv import kernel
 
     monkeypatch.setattr(qlinear, "PACK_BLOCK", block)
     n, k = 192, 96
@@ -71,11 +159,9 @@ def test_both_of_torchs_layouts_read_back_the_files_weights(qtype, block, monkey
     index = torch.tensor([0, block // 2 - 1, block // 2, block - 1, block, n - 1])
     assert torch.equal(layer.rows(index), exact[index])
     x = torch.randn(k, generator=torch.Generator().manual_seed(1))
-    pack1 = layer.packed1.numpy() if layer.n_packs > 1 else layer.packed0.numpy()
-    y = np.empty(n, np.float32)
-    kernel(qtype, block)(layer.packed0.numpy(), pack1, layer.gguf_numbers.view(torch.int16).numpy().view(np.uint16),
-                         x.numpy(), y)
-    assert _rel(torch.from_numpy(y), (exact.double() @ x.double()).float()) < 2e-6
+    for module, definition in _modules():
+        assert _rel(_call(module, layer, x, block=block), definition(layer, x)) < 2e-6
+    assert _rel(_call(_modules()[0][0], layer, x, block=block), (exact.double() @ x.double()).float()) < 2e-6
 
 
 def test_the_packs_are_torchs_own_on_this_cpu():
@@ -103,22 +189,23 @@ def qlinear_info(n, k, kind):
 def test_scales_near_fp16s_top_stay_exact(qtype):
     layer = _layer(qtype, 128, 64, seed=5, huge_d=True)
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
-    got, want = packed_gemv.matvec(layer, x)[0], packed_gemv_ref(layer, x[0])
-    assert torch.isfinite(got).all() and want.abs().max() > 65504
-    assert _rel(got, want) < 2e-6
+    assert packed_gemv_ref(layer, x[0]).abs().max() > 65504
+    for module, definition in _modules():
+        got = _call(module, layer, x)
+        assert torch.isfinite(got).all() and _rel(got, definition(layer, x[0])) < 2e-6
 
 
 def test_quant_linear_takes_the_kernel_for_one_row_and_adds_its_bias():
     layer = _layer("Q4_1", 192, 96, seed=3, bias=True)
     x = torch.randn(1, 96, generator=torch.Generator().manual_seed(4))
-    want = packed_gemv_ref(layer, x[0]) + layer.bias
+    want = _definition(layer, x[0]) + layer.bias
     assert torch.equal(layer(x), packed_gemv.matvec(layer, x) + layer.bias)
     assert _rel(layer(x)[0], want) < 2e-6
     assert torch.equal(layer(x.bfloat16()), packed_gemv.matvec(layer, x.bfloat16()).bfloat16() + layer.bias.bfloat16())
     # views of the layer's buffers are made once, and made again when the buffers are replaced
     for name, buffer in list(layer.named_buffers()):
         setattr(layer, name, buffer.clone() * (2 if name == "bias" else 1))
-    assert _rel(layer(x)[0], packed_gemv_ref(layer, x[0]) + layer.bias) < 2e-6
+    assert _rel(layer(x)[0], _definition(layer, x[0]) + layer.bias) < 2e-6
 
 
 def test_the_result_does_not_depend_on_the_thread_count():

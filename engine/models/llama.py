@@ -272,16 +272,13 @@ class Block(nn.Module):
         first half negated: RoPE's rotate_half is then a roll (`rope_decode`)."""
         attn, mlp = self.self_attn, self.mlp
         n_heads, n_kv, d = attn.n_heads, attn.n_kv, attn.head_dim
-        h = kernels.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
-        qkv = attn.q_proj.one_row(h)[0]  # [(heads + 2 kv heads) * d]
+        qkv = attn.q_proj.one_row(x, norm=self.input_layernorm)[0]  # [(heads + 2 kv heads) * d]
         qk = rope_decode(qkv[: (n_heads + n_kv) * d].view(n_heads + n_kv, 1, d), cos, sin_signed)
         v = qkv[(n_heads + n_kv) * d :].view(n_kv, 1, d)
         out = cache.attend(qk[:n_heads], qk[n_heads:], v, pos0, d**-0.5)  # [heads, 1, d]
         x = x + attn.o_proj.one_row(out.reshape(1, n_heads * d))  # added in fp32
-        h = kernels.rms_norm(x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        gate, up = mlp.gate_proj.one_row(h).chunk(2, dim=-1)
-        act = F.silu(gate.float()) * up  # silu in fp32, times up in fp32, as in MLP
-        return x + mlp.down_proj.one_row(act)
+        gate_up = mlp.gate_proj.one_row(x, norm=self.post_attention_layernorm)
+        return x + mlp.down_proj.one_row(gate_up, silu_mul=True)
 
 
 def rope_decode(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -377,9 +374,13 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(h[-1:] if last_only else h)
         packed = isinstance(self.lm_head, QuantLinear)
         if packed and x.shape[0] == 1 and x.device.type == "cpu":
-            logits = packed_gemv.matvec(self.lm_head, x)  # exact weights, fp32: nothing to refine
+            logits = packed_gemv.matvec(self.lm_head, x)  # exact weights
             if logits is not None:
-                return logits if self.lm_head.bias is None else logits + self.lm_head.bias.float()
+                if self.lm_head.bias is not None:
+                    logits = logits + self.lm_head.bias.float()
+                if packed_gemv.rounds_activations(self.lm_head):  # 8-bit input: near-ties decided in fp32
+                    logits = self.lm_head.refine_top(x, logits)
+                return logits
         logits = self.lm_head(x).float()
         if packed and x.shape[0] < PREFILL_ROWS:  # torch's kernel's bf16 logits
             logits = self.lm_head.refine_top(x, logits)

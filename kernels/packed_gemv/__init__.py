@@ -1,8 +1,12 @@
-"""One token's matmul over GGUF weights kept packed on the CPU: a numba kernel (`numba_gemv.py`) beside its
-definition (`reference.py`), reading torch's int4 packs with GGUF's own fp16 numbers, in fp32.
+"""One token's matmul over GGUF weights kept packed on the CPU: numba kernels beside their definitions
+(`reference.py`), reading torch's int4 packs with GGUF's own fp16 numbers.
 
-torch's int4 kernel takes bf16 activations, bf16 copies of the scales, and returns bf16 (~4e-3 from exact);
-this one takes fp32 and is ~5e-7 from float64, and faster (bench/packed_gemv_ab.py). numba is imported and the
+On an AVX2 CPU the activations are rounded to 8 bits a group of 32 inputs, as llama.cpp's CPU path does, and
+the products are integer (`numba_gemv_q8.py`, ~1e-7 from its float64 definition, ~6e-3 from the unrounded
+product, 1.4-2x faster than the fp32 kernel); elsewhere the fp32 kernel serves (`numba_gemv.py`, ~5e-7 from
+float64). torch's int4 kernel takes bf16 activations, bf16 copies of the scales, and returns bf16 (~4e-3 from
+exact), and is slower than either (bench/packed_gemv_ab.py). The answers of the default model are the same
+text either way. numba is imported and the
 kernels compiled (or loaded from numba's cache) in the background while the prompt is read (`prepare`); the
 first step that wants one waits for it. If numba is missing or fails, `matvec` returns None (said once) and
 the caller keeps torch's kernel.
@@ -20,6 +24,7 @@ from salachat.kernels import cpu_jit
 KINDS = ("Q4_0", "Q4_1", "Q8_0")
 _LOADS: dict[str, Future] = {}
 _FAILED: list[str] = []  # why the kernel is unavailable in this process, if it is
+_ROUNDED: set[str] = set()  # the kinds whose loaded kernel rounds the activations to 8 bits
 
 
 def prepare(qtypes) -> None:
@@ -32,12 +37,16 @@ def prepare(qtypes) -> None:
 def _load(qtype: str):
     cpu_jit.import_numba()
     from salachat.engine.qlinear import PACK_BLOCK
-    from salachat.kernels.packed_gemv.numba_gemv import kernel
+    from salachat.kernels.packed_gemv import numba_gemv, numba_gemv_q8
 
-    gemv = kernel(qtype, PACK_BLOCK)
+    rounded = numba_gemv_q8.available()
+    gemv = (numba_gemv_q8 if rounded else numba_gemv).kernel(qtype, PACK_BLOCK)
     pack = np.zeros((64, 16), np.uint8)
     numbers = np.zeros((1, 64, 2 if qtype == "Q4_1" else 1), np.uint16)
-    gemv(pack, pack, numbers, np.zeros(32, np.float32), np.empty(64, np.float32))  # starts numba's threads
+    x, y = np.zeros(32, np.float32), np.empty(64, np.float32)
+    gemv(*(a.ctypes.data for a in (pack, pack, numbers, x, y)), 32, 64, 0, 0, 0.0)  # starts numba's threads
+    if rounded:
+        _ROUNDED.add(qtype)
     return gemv
 
 
@@ -56,22 +65,37 @@ def _kernel(qtype: str):
         return None
 
 
-def matvec(layer, x: torch.Tensor) -> torch.Tensor | None:
+def rounds_activations(layer) -> bool:
+    """Whether `matvec` rounded this layer's input to 8 bits (known once it has served the layer's kind)."""
+    return layer.qtype in _ROUNDED
+
+
+def matvec(layer, x: torch.Tensor, norm=None, silu_mul: bool = False) -> torch.Tensor | None:
     """x [1, K] (any float dtype) times a `QuantLinear`'s weights: fp32 [1, N] (bias not added), or None where the
-    kernel does not serve (a kind it lacks, a GPU tensor, numba unavailable)."""
-    if _FAILED or layer.qtype not in KINDS or x.device.type != "cpu" or x.numel() != layer.in_features:
+    kernel does not serve (a kind it lacks, a GPU tensor, numba unavailable). With `norm` (an RMSNorm: weight
+    fp32 [K], eps) the kernel normalises x first; with `silu_mul`, x [1, 2K] holds gate and up and the kernel
+    takes silu(gate) * up (`numba_gemv.prologue`, in fp32): a decode step's norms and SiLU without a torch
+    call each."""
+    width = layer.in_features * (2 if silu_mul else 1)
+    if _FAILED or layer.qtype not in KINDS or x.device.type != "cpu" or x.numel() != width:
         return None
     gemv = _kernel(layer.qtype)
     if gemv is None:
         return None
-    made = layer.__dict__.get("_gemv_arrays")
-    if made is None or made[0] != layer.packed0.data_ptr():  # numpy views of the layer's buffers, made once
-        pack0 = layer.packed0.numpy()
-        pack1 = layer.packed1.numpy() if layer.n_packs > 1 else pack0
-        made = layer.__dict__["_gemv_arrays"] = (layer.packed0.data_ptr(), (
-            pack0, pack1, layer.gguf_numbers.view(torch.int16).numpy().view(np.uint16)))
-    arrays = made[1]
+    made = layer.__dict__.get("_gemv_buffers")
+    if made is None or made[0] is not layer.packed0:  # the addresses of the layer's buffers, taken once
+        pack1 = layer.packed1 if layer.n_packs > 1 else layer.packed0
+        buffers = (layer.packed0, pack1, layer.gguf_numbers)
+        assert all(b.is_contiguous() and b.device.type == "cpu" for b in buffers)
+        made = layer.__dict__["_gemv_buffers"] = (layer.packed0, tuple(b.data_ptr() for b in buffers))
     cpu_jit.follow_torch_threads()
+    x = x.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(1, layer.out_features)
-    gemv(*arrays, x.reshape(-1).to(torch.float32).contiguous().numpy(), y.numpy()[0])
+    if norm is not None:
+        weight = norm.weight.detach().to(torch.float32).contiguous()
+        gemv(*made[1], x.data_ptr(), y.data_ptr(), layer.in_features, layer.out_features, 1, weight.data_ptr(),
+             norm.eps)
+    else:
+        gemv(*made[1], x.data_ptr(), y.data_ptr(), layer.in_features, layer.out_features, 2 if silu_mul else 0, 0,
+             0.0)
     return y

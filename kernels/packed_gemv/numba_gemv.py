@@ -16,8 +16,9 @@ which is sum_k w[k] x[k] for w = q * scale + offset per pack (`qlinear.pack_scal
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -131,38 +132,82 @@ def _block_function(module, qtype: str, rows: int):
     return fn
 
 
+def pointer(context, builder, typ, value, to):
+    """An argument as a pointer of LLVM type `to`: an array's data, or an address given as an integer."""
+    if isinstance(typ, types.Array):
+        return builder.bitcast(context.make_array(typ)(context, builder, value).data, to)
+    return builder.inttoptr(value, to)
+
+
+@intrinsic
+def f32_pointer(typingctx, address):
+    """An integer address as a float32 pointer (for `numba.carray`)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
+
+    return types.CPointer(types.float32)(address), codegen
+
+
 @intrinsic(prefer_literal=True)
-def _block_task(typingctx, pack0, pack1, numbers, x, y, block, qtype, rows):
+def _block_task(typingctx, pack0, pack1, numbers, x, y, k, n, block, qtype, rows):
     """`_block_function` for one block: packs uint8 [N, K/2] (torch's int4 layout), numbers uint16 [K/32, N,
-    n] (fp16 bits), x fp32 [K], y fp32 [N], all C-contiguous; `qtype` a compile-time string, `rows` a
-    compile-time int (the layout's rows a block)."""
+    n] (fp16 bits), x fp32 [K], y fp32 [N], all C-contiguous, as addresses; `qtype` a compile-time string,
+    `rows` a compile-time int (the layout's rows a block)."""
     if not isinstance(qtype, types.StringLiteral) or not isinstance(rows, types.IntegerLiteral):
         return None
     kind, block_rows = qtype.literal_value, rows.literal_value
 
     def codegen(context, builder, signature, args):
-        arrays = [context.make_array(signature.args[i])(context, builder, args[i]) for i in range(5)]
         fn = _block_function(builder.module, kind, block_rows)
-        k_count = builder.mul(cgutils.unpack_tuple(builder, arrays[0].shape)[1], ir.Constant(_i64, 2))
-        n_count = cgutils.unpack_tuple(builder, arrays[4].shape)[0]
-        ptr8 = ir.PointerType(_i8)
-        builder.call(fn, [builder.bitcast(arrays[0].data, ptr8), builder.bitcast(arrays[1].data, ptr8),
-                          builder.bitcast(arrays[2].data, ptr8), builder.bitcast(arrays[3].data, ir.PointerType(_f32)),
-                          builder.bitcast(arrays[4].data, ir.PointerType(_f32)), k_count, n_count, args[5]])
+        ptr8, ptrf = ir.PointerType(_i8), ir.PointerType(_f32)
+        at = [pointer(context, builder, signature.args[i], args[i], ptr8 if i < 3 else ptrf) for i in range(5)]
+        builder.call(fn, at + [args[5], args[6], args[7]])
         return context.get_dummy_value()
 
-    return types.none(pack0, pack1, numbers, x, y, block, qtype, rows), codegen
+    return types.none(pack0, pack1, numbers, x, y, k, n, block, qtype, rows), codegen
+
+
+# addresses, not arrays: numba takes ~5-15 us to unbox each array made for a call (torch's views of a step's
+# tensors are), more than the kernel itself on the model's small matrices. The last two: a norm's weight
+# (its address) and eps, for the PROLOGUES that need them.
+SIGNATURE = "void(int64, int64, int64, int64, int64, int64, int64, int64, int64, float32)"
+PROLOGUES = {None: 0, "rms_norm": 1, "silu_mul": 2}  # what the kernel computes of x before its matmul
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def prologue(mode, x, k, weight, eps):
+    """The kernel's input from x at address `x`, fp32 [k]: x itself (mode 0), RMSNorm(x) with `weight` (1:
+    x * (1 / sqrt(mean(x^2) + eps)) * weight, the sum of squares in float64), or silu(x[:k]) * x[k:] (2: x
+    holds gate and up side by side, silu = g / (1 + exp(-g)))."""
+    if mode == 0:
+        return carray(f32_pointer(x), (k,))
+    out = np.empty(k, np.float32)
+    if mode == 1:
+        v, w = carray(f32_pointer(x), (k,)), carray(f32_pointer(weight), (k,))
+        total = 0.0
+        for i in range(k):
+            total += np.float64(v[i]) * np.float64(v[i])
+        scale = np.float32(1.0) / np.sqrt(np.float32(total / k) + eps)
+        for i in range(k):
+            out[i] = w[i] * (v[i] * scale)
+    else:
+        v = carray(f32_pointer(x), (2 * k,))
+        for i in range(k):
+            g = v[i]
+            out[i] = g / (np.float32(1.0) + np.exp(-g)) * v[k + i]
+    return out
 
 
 def _build(qtype: str, rows: int):
     kind, block_rows = qtype, rows
 
-    @njit("void(uint8[:, ::1], uint8[:, ::1], uint16[:, :, ::1], float32[::1], float32[::1])", parallel=True,
-          cache=True, nogil=True, error_model="numpy")
-    def gemv(pack0, pack1, numbers, x, y):
-        """y [N] = W x for W held as packs [N, K/2] (pack1 unused but for Q8_0) and GGUF numbers [K/32, N, n]."""
-        for block in prange(y.shape[0] // block_rows):
-            _block_task(pack0, pack1, numbers, x, y, block, kind, block_rows)
+    @njit(SIGNATURE, parallel=True, cache=True, nogil=True, error_model="numpy")
+    def gemv(pack0, pack1, numbers, x, y, k, n, mode, weight, eps):
+        """y [n] = W prologue(x) for W held as packs [n, k/2] (pack1 unused but for Q8_0) and GGUF numbers
+        [k/32, n, *]: the addresses of C-contiguous buffers."""
+        h = prologue(mode, x, k, weight, eps)
+        for block in prange(n // block_rows):
+            _block_task(pack0, pack1, numbers, h, y, k, n, block, kind, block_rows)
 
     return gemv
 
