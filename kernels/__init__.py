@@ -15,6 +15,7 @@ from salachat.kernels.dense import dense_attention_impl
 from salachat.kernels.lightning.reference import lightning_attention_ref
 from salachat.kernels.pointwise.reference import (
     gated_rms_norm_ref,
+    heads_gate_ref,
     norm_rope_ref,
     rms_norm_ref,
     rope_ref,
@@ -25,7 +26,7 @@ from salachat.kernels.sparse.reference import block_sparse_attention_ref, compre
 
 __all__ = [
     "SparseParams", "add_rms_norm", "block_sparse_attention", "compress_keys", "dense_attention",
-    "gated_rms_norm", "lightning_attention", "linear", "norm_rope", "rms_norm", "rope", "select_blocks", "silu_mul",
+    "gated_rms_norm", "heads_gate", "lightning_attention", "linear", "norm_rope", "rms_norm", "rope", "select_blocks", "silu_mul",
     "use",
 ]
 
@@ -92,6 +93,12 @@ def gated_rms_norm(out, weight, eps: float, gate, impl: str | None = None):
     """A Lightning layer's output: out [H, T, D] (fp32) to [T, H * D], RMSNorm, times sigmoid(gate)."""
     fast = _pick("gated_rms_norm", gate, impl)
     return fast(out, weight, eps, gate) if fast is not None else gated_rms_norm_ref(out, weight, eps, gate)
+
+
+def heads_gate(out, gate, impl: str | None = None):
+    """A sparse layer's attention output: out [H, T, D] to [T, H * D], times sigmoid(gate)."""
+    fast = _pick("heads_gate", gate, impl)
+    return fast(out, gate) if fast is not None else heads_gate_ref(out, gate)
 
 
 def norm_rope(x, weight, eps: float, cos, sin, impl: str | None = None):

@@ -6,6 +6,7 @@ from salachat.kernels.lightning.triton import lightning_attention_triton
 from salachat.kernels.pointwise.triton import (
     add_rms_norm_triton,
     gated_rms_norm_triton,
+    heads_gate_triton,
     norm_rope_triton,
     rms_norm_triton,
     rope_triton,
@@ -21,6 +22,7 @@ _TRITON.update({
     "rope": rope_triton,
     "add_rms_norm": add_rms_norm_triton,
     "gated_rms_norm": gated_rms_norm_triton,
+    "heads_gate": heads_gate_triton,
     "silu_mul": silu_mul_triton,
     "norm_rope": norm_rope_triton,
     "select_blocks": select_blocks_triton,

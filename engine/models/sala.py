@@ -199,10 +199,9 @@ class SparseAttention(nn.Module):
 
     def finish(self, x, out):
         """Everything after the cache: heads back to the hidden size, output gate, projection."""
-        out = out.transpose(0, 1).reshape(x.shape[0], -1)
-        if self.args.attn_use_output_gate:
-            out = out * torch.sigmoid(kernels.linear(self.o_gate, x))
-        return kernels.linear(self.o_proj, out)
+        if self.args.attn_use_output_gate:  # the heads side by side and the gate: one kernel on CUDA
+            return kernels.linear(self.o_proj, kernels.heads_gate(out, kernels.linear(self.o_gate, x)))
+        return kernels.linear(self.o_proj, out.transpose(0, 1).reshape(x.shape[0], -1))
 
     def forward(self, x, cos, sin, cache: SparseKVCache, pos0: int) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin)

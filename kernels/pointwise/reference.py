@@ -44,6 +44,11 @@ def gated_rms_norm_ref(out: torch.Tensor, weight: torch.Tensor, eps: float, gate
     return rms_norm_ref(x, weight, eps) * torch.sigmoid(gate)
 
 
+def heads_gate_ref(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """A sparse layer's attention output [H, T, D] (heads-first) as [T, H * D], times sigmoid(gate) [T, H * D]."""
+    return out.transpose(0, 1).reshape(gate.shape[0], -1) * torch.sigmoid(gate)
+
+
 def norm_rope_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
     """A per-head RMSNorm (q/k norm) of x [T, H, D], then RoPE: heads-first [H, T, D]."""
