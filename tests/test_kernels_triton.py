@@ -24,6 +24,7 @@ from salachat.kernels.lightning.triton import lightning_attention_triton
 from salachat.kernels.pointwise.reference import (
     add_rms_norm_ref,
     gated_rms_norm_ref,
+    heads_gate_ref,
     norm_rope_ref,
     rms_norm_ref,
     rope_ref,
@@ -32,6 +33,7 @@ from salachat.kernels.pointwise.reference import (
 from salachat.kernels.pointwise.triton import (
     add_rms_norm_triton,
     gated_rms_norm_triton,
+    heads_gate_triton,
     norm_rope_triton,
     rms_norm_triton,
     rope_triton,
@@ -231,6 +233,27 @@ def test_union_of_selections_lists_each_block_once_with_the_queries_that_chose_i
     assert bits[0, 0, :3].tolist() == [0b11, 0b10, 0b11] and bits[0, 1, 0].item() == 0b01
 
 
+def _random_selections(kv, t, k, n_blocks, seed, device="cpu"):
+    """Ascending distinct block ids a row, -1 past a random count (as early queries have), int32."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.full((kv, t, k), -1, dtype=torch.int32)
+    for g in range(kv):
+        for q in range(t):
+            n = int(torch.randint(1, k + 1, (), generator=gen))
+            idx[g, q, :n] = torch.randperm(n_blocks, generator=gen)[:n].sort().values.int()
+    return idx.to(device)
+
+
+# tiles of 2-16 queries, the last one short (t not a multiple), few blocks (many shared) and many
+@pytest.mark.parametrize("kv, t, k, bq, n_blocks", [(2, 37, 7, 4, 30), (1, 16, 5, 16, 200), (3, 9, 3, 2, 8),
+                                                    (2, 65, 96, 4, 3000), (1, 41, 12, 8, 20)])
+def test_union_kernel_builds_the_same_union_bits_and_counts_as_torch(kv, t, k, bq, n_blocks):
+    idx = _random_selections(kv, t, k, n_blocks, seed=t * k)
+    want = union_of_selections(idx, bq, "torch")
+    got = union_of_selections(idx, bq, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize("h, hkv, length, t, d", [(4, 2, 300, 40, 16), (8, 2, 200, 1, 32), (2, 2, 150, 150, 16),
                                                   (16, 1, 333, 33, 16), (16, 1, 333, 1, 16), (16, 1, 40, 1, 16),
                                                   (4, 4, 97, 7, 16), (9, 3, 200, 20, 16), (9, 3, 300, 1, 16),
@@ -325,6 +348,8 @@ def test_fused_pointwise_kernels_match_their_references(t, hidden, heads, d):
     got = gated_rms_norm_triton(out, ow, 1e-6, gate)
     assert got.shape == (t, heads * d)
     assert torch.allclose(got, gated_rms_norm_ref(out, ow, 1e-6, gate), rtol=1e-5, atol=1e-6)
+    got = heads_gate_triton(out, gate)  # token tiles of 32 (or 4096 // d): t = 37 crosses one
+    assert got.shape == (t, heads * d) and torch.allclose(got, heads_gate_ref(out, gate), rtol=1e-6, atol=1e-6)
     qk = torch.randn(t, 2 * heads + 1, d, generator=torch.Generator().manual_seed(t))[:, 1 : heads + 1]  # a view
     angles = torch.arange(50, 50 + t).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))[None, :]
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
@@ -423,6 +448,10 @@ def test_fused_pointwise_kernels_bf16_on_gpu_give_torchs_bits(t):
 
     same(silu_mul_triton(gate_up), silu_mul_ref(gate_up))
     assert torch.equal(silu_mul_triton(gate_up), silu_mul_ref(gate_up)), "silu(gate) * up: not torch's bits"
+    wide = _fused_pointwise_inputs(4 * t + 3, 16384, 32, 128, "cuda", torch.bfloat16)[0]  # the 9B MLP's width
+    assert torch.equal(silu_mul_triton(wide), silu_mul_ref(wide)), "silu(gate) * up at 16384: not torch's bits"
+    attended = out.bfloat16()  # a sparse layer's attention output, heads-first in the activations' dtype
+    assert torch.equal(heads_gate_triton(attended, gate), heads_gate_ref(attended, gate)), "output gate: not torch's bits"
     (got_h, got_x), (want_h, want_x) = add_rms_norm_triton(h, y, 0.37, weight, 1e-6), add_rms_norm_ref(h, y, 0.37, weight, 1e-6)
     assert torch.equal(got_h, want_h), "h + y * scale: not torch's bits"
     same(got_x, want_x)
@@ -505,6 +534,18 @@ def test_flash_scorer_ties_break_to_the_lower_block_on_gpu():
     assert torch.equal(select_blocks_triton(q, k1, k2, 29995, p, 0.0625, scorer="flash"), want)
     assert torch.equal(select_blocks_triton(q[:, :1], k1, k2, 29995, p, 0.0625, scorer="flash", block_splits=7),
                        want[:, :1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv, t, bq, n_blocks", [(2, 4097, 4, 16000), (2, 333, 4, 120), (3, 100, 8, 500),
+                                                (1, 77, 16, 96)])
+def test_union_kernel_on_gpu_builds_torchs_union(kv, t, bq, n_blocks):
+    idx = _random_selections(kv, t, 96, n_blocks, seed=t, device="cuda")
+    want = union_of_selections(idx, bq, "torch")
+    assert all(torch.equal(a, b) for a, b in zip(union_of_selections(idx, bq), want, strict=True))
+    from salachat.kernels.sparse import triton_attention
+
+    assert not triton_attention._UNION_FAILED  # the default on CUDA, not the fallback
 
 
 @pytest.mark.gpu
