@@ -291,10 +291,30 @@ def _time_alternating(row: dict, calls: dict, t: int) -> None:
         row[f"{name}_kernels_ms"] = kernel_ms(call)
 
 
-def attend_against(contexts, chunk: int, variants) -> list[dict]:
+def pooled_selection(idx: torch.Tensor, length: int, bq: int, p: SparseParams) -> torch.Tensor:
+    """A selection shaped as `idx` (the first block and each query's local window forced) whose other blocks
+    every tile of bq queries shares: query j of each tile takes the j-th share of one pool of blocks. A tile's
+    union is as large as with independent choices, but all tiles read the same blocks (from the L2 cache):
+    the attention's time on it, against a real selection's, says what reading K/V from memory costs."""
+    kv, t, width = idx.shape
+    qb = (torch.arange(length - t, length, device=idx.device) // p.block_size)
+    forced = p.init_blocks + p.local_blocks + 1
+    free = width - forced
+    low = int(qb.min()) - p.local_blocks  # pool blocks below every query's window
+    pool = torch.stack([torch.randperm(low - p.init_blocks, device=idx.device)[: bq * free] + p.init_blocks
+                        for _ in range(kv)]).view(kv, bq, free)
+    chosen = pool[:, torch.arange(t, device=idx.device) % bq]  # [kv, t, free]
+    window = (qb[:, None] - p.local_blocks + torch.arange(p.local_blocks + 1, device=idx.device)).expand(kv, t, -1)
+    first = torch.arange(p.init_blocks, device=idx.device).expand(kv, t, -1)
+    return torch.cat([first, chosen, window], -1).sort(-1).values.to(torch.int32).contiguous()
+
+
+def attend_against(contexts, chunk: int, variants, selections=("scored",)) -> list[dict]:
     """The block-sparse attention with other keywords of block_sparse_attention_triton (`variants`) against its
-    defaults, the same inputs and selection in one run, alternating: wall time, GPU time, largest difference."""
-    from salachat.kernels.sparse.triton_attention import block_sparse_attention_triton
+    defaults, the same inputs and selection in one run, alternating: wall time, GPU time, largest difference.
+    `selections`: "scored" (the selection kernel's, on random q and k: neighbouring queries choose unrelated
+    blocks) and/or "pooled" (pooled_selection: the same union sizes, every tile reading the same blocks)."""
+    from salachat.kernels.sparse.triton_attention import _tile_queries, block_sparse_attention_triton
     from salachat.kernels.sparse.triton_select import select_blocks_triton
 
     p, scale, rows = SparseParams(), D**-0.5, []
@@ -302,13 +322,15 @@ def attend_against(contexts, chunk: int, variants) -> list[dict]:
         k = torch.randn(HKV_SPARSE, length, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, 4 * p.kernel_size, 4 * p.kernel_stride)
-        for t in (chunk, 1):
+        for t, selection in [(t, s) for t in (chunk, 1) for s in selections if t > 1 or s == "scored"]:
             q = torch.randn(H, t, D, device="cuda", dtype=torch.bfloat16)
             idx = select_blocks_triton(q, k1, k2, length - t, p, scale)
+            if selection == "pooled":
+                idx = pooled_selection(idx, length, _tile_queries(H // HKV_SPARSE, t), p)
             calls = {json.dumps(kw, sort_keys=True): (lambda kw=kw: block_sparse_attention_triton(
                 q, k, v, idx, length - t, p.block_size, scale, **kw)) for kw in [{}, *variants]}
             want = calls["{}"]().float()
-            row = {"op": "attend_against", "context": length, "queries": t}
+            row = {"op": "attend_against", "context": length, "queries": t, "selection": selection}
             for name, call in calls.items():
                 row[f"{name}_max_diff"] = (call().float() - want).abs().max().item()
             _time_alternating(row, calls, t)
@@ -317,6 +339,52 @@ def attend_against(contexts, chunk: int, variants) -> list[dict]:
         del k, v, k1, k2
         torch.cuda.empty_cache()
     return rows
+
+
+def silu_sweep(rows: int = 65536, width: int = 16384, rounds: int = 3) -> list[dict]:
+    """silu_mul on a prefill chunk's fused gate/up [rows, 2 width] (bf16), tile settings against the default,
+    each checked for torch's bits, timed alternating over `rounds` (the best kept); bandwidth counts the bytes
+    read and written."""
+    from salachat.kernels.pointwise.reference import silu_mul_ref
+    from salachat.kernels.pointwise.triton import silu_mul_triton
+
+    x = torch.randn(rows, 2 * width, device="cuda", dtype=torch.bfloat16) * 3
+    want = silu_mul_ref(x)
+    settings = [{}] + [{"rows": r, "bn": b, "num_warps": w} for r, b, w in
+                       [(1, 1024, 8), (2, 512, 8), (4, 512, 4), (1, 2048, 8), (2, 1024, 8), (1, 4096, 16),
+                        (8, 512, 8), (4, 1024, 8)]]
+    out = [{"op": "silu_mul", "settings": kw, "same_bits": bool(torch.equal(silu_mul_triton(x, **kw), want)),
+            "ms_rounds": []} for kw in settings]
+    for _ in range(rounds):
+        for row in out:
+            row["ms_rounds"].append(timed(lambda kw=row["settings"]: silu_mul_triton(x, **kw), repeat=10))
+    for row in out:
+        row["ms"] = min(row["ms_rounds"])
+        row["gbps"] = x.numel() * 1.5 * 2 / row["ms"] / 1e6
+        print(row)
+    del x, want
+    torch.cuda.empty_cache()
+    return out
+
+
+def gemm_shapes(rows: int = 65536, rounds: int = 3) -> list[dict]:
+    """The 9B model's prefill matmuls for a chunk of `rows` tokens (cuBLAS through F.linear, bf16, random
+    data), each alone and in 3 alternating rounds (the best kept), beside a square 8192 product: how near the
+    rate the GPU gives a large product the chunk's GEMMs run."""
+    shapes = {"square 8192": (8192, 8192, 8192), "Lightning q/k/v/gate": (rows, 4096, 16384),
+              "sparse q/k/v": (rows, 4096, 4608), "o_proj, output gate": (rows, 4096, 4096),
+              "MLP gate/up": (rows, 4096, 32768), "MLP down": (rows, 16384, 4096)}
+    out = []
+    for name, (m, k, n) in shapes.items():
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        ms = min(timed(lambda x=x, w=w: torch.nn.functional.linear(x, w), repeat=10) for _ in range(rounds))
+        row = {"op": "gemm", "shape": name, "m": m, "k": k, "n": n, "ms": ms, "tflops": 2 * m * k * n / ms / 1e9}
+        out.append(row)
+        print(row)
+        del x, w
+    torch.cuda.empty_cache()
+    return out
 
 
 def selection_keys(length: int, t: int, scores: str) -> torch.Tensor:
@@ -396,6 +464,10 @@ def main() -> None:
     parser.add_argument("--attend-variants", nargs="+", default=[], metavar="JSON",
                         help="also time the sparse attention with these block_sparse_attention_triton keywords "
                              "against its defaults at the --sparse-contexts")
+    parser.add_argument("--attend-selections", nargs="+", default=["scored"], choices=["scored", "pooled"],
+                        help="with --attend-variants: the selections to time them on (see attend_against)")
+    parser.add_argument("--silu-sweep", action="store_true", help="time silu_mul's tile settings")
+    parser.add_argument("--gemm-shapes", action="store_true", help="time the 9B model's prefill GEMM shapes")
     parser.add_argument("--topk-contexts", nargs="+", type=int, default=[], metavar="CONTEXT",
                         help="also time the selection's top-k alone (torch.topk against Triton) at these contexts")
     parser.add_argument("--topk-sweep", action="store_true", help="try the Triton top-k's groups and warps")
@@ -405,8 +477,11 @@ def main() -> None:
     rows += bench_topk(args.topk_contexts, args.chunk, args.topk_sweep) if args.topk_contexts else []
     lengths = [t for t in args.lightning_lengths if t > 0]  # 0: no Lightning rows
     contexts = [t for t in args.sparse_contexts if t > 0]  # 0: no sparse rows
+    rows += silu_sweep() if args.silu_sweep else []
+    rows += gemm_shapes(args.chunk) if args.gemm_shapes else []
     if args.attend_variants:
-        rows += attend_against(contexts, args.chunk, [json.loads(v) for v in args.attend_variants])
+        rows += attend_against(contexts, args.chunk, [json.loads(v) for v in args.attend_variants],
+                               args.attend_selections)
     if args.select_against:
         rows += select_against(args.select_against, contexts, args.chunk, [json.loads(v) for v in args.select_variants])
     if args.attend_variants or args.select_against:
@@ -428,10 +503,18 @@ def main() -> None:
             continue
         if r["op"].startswith("select_"):
             continue
+        if r["op"] == "gemm":
+            print(f"| GEMM {r['shape']} | {r['m']} x {r['k']} x {r['n']} | {r['ms']:.3f} ({r['tflops']:.0f} TFLOP/s) | |")
+            continue
+        if r["op"] == "silu_mul":
+            print(f"| silu_mul {r['settings']} | 65536 x 16384 | {r['ms']:.3f} ({r['gbps']:.0f} GB/s, torch's bits: "
+                  f"{r['same_bits']}) | |")
+            continue
         if r["op"] == "attend_against":
             for name in [n[:-3] for n in r if n.endswith("_ms") and not n.endswith("kernels_ms")]:
-                print(f"| attend, {name} | L={r['context']}, T={r['queries']} | {min(r[name + '_ms']):.3f} | "
-                      f"{min(r['{}_ms']):.3f} (largest difference {r[name + '_max_diff']:.2e}) |")
+                gpu = ", ".join(f"{key[:24]} {ms:.2f}" for key, ms in r[name + "_kernels_ms"].items() if ms > 0.01)
+                print(f"| attend {r['selection']}, {name} | L={r['context']}, T={r['queries']} | {min(r[name + '_ms']):.3f} | "
+                      f"{min(r['{}_ms']):.3f} (largest difference {r[name + '_max_diff']:.2e}; GPU ms: {gpu}) |")
             continue
         if r["op"].startswith("topk"):
             graph = (f"; graphed {r['triton_graph_ms']:.4f} vs {r['torch_graph_ms']:.4f}"
