@@ -7,5 +7,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     bash scripts/test-documents.sh
 fi
 bash scripts/setup.sh --test
+# -P: the repository root stays off sys.path, so its folders (kernels/, engine/) never shadow the PyPI packages
+# of those names (transformers imports `kernels`); salachat is imported as installed.
 # Kernels run on the CPU through Triton's interpreter in CI; the GPU tests need `pytest -m gpu` on a GPU.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -P -m pytest -q -p no:cacheprovider "$@"
