@@ -49,9 +49,9 @@ def _load(group: int, dim: int, half: bool):
     from salachat.kernels.cpu_decode.numba_attention import kernel
 
     attend = kernel(group, dim, half)
-    keys = np.zeros((1, 16, dim), np.uint16)
-    attend(np.zeros((1, group, dim), np.uint16), keys, keys, 16, 1.0, 1, np.empty((1, group, dim + 2), np.float32),
-           np.empty((1, group, dim), np.float32))  # starts numba's thread pool
+    q, keys, out = np.zeros((1, group, dim), np.uint16), np.zeros((1, 16, dim), np.uint16), np.empty((1, group, dim), np.float32)
+    attend(q.ctypes.data, keys.ctypes.data, keys.ctypes.data, 1, (16 * dim, dim, 16 * dim, dim), 16, 1.0, 1,
+           np.empty((1, group, dim + 2), np.float32), out.ctypes.data)  # starts numba's thread pool
     return attend
 
 
@@ -89,9 +89,8 @@ def decode_attention(grouped_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if partial is None or partial.shape != (kv_heads * splits, group, dim + 2):
         partial = _LOCAL.partial = np.empty((kv_heads * splits, group, dim + 2), np.float32)
     out = torch.empty(kv_heads, group, dim)
-    attend(_bits(grouped_q.contiguous()), _bits(k), _bits(v), k.shape[1], scale, splits, partial, out.numpy())
+    q = grouped_q if grouped_q.is_contiguous() else grouped_q.contiguous()
+    assert k.stride(-1) == v.stride(-1) == 1 and k.dtype == v.dtype == q.dtype and k.shape == v.shape
+    attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_heads, (k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
+           k.shape[1], scale, splits, partial, out.data_ptr())
     return out
-
-
-def _bits(x: torch.Tensor) -> np.ndarray:
-    return x.view(torch.int16).numpy().view(np.uint16)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from salachat.kernels.packed_gemv.numba_gemv import f32_pointer
 
 LANES = 16  # fp32 lanes a vector: a group of keys, and a head's row in D / 16 pieces
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
@@ -183,46 +185,50 @@ def _task_function(module, group: int, dim: int, half: bool):
 
 
 @intrinsic(prefer_literal=True)
-def _attend_task(typingctx, q, k, v, head, lo, hi, scale, out, group, dim, half):
-    """`_task_function` for KV head `head` over keys lo..hi: q uint16 [Hkv, G, D] (16-bit float bits, C-contiguous), k
-    and v uint16 [Hkv, capacity, D] (the same kind's bits, rows contiguous), out fp32 [G, D + 2] (C-contiguous); `group` and `dim`
-    are G and D as compile-time constants, `half` 1 for fp16 bits (0: bf16)."""
+def _attend_task(typingctx, q, k, v, strides, head, lo, hi, scale, out, group, dim, half):
+    """`_task_function` for KV head `head` over keys lo..hi: q, k, v the addresses of 16-bit float bits, q [Hkv,
+    G, D] C-contiguous, k and v [Hkv, capacity, D] with rows contiguous and `strides` = (k's head, k's row,
+    v's head, v's row) in elements; out fp32 [G, D + 2] (C-contiguous); `group` and `dim` are G and D as
+    compile-time constants, `half` 1 for fp16 bits (0: bf16)."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (group, dim, half)):
         return None
     g_count, d_count, is_half = group.literal_value, dim.literal_value, bool(half.literal_value)
 
     def codegen(context, builder, signature, args):
-        q_arr, k_arr, v_arr = (context.make_array(signature.args[i])(context, builder, args[i]) for i in range(3))
-        out_arr = context.make_array(signature.args[7])(context, builder, args[7])
+        out_arr = context.make_array(signature.args[8])(context, builder, args[8])
         fn = _task_function(builder.module, g_count, d_count, is_half)
-        strides = [cgutils.unpack_tuple(builder, arr.strides) for arr in (q_arr, k_arr, v_arr)]
-        heads = [_address(builder, arr.data, builder.mul(args[3], st[0]), ir.IntType(8))
-                 for arr, st in zip((q_arr, k_arr, v_arr), strides)]
-        q_h = builder.bitcast(heads[0], ir.PointerType(_i16))
-        builder.call(fn, [q_h, heads[1], heads[2], strides[1][1], strides[2][1], args[4], args[5],
-                          builder.fptrunc(args[6], _f32) if args[6].type != _f32 else args[6],
+        k_head, k_row, v_head, v_row = (builder.mul(x, ir.Constant(_i64, 2))
+                                        for x in cgutils.unpack_tuple(builder, args[3]))
+        i8p = ir.PointerType(ir.IntType(8))
+        q_at = builder.inttoptr(builder.add(args[0], builder.mul(args[4], ir.Constant(_i64, 2 * g_count * d_count))),
+                                ir.PointerType(_i16))
+        k_at = builder.inttoptr(builder.add(args[1], builder.mul(args[4], k_head)), i8p)
+        v_at = builder.inttoptr(builder.add(args[2], builder.mul(args[4], v_head)), i8p)
+        builder.call(fn, [q_at, k_at, v_at, k_row, v_row, args[5], args[6],
+                          builder.fptrunc(args[7], _f32) if args[7].type != _f32 else args[7],
                           builder.bitcast(out_arr.data, ir.PointerType(_f32))])
         return context.get_dummy_value()
 
-    return types.none(q, k, v, head, lo, hi, scale, out, group, dim, half), codegen
+    return types.none(q, k, v, strides, head, lo, hi, scale, out, group, dim, half), codegen
 
 
 def _build(group: int, dim: int, half: bool):
     """The kernel for `group` query heads per KV head, head size `dim` (a multiple of 16), fp16 or bf16 bits."""
     G, D, H = group, dim, int(half)
 
-    # one signature, compiled (or loaded from numba's cache) when made: a cache view and a whole buffer are the
-    # same kernel
-    @njit("void(uint16[:, :, ::1], uint16[:, :, :], uint16[:, :, :], int64, float64, int64, float32[:, :, ::1], "
-          "float32[:, :, ::1])", parallel=True, cache=True, nogil=True, error_model="numpy")
-    def attend(q, k, v, length, scale, splits, partial, out):
-        """q, k, v uint16 (bf16 or fp16 bits, as built): q [Hkv, G, D], k, v [Hkv, capacity, D]; out fp32 [Hkv, G, D];
-        partial fp32 [Hkv * splits, G, D + 2] is scratch."""
-        kv_heads = q.shape[0]
+    # addresses, not arrays: numba takes microseconds to unbox each array made for a call (a step's views of
+    # the cache are); one signature, compiled (or loaded from numba's cache) when made
+    @njit("void(int64, int64, int64, int64, UniTuple(int64, 4), int64, float64, int64, float32[:, :, ::1], int64)",
+          parallel=True, cache=True, nogil=True, error_model="numpy")
+    def attend(q, k, v, kv_heads, strides, length, scale, splits, partial, out_at):
+        """q, k, v the addresses of 16-bit float bits (bf16 or fp16, as built): q [Hkv, G, D] C-contiguous, k, v
+        [Hkv, capacity, D] with `strides` (k's head, k's row, v's head, v's row) in elements; out_at the
+        address of out fp32 [Hkv, G, D] (C-contiguous); partial fp32 [Hkv * splits, G, D + 2] is scratch."""
+        out = carray(f32_pointer(out_at), (kv_heads, G, D))
         span = (length + splits - 1) // splits
         for task in prange(kv_heads * splits):
             lo = (task % splits) * span
-            _attend_task(q, k, v, task // splits, lo, min(length, lo + span), scale, partial[task], G, D, H)
+            _attend_task(q, k, v, strides, task // splits, lo, min(length, lo + span), scale, partial[task], G, D, H)
         for h in range(kv_heads):
             for g in range(G):
                 top = -np.inf

@@ -89,10 +89,13 @@ def matvec(layer, x: torch.Tensor, norm=None, silu_mul: bool = False) -> torch.T
         assert all(b.is_contiguous() and b.device.type == "cpu" for b in buffers)
         made = layer.__dict__["_gemv_buffers"] = (layer.packed0, tuple(b.data_ptr() for b in buffers))
     cpu_jit.follow_torch_threads()
-    x = x.reshape(-1).to(torch.float32).contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():  # each torch call costs microseconds here
+        x = x.to(torch.float32).contiguous()
     y = torch.empty(1, layer.out_features)
     if norm is not None:
-        weight = norm.weight.detach().to(torch.float32).contiguous()
+        weight = norm.weight
+        if weight.dtype != torch.float32 or not weight.is_contiguous():
+            weight = weight.detach().to(torch.float32).contiguous()
         gemv(*made[1], x.data_ptr(), y.data_ptr(), layer.in_features, layer.out_features, 1, weight.data_ptr(),
              norm.eps)
     else:
