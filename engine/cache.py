@@ -101,13 +101,23 @@ class KVCache:
         grown_v[:, : self._length] = self.values[:, : self._length]
         self.keys, self.values = grown_k, grown_v
 
-    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v of shape [n_kv_heads, T, head_dim]; return all keys and values so far."""
-        t = k.shape[1]
+    def make_room(self, t: int) -> None:
+        """Capacity for `t` more positions (a kernel that writes them in place calls this, then `advance`)."""
         need = self._length + t
         if need > self.keys.shape[1]:
             target = max(need, self.keys.shape[1] * 5 // 4)
             self._grow(((target + self.GROW - 1) // self.GROW) * self.GROW)
+
+    def advance(self, t: int) -> None:
+        """`t` positions written in place past the valid prefix (within the room `make_room` made) are valid."""
+        assert self._length + t <= self.keys.shape[1]
+        self._length += t
+
+    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v of shape [n_kv_heads, T, head_dim]; return all keys and values so far."""
+        t = k.shape[1]
+        need = self._length + t
+        self.make_room(t)
         self.keys[:, self._length : need] = k
         self.values[:, self._length : need] = v
         self._length = need

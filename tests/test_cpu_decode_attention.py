@@ -153,6 +153,7 @@ def test_packed_model_decodes_the_same_greedy_tokens_through_the_kernel(tmp_path
 
     write_gguf(tmp_path / "m.gguf", "llama3", "Q4_1")
     loaded = load_model(tmp_path / "m.gguf", device="cpu")
+    loaded.model.fused_decode = False  # the kernel called layer by layer (the fused step: test_cpu_decode_step)
     calls = []
     real = cpu_decode.decode_attention
     monkeypatch.setattr(cpu_decode, "decode_attention", lambda *a: calls.append(1) or real(*a))

@@ -7,6 +7,7 @@ import functools
 import math
 from dataclasses import MISSING, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from salachat.engine.cache import KVCache, ModelCache
@@ -15,7 +16,7 @@ from salachat.engine.threads import keep_fitting
 from torch import nn
 
 from salachat import kernels
-from salachat.kernels import packed_gemv
+from salachat.kernels import cpu_decode, packed_gemv
 
 # model_type → (q/k/v biases by default, q/k RMSNorm per head). Qwen2 differs from Llama by its attention
 # biases, Qwen3 by its per-head q/k norms: two flags, not two model files.
@@ -298,6 +299,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     kv_dtype: torch.dtype | None = None  # the caches' dtype where it is not the activations' (loader.py)
+    fused_decode: bool = True  # a packed model's CPU decode step in one numba call (`_decode_step`) where it fits
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
@@ -332,6 +334,62 @@ class LlamaForCausalLM(nn.Module):
         return (fits and kernels._FORCED[0] is None
                 and all(type(c) is KVCache and c.keys.dtype in (torch.bfloat16, torch.float16) for c in cache.layers))
 
+    def _step_weights(self) -> np.ndarray | None:
+        """The layers' rows of `numba_step.COLUMNS` but the caches' (filled per cache by `_decode_step`), or None
+        where a layer's shapes or kinds are not the whole-step kernel's."""
+        if "_step_table" in self.__dict__:
+            return self.__dict__["_step_table"]
+        from salachat.engine.qlinear import PACK_BLOCK
+        from salachat.kernels.cpu_decode import numba_step
+
+        a, table = self.args, None
+        fits = a.head_dim % 16 == 0 and all(
+            m.qtype in numba_step.KINDS and m.in_features % 32 == 0 and m.out_features % PACK_BLOCK == 0
+            and all(b.is_contiguous() for b in (m.packed0, m.gguf_numbers))
+            for layer in self.model.layers
+            for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj))
+        norms = [n.weight for layer in self.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if fits and all(w.dtype == torch.float32 and w.is_contiguous() for w in norms):
+            table = np.zeros((len(self.model.layers), len(numba_step.COLUMNS)), np.int64)
+            for row, layer in zip(table, self.model.layers):
+                matrices = (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj)
+                for i, m in enumerate(matrices):
+                    pack1 = m.packed1 if m.n_packs > 1 else m.packed0
+                    row[4 * i : 4 * i + 4] = (m.packed0.data_ptr(), pack1.data_ptr(), m.gguf_numbers.data_ptr(),
+                                              numba_step.KINDS.index(m.qtype))
+                row[16:18] = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
+        self.__dict__["_step_table"] = table
+        return table
+
+    def _decode_step(self, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, cache: ModelCache,
+                     pos0: int) -> bool:
+        """`Block.decode_packed` through every layer in one numba call (`cpu_decode.decode_step`: the same
+        kernels and roundings without a torch call between them), h [1, hidden] fp32 updated in place; False
+        where it does not serve (then nothing was changed)."""
+        if not self.fused_decode or h.dtype != torch.float32 or cos.dtype != torch.float32 or not h.is_contiguous():
+            return False
+        weights = self._step_weights()
+        layers = cache.layers
+        if weights is None or any(c.length != pos0 for c in layers):
+            return False
+        for c in layers:
+            c.make_room(1)
+        at = tuple(c.keys.data_ptr() for c in layers)
+        table = cache.extra.get("_step_table")
+        if table is None or table[1] != at or table[0] is not weights:
+            rows = weights.copy()
+            for row, c in zip(rows, layers):
+                row[18:24] = (c.keys.data_ptr(), c.values.data_ptr(), *c.keys.stride()[:2], *c.values.stride()[:2])
+            table = cache.extra["_step_table"] = (weights, at, rows)
+        a = self.args
+        done = cpu_decode.decode_step(table[2], h, pos0, cos.reshape(-1).contiguous(), sin_signed.reshape(-1),
+                                      a.num_key_value_heads, a.num_attention_heads // a.num_key_value_heads,
+                                      a.intermediate_size, a.rms_norm_eps, a.head_dim**-0.5, layers[0].keys.dtype)
+        if done:
+            for c in layers:
+                c.advance(1)
+        return done
+
     def new_cache(self, sparse=None) -> ModelCache:
         """A dense KV cache per layer; with `sparse`, the long-context caches it builds (`sparse.layer_cache`),
         or for bare SparseParams InfLLM-V2 block-sparse caches."""
@@ -358,6 +416,9 @@ class LlamaForCausalLM(nn.Module):
         if ids.device.type == "cpu":
             keep_fitting()
             packed_gemv.prepare(self._packed_kinds())  # loads while the prompt is read; decode waits for it
+            if self.fused_decode and self.kv_dtype is not None and self._packed_kinds():
+                a = self.args
+                cpu_decode.prepare_step(a.num_attention_heads // a.num_key_value_heads, a.head_dim, self.kv_dtype)
         pos0 = cache.position
         positions = torch.arange(pos0, pos0 + ids.shape[0], device=ids.device)
         cos, sin = self.rotary.cos_sin(positions)
@@ -365,8 +426,9 @@ class LlamaForCausalLM(nn.Module):
         if ids.shape[0] == 1 and ids.device.type == "cpu" and self._packed_decode(cache):
             half = sin.shape[-1] // 2
             sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-            for layer, layer_cache in zip(self.model.layers, cache.layers):
-                h = layer.decode_packed(h, cos, sin_signed, layer_cache, pos0)
+            if not self._decode_step(h, cos, sin_signed, cache, pos0):
+                for layer, layer_cache in zip(self.model.layers, cache.layers):
+                    h = layer.decode_packed(h, cos, sin_signed, layer_cache, pos0)
         else:
             for layer, layer_cache in zip(self.model.layers, cache.layers):
                 h = layer(h, cos, sin, layer_cache, pos0, self.rotary)

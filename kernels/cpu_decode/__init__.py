@@ -94,3 +94,53 @@ def decode_attention(grouped_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_heads, (k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
            k.shape[1], scale, splits, partial, out.data_ptr())
     return out
+
+
+_STEPS: dict[tuple[int, int, bool], Future] = {}
+_STEP_FAILED: list[str] = []
+
+
+def prepare_step(group: int, dim: int, dtype: torch.dtype) -> None:
+    """Start loading the whole-step kernel (`numba_step.py`) for G = `group`, D = `dim` and a cache of `dtype`
+    in the background (once a process)."""
+    key = (group, dim, dtype == torch.float16)
+    if key not in _STEPS and not _STEP_FAILED:
+        _STEPS[key] = cpu_jit.submit(_load_step, *key)
+
+
+def _load_step(group: int, dim: int, half: bool):
+    cpu_jit.import_numba()
+    from salachat.engine.qlinear import PACK_BLOCK
+    from salachat.kernels.cpu_decode import numba_step
+    from salachat.kernels.packed_gemv import numba_gemv_q8
+
+    # the same matmuls as packed_gemv's: integer where the CPU has AVX2
+    return numba_step.kernel(group, dim, half, PACK_BLOCK, numba_gemv_q8.available())
+
+
+def decode_step(table: np.ndarray, x: torch.Tensor, length: int, cos: torch.Tensor, sin_signed: torch.Tensor,
+                kv_heads: int, group: int, intermediate: int, eps: float, scale: float, dtype: torch.dtype) -> bool:
+    """x fp32 [hidden] (contiguous, updated in place) through every layer of `table` (`numba_step.COLUMNS`, one
+    row a layer) for the token at position `length`, each layer's cache holding `length` positions and room for
+    one more; cos, sin_signed fp32 [D] contiguous. False (x untouched) where the kernel is unavailable."""
+    prepare_step(group, cos.shape[-1], dtype)
+    load = _STEPS.get((group, cos.shape[-1], dtype == torch.float16))
+    if load is None:
+        return False
+    try:
+        step = load.result()
+    except Exception as e:  # numba missing, or it failed to compile: the step's pieces serve one by one
+        if not _STEP_FAILED:
+            _STEP_FAILED.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"numba decode step unavailable ({type(e).__name__}: {e}); decoding layer by layer",
+                          RuntimeWarning, stacklevel=2)
+        return False
+    threads = cpu_jit.follow_torch_threads()
+    splits = splits_for(kv_heads, threads)
+    dim = cos.shape[-1]
+    partial = getattr(_LOCAL, "partial", None)
+    if partial is None or partial.shape != (kv_heads * splits, group, dim + 2):
+        partial = _LOCAL.partial = np.empty((kv_heads * splits, group, dim + 2), np.float32)
+    step(x.data_ptr(), table, length, cos.data_ptr(), sin_signed.data_ptr(), x.numel(), kv_heads, intermediate,
+         eps, scale, splits, partial)
+    return True

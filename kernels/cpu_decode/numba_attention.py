@@ -212,6 +212,30 @@ def _attend_task(typingctx, q, k, v, strides, head, lo, hi, scale, out, group, d
     return types.none(q, k, v, strides, head, lo, hi, scale, out, group, dim, half), codegen
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def merge(partial, out, splits):
+    """out [Hkv, G, D] = the tasks' partial results [Hkv * splits, G, D + 2] (unnormalised sums, max score, sum
+    of exp) merged by log-sum-exp, in the tasks' order."""
+    kv_heads, G, D = out.shape
+    for h in range(kv_heads):
+        for g in range(G):
+            top = -np.inf
+            for part in range(splits):
+                top = max(top, partial[h * splits + part, g, D])
+            total = np.float32(0.0)
+            for d in range(D):
+                out[h, g, d] = 0.0
+            for part in range(splits):
+                acc = partial[h * splits + part, g]
+                if acc[D] > -np.inf:  # an empty range has no keys
+                    w = np.float32(np.exp(acc[D] - top))
+                    total += w * acc[D + 1]
+                    for d in range(D):
+                        out[h, g, d] += w * acc[d]
+            for d in range(D):
+                out[h, g, d] /= total
+
+
 def _build(group: int, dim: int, half: bool):
     """The kernel for `group` query heads per KV head, head size `dim` (a multiple of 16), fp16 or bf16 bits."""
     G, D, H = group, dim, int(half)
@@ -229,23 +253,7 @@ def _build(group: int, dim: int, half: bool):
         for task in prange(kv_heads * splits):
             lo = (task % splits) * span
             _attend_task(q, k, v, strides, task // splits, lo, min(length, lo + span), scale, partial[task], G, D, H)
-        for h in range(kv_heads):
-            for g in range(G):
-                top = -np.inf
-                for part in range(splits):
-                    top = max(top, partial[h * splits + part, g, D])
-                total = np.float32(0.0)
-                for d in range(D):
-                    out[h, g, d] = 0.0
-                for part in range(splits):
-                    acc = partial[h * splits + part, g]
-                    if acc[D] > -np.inf:  # an empty range has no keys
-                        w = np.float32(np.exp(acc[D] - top))
-                        total += w * acc[D + 1]
-                        for d in range(D):
-                            out[h, g, d] += w * acc[d]
-                for d in range(D):
-                    out[h, g, d] /= total
+        merge(partial, out, splits)
 
     return attend
 
