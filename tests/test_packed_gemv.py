@@ -243,3 +243,19 @@ def test_shapes_and_devices_it_does_not_serve_are_left_to_the_caller():
     layer = _layer("Q4_1", 64, 32, seed=8)
     assert packed_gemv.matvec(layer, torch.randn(2, 32)) is None  # two rows: torch's kernel
     assert packed_gemv.matvec(layer, torch.randn(1, 64)) is None  # not the layer's input size
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_rows_by_numba_are_torchs_bits(qtype, monkeypatch):
+    """`QuantLinear.rows` (the embedding's lookup and the LM head's refinement) by numba once the kernels have
+    loaded: the same bits as its torch definition, rows from every block and both nibbles, repeated and out of
+    order; fp16 numbers near the top of their range included."""
+    layer = _layer(qtype, 192, 160, seed=7, huge_d=qtype != "Q4_1")
+    index = torch.tensor([0, 191, 31, 32, 33, 63, 64, 100, 100, 5, 150])
+    assert packed_gemv.matvec(layer, torch.randn(1, 160)) is not None  # the kernels are loaded
+    fast = packed_gemv.rows(layer, index)
+    assert fast is not None and fast.dtype == torch.float32 and fast.shape == (11, 160)
+    monkeypatch.setattr(packed_gemv, "rows", lambda layer, index: None)
+    definition = layer.rows(index)  # torch's
+    assert torch.equal(fast, definition)
+    assert torch.equal(definition, layer.dequantized(torch.float32)[index])

@@ -65,6 +65,33 @@ def _kernel(qtype: str):
         return None
 
 
+def _buffers(layer) -> tuple[int, int, int]:
+    """The addresses of a layer's packs and GGUF numbers (taken once a layer)."""
+    made = layer.__dict__.get("_gemv_buffers")
+    if made is None or made[0] is not layer.packed0:
+        pack1 = layer.packed1 if layer.n_packs > 1 else layer.packed0
+        buffers = (layer.packed0, pack1, layer.gguf_numbers)
+        assert all(b.is_contiguous() and b.device.type == "cpu" for b in buffers)
+        made = layer.__dict__["_gemv_buffers"] = (layer.packed0, tuple(b.data_ptr() for b in buffers))
+    return made[1]
+
+
+def rows(layer, index: torch.Tensor) -> torch.Tensor | None:
+    """`QuantLinear.rows` (W[index] in fp32, the same bits) by numba once the kernels have loaded (a reading's
+    first embedding does not wait for them), or None where it does not serve."""
+    load = _LOADS.get(layer.qtype)
+    if _FAILED or load is None or not load.done() or load.exception() is not None or layer.packed0.device.type != "cpu":
+        return None
+    from salachat.engine.qlinear import PACK_BLOCK
+    from salachat.kernels.packed_gemv.numba_gemv import ROW_KINDS
+    from salachat.kernels.packed_gemv.numba_gemv import rows as kernel
+
+    out = torch.empty(index.numel(), layer.in_features)
+    kernel(*_buffers(layer), index.reshape(-1).to(torch.int64).numpy(), out.numpy(), layer.out_features,
+           ROW_KINDS.index(layer.qtype), PACK_BLOCK)
+    return out
+
+
 def rounds_activations(layer) -> bool:
     """Whether `matvec` rounded this layer's input to 8 bits (known once it has served the layer's kind)."""
     return layer.qtype in _ROUNDED
@@ -82,12 +109,7 @@ def matvec(layer, x: torch.Tensor, norm=None, silu_mul: bool = False) -> torch.T
     gemv = _kernel(layer.qtype)
     if gemv is None:
         return None
-    made = layer.__dict__.get("_gemv_buffers")
-    if made is None or made[0] is not layer.packed0:  # the addresses of the layer's buffers, taken once
-        pack1 = layer.packed1 if layer.n_packs > 1 else layer.packed0
-        buffers = (layer.packed0, pack1, layer.gguf_numbers)
-        assert all(b.is_contiguous() and b.device.type == "cpu" for b in buffers)
-        made = layer.__dict__["_gemv_buffers"] = (layer.packed0, tuple(b.data_ptr() for b in buffers))
+    buffers = _buffers(layer)
     cpu_jit.follow_torch_threads()
     if x.dtype != torch.float32 or not x.is_contiguous():  # each torch call costs microseconds here
         x = x.to(torch.float32).contiguous()
@@ -96,9 +118,9 @@ def matvec(layer, x: torch.Tensor, norm=None, silu_mul: bool = False) -> torch.T
         weight = norm.weight
         if weight.dtype != torch.float32 or not weight.is_contiguous():
             weight = weight.detach().to(torch.float32).contiguous()
-        gemv(*made[1], x.data_ptr(), y.data_ptr(), layer.in_features, layer.out_features, 1, weight.data_ptr(),
+        gemv(*buffers, x.data_ptr(), y.data_ptr(), layer.in_features, layer.out_features, 1, weight.data_ptr(),
              norm.eps)
     else:
-        gemv(*made[1], x.data_ptr(), y.data_ptr(), layer.in_features, layer.out_features, 2 if silu_mul else 0, 0,
+        gemv(*buffers, x.data_ptr(), y.data_ptr(), layer.in_features, layer.out_features, 2 if silu_mul else 0, 0,
              0.0)
     return y

@@ -223,3 +223,63 @@ def kernel(qtype: str, rows: int):
     if (qtype, rows) not in _KERNELS:
         _KERNELS[qtype, rows] = _build(qtype, rows)
     return _KERNELS[qtype, rows]
+
+
+@intrinsic
+def _f16_value(typingctx, bits):
+    """fp16 bits (uint16) as their fp32 value."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], _f16), _f32)
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _u8_pointer(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
+
+    return types.CPointer(types.uint8)(address), codegen
+
+
+@intrinsic
+def _u16_pointer(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint16)))
+
+    return types.CPointer(types.uint16)(address), codegen
+
+
+ROW_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # `rows`'s kind codes
+
+
+@njit("void(int64, int64, int64, int64[::1], float32[:, ::1], int64, int64, int64)", cache=True, nogil=True,
+      error_model="numpy")
+def rows(pack0_at, pack1_at, numbers_at, index, out, n, kind, block_rows):
+    """out [R, K] = the rows `index` [R] of W [n, K] in fp32, exactly as `QuantLinear.rows` computes them: per
+    pack w = q * scale + offset (a product and a sum, each rounded), the packs' weights summed; `kind` indexes
+    ROW_KINDS; the packs' addresses (uint8 [n * K / 2] in torch's layout of `block_rows` rows a block) and the
+    numbers' (GGUF's fp16 bits [K/32, n, 1 or 2])."""
+    k = out.shape[1]
+    half = block_rows // 2
+    n_numbers = 2 if kind == 1 else 1
+    numbers = carray(_u16_pointer(numbers_at), (k // GROUP, n, n_numbers))
+    for r in range(index.shape[0]):
+        row = index[r]
+        base = (row // block_rows) * k * half + (row % block_rows) % half
+        shift = 4 if row % block_rows >= half else 0
+        for g in range(k // GROUP):
+            d = _f16_value(numbers[g, row, 0])
+            for p in range(2 if kind == 2 else 1):
+                pack = carray(_u8_pointer(pack0_at if p == 0 else pack1_at), (n * k // 2,))
+                if kind == 1:
+                    scale, offset = d, _f16_value(numbers[g, row, 1])
+                elif kind == 0:
+                    scale, offset = d, np.float32(-8.0) * d
+                elif p == 0:
+                    scale, offset = np.float32(16.0) * d, np.float32(-128.0) * d
+                else:
+                    scale, offset = d, np.float32(0.0)
+                for i in range(g * GROUP, (g + 1) * GROUP):
+                    w = np.float32((pack[base + i * half] >> shift) & 0xF) * scale + offset
+                    out[r, i] = w if p == 0 else out[r, i] + w
