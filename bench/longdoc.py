@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import glob
+import importlib.util
 import json
 import random
 import sys
@@ -33,8 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("salachat") is None:  # a checkout not installed (the GPU machine): its root, last,
+    sys.path.append(str(ROOT))  # so that its kernels/ and engine/ folders never shadow PyPI packages of those names
 
 VIM_DOCS = "/usr/share/vim/vim*/doc/*.txt"
 TASN1_PDF = Path("/usr/share/doc/libtasn1-doc/libtasn1.pdf")

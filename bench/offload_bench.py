@@ -16,6 +16,7 @@ fetch is the worst case (real decode selects mostly the same blocks step after s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("salachat") is None:  # a checkout not installed (the GPU machine): its root, last,
+    sys.path.append(str(ROOT))  # so that its kernels/ and engine/ folders never shadow PyPI packages of those names
 
 from salachat.engine.sparse_cache import SparseKVCache
 from salachat.kernels import SparseParams

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import platform
@@ -37,7 +38,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("salachat") is None:  # a checkout not installed (the GPU machine): its root, last,
+    sys.path.append(str(ROOT))  # so that its kernels/ and engine/ folders never shadow PyPI packages of those names
 sys.path.insert(0, str(ROOT / "bench"))
 
 from salachat.engine.loader import LoadedModel, load_model
