@@ -7,7 +7,7 @@ packs on this CPU (`qlinear.PACK_BLOCK`); the kernels alternate for 5 rounds of 
 threads (2). Prints the best round of each (us a call) and how far each is from the float64 product of the
 unrounded input. Then (--decode-tokens, default 2048; 0 skips it) the default model (or --model) reads that
 many tokens of the sample document and decodes 32 tokens at a time on the same cache, alternating the
-integer and the fp32 kernel, for --rounds rounds. Writes $OUT/packed_gemv_ab.json (else bench/results/).
+integer and the fp32 kernel (layer by layer: `fused_decode` off), for --rounds rounds. Writes $OUT/packed_gemv_ab.json (else bench/results/).
 
     .venv/bin/python bench/packed_gemv_ab.py [--kinds Q4_1 Q8_0] [--rounds 5] [--decode-tokens 2048]
 """
@@ -111,6 +111,8 @@ def decode(args, report) -> None:
 
     path = str(resolve(args.model))
     loaded = load_model(path, device="cpu")
+    loaded.model.fused_decode = False  # the matmuls as `matvec` serves them, layer by layer (the whole-step kernel
+    # is built with one of them: bench/cpu_decode_ab.py compares it)
     kinds = loaded.model._packed_kinds()
     cache = loaded.new_cache()
     token = int(prefill(loaded.model, ask_cpu.prompt_ids(path, args.decode_tokens), cache).argmax())

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from salachat.engine.cache import KVCache, ModelCache
 from salachat.engine.qlinear import PREFILL_ROWS, QuantLinear
 from salachat.engine.threads import keep_fitting
+from salachat.kernels import cpu_decode, packed_gemv
 from torch import nn
 
 from salachat import kernels
-from salachat.kernels import cpu_decode, packed_gemv
 
 # model_type → (q/k/v biases by default, q/k RMSNorm per head). Qwen2 differs from Llama by its attention
 # biases, Qwen3 by its per-head q/k norms: two flags, not two model files.

@@ -19,7 +19,6 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
-
 from salachat.kernels.cpu_decode.numba_attention import _attend_task, merge
 from salachat.kernels.packed_gemv import numba_gemv, numba_gemv_q8
 from salachat.kernels.packed_gemv.numba_gemv import f32_pointer, pointer, prologue
@@ -90,7 +89,7 @@ def _matvec_block(typingctx, pack0, pack1, numbers, xq, xs, xsum, xf, y, k, n, b
 
     def codegen(context, builder, signature, args):
         i8p, f32p, i32p = ir.PointerType(ir.IntType(8)), ir.PointerType(ir.FloatType()), ir.PointerType(ir.IntType(32))
-        at = lambda i, to: pointer(context, builder, signature.args[i], args[i], to)  # noqa: E731
+        at = lambda i, to: pointer(context, builder, signature.args[i], args[i], to)
         packs = [at(0, i8p), at(1, i8p), at(2, i8p)]
         if integer:
             fn = numba_gemv_q8._block_function(builder.module, kind, block_rows)
