@@ -51,6 +51,25 @@ def _half(b, x, part: int):
     return b.shuffle_vector(x, x, ir.Constant(_vi, list(range(part * LANES, (part + 1) * LANES))))
 
 
+# a block's GGUF numbers for a group are rows x 2-4 bytes at a stride of N x 2-4 bytes from the last group's: a
+# fresh line (and page) each group, which the hardware's streaming prefetch does not guess. Asked for one group
+# ahead, the default model's 120 matmuls of a step (each weight read once, from memory) took 3.0-3.1 against
+# 3.9-4.0 ms (Q4_1) and 8.4-8.6 against 8.9-9.4 (Q8_0) on 2 AVX-512 cores, alternating in one process; two
+# groups ahead was as fast for Q4_1 and slower for Q8_0
+NUMBERS_AHEAD = 1
+
+
+def prefetch_numbers(module, b, numbers, g, n_count, block, rows: int, n_numbers: int) -> None:
+    """Ask for the numbers of group g + NUMBERS_AHEAD of this block (a prefetch past the end is harmless)."""
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), [ir.PointerType(_i8), _i32, _i32, _i32]),
+                                        "llvm.prefetch.p0")
+    ahead = b.add(g, ir.Constant(_i64, NUMBERS_AHEAD))
+    at = b.mul(b.add(b.mul(ahead, n_count), b.mul(block, ir.Constant(_i64, rows))), ir.Constant(_i64, 2 * n_numbers))
+    for line in range(0, rows * 2 * n_numbers, 64):  # read, keep in every cache level, data
+        b.call(fn, [_address(b, numbers, b.add(at, ir.Constant(_i64, line)), _i8), ir.Constant(_i32, 0),
+                    ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+
+
 def _block_function(module, qtype: str, rows: int):
     """void block(i8* packs[2], i8* numbers (fp16), float* x, float* y, i64 K, i64 N, i64 block): y[block's `rows`
     rows] = the rows' weights times x."""
@@ -82,6 +101,7 @@ def _block_function(module, qtype: str, rows: int):
     b.position_at_end(body)
     g = b.phi(_i64)
     g.add_incoming(ir.Constant(_i64, 0), entry)
+    prefetch_numbers(module, b, numbers, g, n_count, block, rows, n_numbers)
     k0 = b.mul(g, ir.Constant(_i64, GROUP))
     xs = [b.load(_address(b, x_ptr, b.mul(b.add(k0, ir.Constant(_i64, kk)), ir.Constant(_i64, 4)), _f32))
           for kk in range(GROUP)]

@@ -25,7 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .numba_gemv import (GROUP, KINDS, LANES, SIGNATURE, _address, _broadcast, _f16, _f32, _i8, _i32, _i64, _splat, _vf,
-                          _vi, pointer, prologue)
+                          _vi, pointer, prefetch_numbers, prologue)
 
 _i16 = ir.IntType(16)
 _v16i16 = ir.VectorType(_i16, LANES)
@@ -77,6 +77,7 @@ def _block_function(module, qtype: str, rows: int):
     b.position_at_end(body)
     g = b.phi(_i64)
     g.add_incoming(ir.Constant(_i64, 0), entry)
+    prefetch_numbers(module, b, numbers, g, n_count, block, rows, n_numbers)
     k0 = b.mul(g, ir.Constant(_i64, GROUP))
     group_bytes = b.add(block_bytes, b.mul(k0, ir.Constant(_i64, half)))
     # (X[k], X[k+1]) as one i16, repeated: the signed operand of every pair's products
