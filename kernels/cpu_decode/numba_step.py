@@ -107,12 +107,28 @@ def _bits16(value, half):
     return _f16_bits(value) if half else _bf16_bits(value)
 
 
+def _callees_digest() -> int:
+    """A digest of the sources whose LLVM code and loops the step takes in."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in (here / "numba_attention.py", here.parent / "packed_gemv" / "numba_gemv.py",
+                 here.parent / "packed_gemv" / "numba_gemv_q8.py"):
+        digest.update(path.read_bytes())
+    return int(digest.hexdigest()[:15], 16)
+
+
 def _build(group: int, dim: int, half: bool, rows: int, rounded: bool):
     """The step for G = `group` query heads a KV head, head size `dim`, an fp16 (`half`) or bf16 cache, torch's
     int4 layout of `rows` rows a block, integer (`rounded`) or fp32 matmuls. The kernels' parallel loops are
     written here, not called: numba caches a function that calls other compiled functions only when they are
     module globals, and these are built per layout."""
     G, D, HALF, ROWS, ROUNDED, H = group, dim, half, rows, rounded, int(half)
+    # numba's cache knows this file's age, not its callees': their sources' digest, a closure value, is part of
+    # the cache's key, so a change there compiles the step again rather than loading a stale one
+    CALLEES = _callees_digest()
 
     @njit(SIGNATURE, parallel=True, cache=True, nogil=True, error_model="numpy")
     def step(x_at, table, length, cos_at, sin_at, hidden, kv_heads, inter, eps, scale, splits, partial):
@@ -120,7 +136,7 @@ def _build(group: int, dim: int, half: bool, rows: int, rounded: bool):
         layer's cache holds `length` keys and room for one more, which the step writes); cos and sin_signed
         fp32 [D] at `cos_at`, `sin_at` (sin with its first half negated: rotate_half as a roll); partial fp32
         [kv_heads * splits, G, D + 2] the attention's scratch."""
-        heads = kv_heads * G
+        heads = kv_heads * G + 0 * CALLEES
         width = (heads + 2 * kv_heads) * D
         x = carray(f32_pointer(x_at), (hidden,))
         cos, sin = carray(f32_pointer(cos_at), (D,)), carray(f32_pointer(sin_at), (D,))
