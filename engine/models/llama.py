@@ -342,7 +342,7 @@ class LlamaForCausalLM(nn.Module):
         from salachat.engine.qlinear import PACK_BLOCK
         from salachat.kernels.cpu_decode import numba_step
 
-        a, table = self.args, None
+        a, table, held = self.args, None, []
         fits = a.head_dim % 16 == 0 and all(
             m.qtype in numba_step.KINDS and m.in_features % 32 == 0 and m.out_features % PACK_BLOCK == 0
             and all(b.is_contiguous() for b in (m.packed0, m.gguf_numbers))
@@ -357,8 +357,13 @@ class LlamaForCausalLM(nn.Module):
                     pack1 = m.packed1 if m.n_packs > 1 else m.packed0
                     row[4 * i : 4 * i + 4] = (m.packed0.data_ptr(), pack1.data_ptr(), m.gguf_numbers.data_ptr(),
                                               numba_step.KINDS.index(m.qtype))
+                    held += [m.packed0, pack1, m.gguf_numbers]
                 row[16:18] = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
+                held += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        # the tensors whose addresses the table holds are held with it: a buffer replaced later cannot leave the
+        # kernel reading freed memory
         self.__dict__["_step_table"] = table
+        self.__dict__["_step_tensors"] = held
         return table
 
     def _decode_step(self, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, cache: ModelCache,
