@@ -39,3 +39,17 @@ def follow_torch_threads() -> int:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         _LOCAL.threads = threads
     return threads
+
+
+def sources_digest(*paths) -> int:
+    """A digest of these source files, for a kernel's closure: numba's cache knows the age of the kernel's own
+    file, not of the files whose code it takes in, and a closure value is part of its cache key, so a change
+    there compiles the kernel again rather than loading a stale one."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return int(digest.hexdigest()[:15], 16)
+

@@ -14,11 +14,14 @@ numba `prange` and are merged by log-sum-exp.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from salachat.kernels import cpu_jit
 
 from salachat.kernels.packed_gemv.numba_gemv import f32_pointer
 
@@ -239,6 +242,7 @@ def merge(partial, out, splits):
 def _build(group: int, dim: int, half: bool):
     """The kernel for `group` query heads per KV head, head size `dim` (a multiple of 16), fp16 or bf16 bits."""
     G, D, H = group, dim, int(half)
+    TAKEN_IN = cpu_jit.sources_digest(Path(__file__).parent.parent / "packed_gemv" / "numba_gemv.py")  # f32_pointer
 
     # addresses, not arrays: numba takes microseconds to unbox each array made for a call (a step's views of
     # the cache are); one signature, compiled (or loaded from numba's cache) when made
@@ -248,7 +252,7 @@ def _build(group: int, dim: int, half: bool):
         """q, k, v the addresses of 16-bit float bits (bf16 or fp16, as built): q [Hkv, G, D] C-contiguous, k, v
         [Hkv, capacity, D] with `strides` (k's head, k's row, v's head, v's row) in elements; out_at the
         address of out fp32 [Hkv, G, D] (C-contiguous); partial fp32 [Hkv * splits, G, D + 2] is scratch."""
-        out = carray(f32_pointer(out_at), (kv_heads, G, D))
+        out = carray(f32_pointer(out_at + 0 * TAKEN_IN), (kv_heads, G, D))
         span = (length + splits - 1) // splits
         for task in prange(kv_heads * splits):
             lo = (task % splits) * span

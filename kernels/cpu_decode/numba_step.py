@@ -15,10 +15,13 @@ cache's buffers and strides, all addresses; the hidden state x is updated in pla
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
+from salachat.kernels import cpu_jit
 from salachat.kernels.cpu_decode.numba_attention import _attend_task, merge
 from salachat.kernels.packed_gemv import numba_gemv, numba_gemv_q8
 from salachat.kernels.packed_gemv.numba_gemv import f32_pointer, pointer, prologue
@@ -107,28 +110,15 @@ def _bits16(value, half):
     return _f16_bits(value) if half else _bf16_bits(value)
 
 
-def _callees_digest() -> int:
-    """A digest of the sources whose LLVM code and loops the step takes in."""
-    import hashlib
-    from pathlib import Path
-
-    here = Path(__file__).parent
-    digest = hashlib.sha256()
-    for path in (here / "numba_attention.py", here.parent / "packed_gemv" / "numba_gemv.py",
-                 here.parent / "packed_gemv" / "numba_gemv_q8.py"):
-        digest.update(path.read_bytes())
-    return int(digest.hexdigest()[:15], 16)
-
-
 def _build(group: int, dim: int, half: bool, rows: int, rounded: bool):
     """The step for G = `group` query heads a KV head, head size `dim`, an fp16 (`half`) or bf16 cache, torch's
     int4 layout of `rows` rows a block, integer (`rounded`) or fp32 matmuls. The kernels' parallel loops are
     written here, not called: numba caches a function that calls other compiled functions only when they are
     module globals, and these are built per layout."""
     G, D, HALF, ROWS, ROUNDED, H = group, dim, half, rows, rounded, int(half)
-    # numba's cache knows this file's age, not its callees': their sources' digest, a closure value, is part of
-    # the cache's key, so a change there compiles the step again rather than loading a stale one
-    CALLEES = _callees_digest()
+    here = Path(__file__).parent  # the sources whose code the step takes in (`cpu_jit.sources_digest`)
+    CALLEES = cpu_jit.sources_digest(here / "numba_attention.py", here.parent / "packed_gemv" / "numba_gemv.py",
+                                     here.parent / "packed_gemv" / "numba_gemv_q8.py")
 
     @njit(SIGNATURE, parallel=True, cache=True, nogil=True, error_model="numpy")
     def step(x_at, table, length, cos_at, sin_at, hidden, kv_heads, inter, eps, scale, splits, partial):

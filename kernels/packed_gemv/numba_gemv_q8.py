@@ -18,11 +18,14 @@ which is sum_k w[k] x^[k] for the file's weights w and x^ = s X.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from salachat.kernels import cpu_jit
 
 from .numba_gemv import (GROUP, KINDS, LANES, SIGNATURE, _address, _broadcast, _f16, _f32, _i8, _i32, _i64, _splat, _vf,
                           _vi, pointer, prefetch_numbers, prologue)
@@ -182,12 +185,13 @@ def quantize(x, xq, xs, xsum):
 
 def _build(qtype: str, rows: int):
     kind, block_rows = qtype, rows
+    TAKEN_IN = cpu_jit.sources_digest(Path(__file__).with_name("numba_gemv.py"))  # prologue's, the helpers'
 
     @njit(SIGNATURE, parallel=True, cache=True, nogil=True, error_model="numpy")
     def gemv(pack0, pack1, numbers, x, y, k, n, mode, weight, eps):
         """y [n] = W x^ for W held as packs [n, k/2] (pack1 unused but for Q8_0) and GGUF numbers [k/32, n, *],
         x^ = prologue(x) rounded to 8 bits a group of 32: the addresses of C-contiguous buffers."""
-        h = prologue(mode, x, k, weight, eps)
+        h = prologue(mode, x, k, weight + 0 * TAKEN_IN, eps)
         xq = np.empty(k, np.int8)
         xs = np.empty(k // GROUP, np.float32)
         xsum = np.empty(k // GROUP, np.int32)
