@@ -77,18 +77,19 @@ class KVCache:
             self._grow(((total + self.GROW - 1) // self.GROW) * self.GROW)
 
     @staticmethod
-    def reserve_together(layers: list, total: int) -> None:
+    def reserve_together(layers: list, total: int, ahead: int = 0) -> None:
         """`reserve(total)` for every KVCache among `layers`, those alike sharing one allocation: a heap of
         per-layer buffers between a prefill's transients is memory the allocator keeps after they are freed
         (a glibc process reading 8K tokens held 68 MB more than its cache and model); one block of the
-        whole cache is mapped on its own and comes back whole."""
+        whole cache is mapped on its own and comes back whole. A cache that has to grow gets `ahead` more
+        positions than `total` (room for what follows a reading: `generate.ANSWER_ROOM`)."""
         alike: dict[tuple, list[KVCache]] = {}
         for layer in layers:
             if type(layer) is KVCache and total > layer.keys.shape[1]:
                 k = layer.keys
                 alike.setdefault((k.shape[0], k.shape[2], k.dtype, k.device), []).append(layer)
         for (heads, dim, dtype, device), group in alike.items():
-            capacity = ((total + KVCache.GROW - 1) // KVCache.GROW) * KVCache.GROW
+            capacity = ((total + ahead + KVCache.GROW - 1) // KVCache.GROW) * KVCache.GROW
             block = torch.empty(len(group), 2, heads, capacity, dim, dtype=dtype, device=device)
             for layer, buffers in zip(group, block):
                 layer._grow(capacity, buffers[0], buffers[1])

@@ -94,3 +94,20 @@ def test_min_p_drops_tokens_far_below_the_best():
     assert draws == {0, 1}  # 0.15 < 0.35 * 0.5
     draws = {sample(logits, Sampling(temperature=1.0, min_p=0.0), gen) for _ in range(400)}
     assert draws == {0, 1, 2, 3}
+
+
+def test_a_reading_leaves_room_for_its_question_and_answer(smollm2):
+    """A reading that grows the dense caches reserves ANSWER_ROOM past it: a short question and an answer then
+    append in place (a regrow copies the whole cache, the old and the new held at once)."""
+    from salachat.engine.generate import ANSWER_ROOM
+
+    cache = smollm2.new_cache()
+    prefill(smollm2.model, list(range(100, 1124)), cache)  # 1024 tokens: a multiple of the growth step
+    first = cache.layers[0]
+    held = first.keys.data_ptr()
+    assert first.keys.shape[1] >= 1024 + ANSWER_ROOM
+    prefill(smollm2.model, list(range(200, 240)), cache)  # the question
+    token = 5
+    for _ in range(60):  # the answer
+        token = int(smollm2.model(torch.tensor([token]), cache)[-1].argmax())
+    assert first.length == 1124 and first.keys.data_ptr() == held
