@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 from salachat.kernels import cpu_jit
 from salachat.kernels.cpu_decode.numba_attention import _attend_task, merge
 from salachat.kernels.packed_gemv import numba_gemv, numba_gemv_q8
-from salachat.kernels.packed_gemv.numba_gemv import f32_pointer, pointer, prologue
+from salachat.kernels.packed_gemv.numba_gemv import f32_pointer, pointer, prologue, u16_pointer
 from salachat.kernels.packed_gemv.numba_gemv_q8 import quantize
 
 MATRICES = ("qkv", "o", "gate_up", "down")  # each: pack0, pack1, numbers, kind (index in KINDS)
@@ -35,14 +35,6 @@ _NORM_IN, _NORM_POST, _K, _V, _KH, _KR, _VH, _VR = range(16, 24)
 
 SIGNATURE = ("void(int64, int64[:, ::1], int64, int64, int64, int64, int64, int64, float32, float64, int64, "
              "float32[:, :, ::1])")
-
-
-@intrinsic
-def _u16_pointer(typingctx, address):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint16)))
-
-    return types.CPointer(types.uint16)(address), codegen
 
 
 @intrinsic
@@ -179,8 +171,8 @@ def _build(group: int, dim: int, half: bool, rows: int, rounded: bool):
                                 q16[base + i] = _bits16(roped[i], HALF)
                         else:  # this token's key and value, rounded to 16 bits into the cache's next row
                             kh = hd - heads
-                            k_row = carray(_u16_pointer(t[_K] + 2 * (kh * t[_KH] + length * t[_KR])), (D,))
-                            v_row = carray(_u16_pointer(t[_V] + 2 * (kh * t[_VH] + length * t[_VR])), (D,))
+                            k_row = carray(u16_pointer(t[_K] + 2 * (kh * t[_KH] + length * t[_KR])), (D,))
+                            v_row = carray(u16_pointer(t[_V] + 2 * (kh * t[_VH] + length * t[_VR])), (D,))
                             v_at = (heads + kv_heads + kh) * D
                             for i in range(D):
                                 k_row[i] = _bits16(roped[i], HALF)

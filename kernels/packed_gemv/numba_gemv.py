@@ -159,13 +159,19 @@ def pointer(context, builder, typ, value, to):
     return builder.inttoptr(value, to)
 
 
-@intrinsic
-def f32_pointer(typingctx, address):
-    """An integer address as a float32 pointer (for `numba.carray`)."""
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
+def _pointer_to(element):
+    """An intrinsic: an integer address as a pointer to `element`s (for `numba.carray`)."""
+    @intrinsic
+    def as_pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(element)))
 
-    return types.CPointer(types.float32)(address), codegen
+        return types.CPointer(element)(address), codegen
+
+    return as_pointer
+
+
+f32_pointer, u8_pointer, u16_pointer = (_pointer_to(t) for t in (types.float32, types.uint8, types.uint16))
 
 
 @intrinsic(prefer_literal=True)
@@ -254,22 +260,6 @@ def _f16_value(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
-@intrinsic
-def _u8_pointer(typingctx, address):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
-
-    return types.CPointer(types.uint8)(address), codegen
-
-
-@intrinsic
-def _u16_pointer(typingctx, address):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint16)))
-
-    return types.CPointer(types.uint16)(address), codegen
-
-
 ROW_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # `rows`'s kind codes
 
 
@@ -283,7 +273,7 @@ def rows(pack0_at, pack1_at, numbers_at, index, out, n, kind, block_rows):
     k = out.shape[1]
     half = block_rows // 2
     n_numbers = 2 if kind == 1 else 1
-    numbers = carray(_u16_pointer(numbers_at), (k // GROUP, n, n_numbers))
+    numbers = carray(u16_pointer(numbers_at), (k // GROUP, n, n_numbers))
     for r in range(index.shape[0]):
         row = index[r]
         base = (row // block_rows) * k * half + (row % block_rows) % half
@@ -291,7 +281,7 @@ def rows(pack0_at, pack1_at, numbers_at, index, out, n, kind, block_rows):
         for g in range(k // GROUP):
             d = _f16_value(numbers[g, row, 0])
             for p in range(2 if kind == 2 else 1):
-                pack = carray(_u8_pointer(pack0_at if p == 0 else pack1_at), (n * k // 2,))
+                pack = carray(u8_pointer(pack0_at if p == 0 else pack1_at), (n * k // 2,))
                 if kind == 1:
                     scale, offset = d, _f16_value(numbers[g, row, 1])
                 elif kind == 0:
