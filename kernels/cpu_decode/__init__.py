@@ -70,6 +70,14 @@ def _kernel(group: int, dim: int, dtype: torch.dtype):
         return None
 
 
+def _partials(tasks: int, group: int, dim: int) -> np.ndarray:
+    """The calling thread's scratch for the attention tasks' partial results, fp32 [tasks, G, D + 2]."""
+    partial = getattr(_LOCAL, "partial", None)
+    if partial is None or partial.shape != (tasks, group, dim + 2):
+        partial = _LOCAL.partial = np.empty((tasks, group, dim + 2), np.float32)
+    return partial
+
+
 def splits_for(kv_heads: int, threads: int) -> int:
     """Key ranges per KV head, so that the tasks (heads x ranges) fill every thread in whole rounds."""
     return threads // math.gcd(kv_heads, threads)
@@ -85,9 +93,7 @@ def decode_attention(grouped_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return None
     threads = cpu_jit.follow_torch_threads()
     splits = splits_for(kv_heads, threads)
-    partial = getattr(_LOCAL, "partial", None)
-    if partial is None or partial.shape != (kv_heads * splits, group, dim + 2):
-        partial = _LOCAL.partial = np.empty((kv_heads * splits, group, dim + 2), np.float32)
+    partial = _partials(kv_heads * splits, group, dim)
     out = torch.empty(kv_heads, group, dim)
     q = grouped_q if grouped_q.is_contiguous() else grouped_q.contiguous()
     assert k.stride(-1) == v.stride(-1) == 1 and k.dtype == v.dtype == q.dtype and k.shape == v.shape
@@ -123,6 +129,8 @@ def decode_step(table: np.ndarray, x: torch.Tensor, length: int, cos: torch.Tens
     """x fp32 [hidden] (contiguous, updated in place) through every layer of `table` (`numba_step.COLUMNS`, one
     row a layer) for the token at position `length`, each layer's cache holding `length` positions and room for
     one more; cos, sin_signed fp32 [D] contiguous. False (x untouched) where the kernel is unavailable."""
+    if _STEP_FAILED:  # said once; the layers serve
+        return False
     prepare_step(group, cos.shape[-1], dtype)
     load = _STEPS.get((group, cos.shape[-1], dtype == torch.float16))
     if load is None:
@@ -137,10 +145,7 @@ def decode_step(table: np.ndarray, x: torch.Tensor, length: int, cos: torch.Tens
         return False
     threads = cpu_jit.follow_torch_threads()
     splits = splits_for(kv_heads, threads)
-    dim = cos.shape[-1]
-    partial = getattr(_LOCAL, "partial", None)
-    if partial is None or partial.shape != (kv_heads * splits, group, dim + 2):
-        partial = _LOCAL.partial = np.empty((kv_heads * splits, group, dim + 2), np.float32)
+    partial = _partials(kv_heads * splits, group, cos.shape[-1])
     step(x.data_ptr(), table, length, cos.data_ptr(), sin_signed.data_ptr(), x.numel(), kv_heads, intermediate,
          eps, scale, splits, partial)
     return True
