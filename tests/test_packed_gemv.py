@@ -259,3 +259,34 @@ def test_rows_by_numba_are_torchs_bits(qtype, monkeypatch):
     definition = layer.rows(index)  # torch's
     assert torch.equal(fast, definition)
     assert torch.equal(definition, layer.dequantized(torch.float32)[index])
+
+
+@pytest.mark.parametrize("block", [64, 32])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_the_prompts_weights_by_numba_are_torchs_bits(qtype, block, monkeypatch):
+    """A prompt's dense matmul takes W^T from numba (`numba_gemv.dequant_kernel`): in fp32 and in bf16 the same
+    bits as `QuantLinear.dequantized` (torch's element-wise ops), in both of torch's layouts, with fp16 numbers
+    near the top of their range."""
+    from salachat.engine import qlinear
+    from salachat.kernels.packed_gemv import _buffers, numba_gemv
+
+    monkeypatch.setattr(qlinear, "PACK_BLOCK", block)
+    layer = _layer(qtype, 192, 160, seed=11, huge_d=qtype != "Q4_1")
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        got = torch.empty(160, 192, dtype=dtype)
+        numba_gemv.dequant_kernel(qtype, block, dtype == torch.bfloat16)(*_buffers(layer), got.data_ptr(), 160, 192)
+        want = layer.dequantized(dtype).T.contiguous()
+        assert torch.isfinite(want.float()).all() and (qtype == "Q4_1" or want.float().abs().max() > 60000)
+        assert torch.equal(got.view(bits), want.view(bits))
+
+
+def test_a_prompts_matmul_is_the_same_with_or_without_numbas_weights(monkeypatch):
+    from salachat.engine import qlinear
+
+    layer = _layer("Q8_0", 192, 160, seed=12, bias=True)
+    x = torch.randn(40, 160, generator=torch.Generator().manual_seed(5))
+    assert packed_gemv.matvec(layer, x[:1]) is not None  # the kernels are loaded
+    assert packed_gemv.dequantized_t(layer, qlinear.PREFILL_DTYPE) is not None
+    fast = layer(x)
+    monkeypatch.setattr(packed_gemv, "dequantized_t", lambda layer, dtype: None)
+    assert torch.equal(fast, layer(x))

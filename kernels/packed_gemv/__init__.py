@@ -10,6 +10,10 @@ text either way. numba is imported and the
 kernels compiled (or loaded from numba's cache) in the background while the prompt is read (`prepare`); the
 first step that wants one waits for it. If numba is missing or fails, `matvec` returns None (said once) and
 the caller keeps torch's kernel.
+
+A prompt's tokens go through a dense matmul instead, on weights dequantised for the call: `dequantized_t`
+makes W^T from the packs by numba (the same bits as torch's element-wise `QuantLinear.dequantized`, 13x faster:
+the default model's 120 matrices in 12 ms against 160, where the matmuls of a 512-token chunk take ~135).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ KINDS = ("Q4_0", "Q4_1", "Q8_0")
 _LOADS: dict[str, Future] = {}
 _FAILED: list[str] = []  # why the kernel is unavailable in this process, if it is
 _ROUNDED: set[str] = set()  # the kinds whose loaded kernel rounds the activations to 8 bits
+_DEQUANTS: dict[tuple[str, torch.dtype], object] = {}  # (kind, dtype) -> its loaded W^T kernel (`dequantized_t`)
 
 
 def prepare(qtypes) -> None:
@@ -36,9 +41,15 @@ def prepare(qtypes) -> None:
 
 def _load(qtype: str):
     cpu_jit.import_numba()
-    from salachat.engine.qlinear import PACK_BLOCK
+    from salachat.engine.qlinear import PACK_BLOCK, PREFILL_DTYPE
     from salachat.kernels.packed_gemv import numba_gemv, numba_gemv_q8
 
+    # the prompt's dequantisation first: the prompt is read before anything decodes
+    dequant = numba_gemv.dequant_kernel(qtype, PACK_BLOCK, PREFILL_DTYPE == torch.bfloat16)
+    pack, numbers = np.zeros((PACK_BLOCK, 16), np.uint8), np.zeros((1, PACK_BLOCK, 2), np.uint16)
+    out = np.empty((32, PACK_BLOCK), np.float32)
+    dequant(*(a.ctypes.data for a in (pack, pack, numbers, out)), 32, PACK_BLOCK)
+    _DEQUANTS[qtype, PREFILL_DTYPE] = dequant
     rounded = numba_gemv_q8.available()
     gemv = (numba_gemv_q8 if rounded else numba_gemv).kernel(qtype, PACK_BLOCK)
     pack = np.zeros((64, 16), np.uint8)
@@ -76,11 +87,17 @@ def _buffers(layer) -> tuple[int, int, int]:
     return made[1]
 
 
+def _loaded(layer) -> bool:
+    """Whether this layer's kind has its kernels loaded (without waiting for them)."""
+    load = _LOADS.get(layer.qtype)
+    return not (_FAILED or load is None or not load.done() or load.exception() is not None
+                or layer.packed0.device.type != "cpu")
+
+
 def rows(layer, index: torch.Tensor) -> torch.Tensor | None:
     """`QuantLinear.rows` (W[index] in fp32, the same bits) by numba once the kernels have loaded (a reading's
     first embedding does not wait for them), or None where it does not serve."""
-    load = _LOADS.get(layer.qtype)
-    if _FAILED or load is None or not load.done() or load.exception() is not None or layer.packed0.device.type != "cpu":
+    if not _loaded(layer):
         return None
     from salachat.engine.qlinear import PACK_BLOCK
     from salachat.kernels.packed_gemv.numba_gemv import ROW_KINDS
@@ -89,6 +106,18 @@ def rows(layer, index: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(index.numel(), layer.in_features)
     kernel(*_buffers(layer), index.reshape(-1).to(torch.int64).numpy(), out.numpy(), layer.out_features,
            ROW_KINDS.index(layer.qtype), PACK_BLOCK)
+    return out
+
+
+def dequantized_t(layer, dtype: torch.dtype) -> torch.Tensor | None:
+    """W^T [in, out], contiguous: `QuantLinear.dequantized(dtype).T`'s values, the same bits, by numba once the
+    kernels have loaded (`numba_gemv.dequant_kernel`, for the dtype `prepare` was given), or None where it does
+    not serve."""
+    if not _loaded(layer) or (layer.qtype, dtype) not in _DEQUANTS:
+        return None
+    out = torch.empty(layer.in_features, layer.out_features, dtype=dtype)
+    cpu_jit.follow_torch_threads()
+    _DEQUANTS[layer.qtype, dtype](*_buffers(layer), out.data_ptr(), layer.in_features, layer.out_features)
     return out
 
 

@@ -293,3 +293,107 @@ def rows(pack0_at, pack1_at, numbers_at, index, out, n, kind, block_rows):
                 for i in range(g * GROUP, (g + 1) * GROUP):
                     w = np.float32((pack[base + i * half] >> shift) & 0xF) * scale + offset
                     out[r, i] = w if p == 0 else out[r, i] + w
+
+
+
+def _dequant_function(module, qtype: str, rows: int, bf16: bool):
+    """void dequant(i8* packs[2], i8* numbers (fp16), i8* out, i64 K, i64 N, i64 block, i64 g): out [K, N] (W^T,
+    fp32 or bf16) at the group g's 32 inputs for the block's `rows` outputs.
+
+    W^T because torch's layout keeps a block's bytes [K][R/2], byte (k, j) holding rows j and j + R/2: an
+    input's codes for R rows are contiguous, and so are its R outputs in W^T, each with its own scale, so every
+    step is a vector; W's own rows would read one byte in R/2 (numba's loops over them ran scalar, at ~1.2e9
+    weights a second, no faster than torch's element-wise ops). Per pack w = q * scale + offset, a product and
+    a sum each rounded (no fused multiply-add: the bits of `QuantLinear.dequantized`), the packs summed; bf16
+    rounds to nearest even, a NaN to 0xFFFF (torch's vectorised conversion)."""
+    name = f"salachat_dequant_{qtype}_{rows}_{'bf16' if bf16 else 'f32'}"
+    if name in module.globals:
+        return module.globals[name]
+    parts, halves = rows // LANES, rows // (2 * LANES)
+    vb, vh, vw = ir.VectorType(_i8, rows // 2), ir.VectorType(_f16, LANES), ir.VectorType(ir.IntType(16), LANES)
+    factors, offset = KINDS[qtype]
+    n_numbers = 2 if offset is None else 1
+    ptr8 = ir.PointerType(_i8)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [ptr8, ptr8, ptr8, ptr8, _i64, _i64, _i64, _i64]), name)
+    fn.linkage = "internal"
+    pack0, pack1, numbers, out, k_count, n_count, block, g = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
+    first_row = b.mul(block, c64(rows))
+    numbers_at = b.mul(b.add(b.mul(g, n_count), first_row), c64(2 * n_numbers))
+    scales, offsets, lows = [], [], []  # per 16 rows: each pack's (scale, offset); Q8_0's low pack: d, 0
+    for part in range(parts):
+        at = b.add(numbers_at, c64(part * LANES * 2 * n_numbers))
+        if n_numbers == 1:
+            d = b.fpext(b.load(_address(b, numbers, at, vh), align=2), _vf)
+        else:
+            pair = b.load(_address(b, numbers, at, ir.VectorType(_f16, 2 * LANES)), align=2)
+            d = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(0, 2 * LANES, 2)))), _vf)
+            m = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(1, 2 * LANES, 2)))), _vf)
+        scales.append(d if factors[0] == 1.0 else b.fmul(_splat(factors[0]), d))
+        offsets.append(m if offset is None else b.fmul(_splat(offset), d))
+        lows.append(d)
+    k0 = b.mul(g, c64(GROUP))
+    group_bytes = b.add(b.mul(b.mul(block, k_count), c64(rows // 2)), b.mul(k0, c64(rows // 2)))
+    c32 = lambda v: _splat(v, _vi)  # noqa: E731
+    for kk in range(GROUP):
+        codes = []
+        for pack in (pack0, pack1)[: len(factors)]:
+            raw = b.load(_address(b, pack, b.add(group_bytes, c64(kk * rows // 2)), vb), align=1)
+            low, high = b.and_(raw, _splat(0xF, vb)), b.lshr(raw, _splat(4, vb))
+            codes.append([b.uitofp(_half(b, nibble, h), _vf) for nibble in (low, high) for h in range(halves)])
+        row_at = b.add(b.mul(b.add(k0, c64(kk)), n_count), first_row)  # element (k, first row) of W^T
+        for part in range(parts):
+            w = b.fadd(b.fmul(codes[0][part], scales[part]), offsets[part])
+            if len(factors) > 1:
+                w = b.fadd(w, b.fadd(b.fmul(codes[1][part], lows[part]), _splat(0.0)))
+            at = b.add(row_at, c64(part * LANES))
+            if not bf16:
+                b.store(w, _address(b, out, b.mul(at, c64(4)), _vf), align=4)
+                continue
+            bits = b.bitcast(w, _vi)
+            rounded = b.lshr(b.add(b.add(bits, c32(0x7FFF)), b.and_(b.lshr(bits, c32(16)), c32(1))), c32(16))
+            nan = b.icmp_unsigned(">", b.and_(bits, c32(0x7FFFFFFF)), c32(0x7F800000))
+            b.store(b.trunc(b.select(nan, c32(0xFFFF), rounded), vw), _address(b, out, b.mul(at, c64(2)), vw), align=2)
+    b.ret_void()
+    return fn
+
+
+@intrinsic(prefer_literal=True)
+def _dequant_task(typingctx, pack0, pack1, numbers, out, k, n, block, g, qtype, rows, bf16):
+    """`_dequant_function` for one (block, group); the last three compile-time literals."""
+    if not all(isinstance(a, t) for a, t in ((qtype, types.StringLiteral), (rows, types.IntegerLiteral),
+                                             (bf16, types.BooleanLiteral))):
+        return None
+    kind, block_rows, narrow = qtype.literal_value, rows.literal_value, bf16.literal_value
+
+    def codegen(context, builder, signature, args):
+        fn = _dequant_function(builder.module, kind, block_rows, narrow)
+        at = [builder.inttoptr(a, ir.PointerType(_i8)) for a in args[:4]]
+        builder.call(fn, at + list(args[4:8]))
+        return context.get_dummy_value()
+
+    return types.none(pack0, pack1, numbers, out, k, n, block, g, qtype, rows, bf16), codegen
+
+
+_DEQUANT: dict[tuple[str, int, bool], object] = {}
+
+
+def dequant_kernel(qtype: str, rows: int, bf16: bool):
+    """dequant(pack0, pack1, numbers, out, k, n), the addresses of C-contiguous buffers: out [k, n] = W^T in
+    fp32 or bf16 (`_dequant_function`), one task a block of rows and a group of inputs (compiled once a
+    process, numba's cache keeps it)."""
+    key = (qtype, rows, bf16)
+    if key not in _DEQUANT:
+        kind, block_rows, narrow = key
+
+        @njit("void(int64, int64, int64, int64, int64, int64)", parallel=True, cache=True, nogil=True,
+              error_model="numpy")
+        def dequant(pack0, pack1, numbers, out, k, n):
+            groups = k // GROUP
+            for task in prange(n // block_rows * groups):
+                _dequant_task(pack0, pack1, numbers, out, k, n, task // groups, task % groups, kind, block_rows,
+                              narrow)
+
+        _DEQUANT[key] = dequant
+    return _DEQUANT[key]
