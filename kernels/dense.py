@@ -38,8 +38,6 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
     group = heads // kv_heads
     grouped_q = q.reshape(kv_heads, group * t, d)[None]
     if t == 1:
-        if _CAUSAL_MASK[0] is not None:  # a reading is over: its last chunk's mask goes
-            _CAUSAL_MASK[:] = [None, None]
         if q.device.type == "cpu" and cpu_decode.wanted(q, k, v, length):
             out = cpu_decode.decode_attention(grouped_q[0], k, v, scale)
             if out is not None:
@@ -48,32 +46,15 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
             return _decode_two_halves(grouped_q[0], k, v, scale).to(out_dtype or q.dtype).reshape(heads, t, d)
         out = torch.nn.functional.scaled_dot_product_attention(grouped_q, k[None], v[None], scale=scale)
         return out[0].reshape(heads, t, d)
-    # a chunk, one query head of each group at a time: SDPA given a mask builds the [rows, keys] scores in
-    # fp32, and all G heads' rows at once were the default model's prefill peak (50 MB for 512 tokens over 8K
-    # keys); row (head, i) sees key j iff j <= pos0 + i, the same mask for every head
     if q.device.type == "cpu" and cpu_decode.wanted(q, k, v, length):  # this reading's decode steps will want it
         cpu_decode.prepare(group, d, k.dtype)
-    mask = _causal_mask(pos0, t, length, q.dtype, q.device)
-    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        grouped_q[:, :, g * t : (g + 1) * t], k[None], v[None], attn_mask=mask, scale=scale) for g in range(group)],
-        dim=2)
-    return out[0].reshape(heads, t, d)
-
-
-_CAUSAL_MASK: list = [None, None]  # the key (pos0, T, L, dtype, device) and the mask of the last chunk
-
-
-def _causal_mask(pos0: int, t: int, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[T, L] additive mask, 0 where key j <= pos0 + i and -inf elsewhere, in q's dtype: what SDPA makes of a
-    boolean mask at every call (the same bits), made once for every layer of a chunk. A bool mask was turned
-    into a new [T, L] tensor three times a layer (8 MB each in bf16 for 512 queries over 8K keys), pages the
-    allocator kept after the reading."""
-    key = (pos0, t, length, dtype, device)
-    if _CAUSAL_MASK[0] != key:
-        _CAUSAL_MASK[:] = [None, None]  # the old mask goes before the new one is made
-        allowed = torch.arange(length, device=device)[None, :] <= torch.arange(pos0, pos0 + t, device=device)[:, None]
-        _CAUSAL_MASK[:] = [key, torch.zeros(t, length, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))]
-    return _CAUSAL_MASK[1]
+    # a chunk: the cached prefix without a mask, the G query heads of a KV group stacked as rows, and the
+    # chunk's own keys causally, merged by their log-sum-exp (as on CUDA). SDPA given the [T, L] mask instead,
+    # one query head of each group at a time (all G heads' rows at once built the scores of the whole chunk
+    # in fp32: 50 MB for 512 tokens over 8K keys), read the default model's Q8_0 file at 328-348 tokens/s
+    # against 374-402 over 8K tokens (2 cores, alternating in one process; 2K as fast either way): past a few
+    # thousand tokens the attention is most of a reading's time
+    return _flash_prefix_and_chunk(q, k, v, pos0, scale, _flash_cpu if q.device.type == "cpu" else _flash)
 
 
 SPLIT_MIN_KEYS = 768  # below this one flash call is as fast (2 cores, 30 layers' caches: 70 against 78 us at 512 keys)
@@ -127,25 +108,31 @@ def _flash(q, k, v, causal: bool, scale: float):
     return out[0], lse[0]
 
 
-def _flash_prefix_and_chunk(q, k, v, pos0: int, scale: float) -> torch.Tensor:
+def _flash_cpu(q, k, v, causal: bool, scale: float):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal,
+                                                                          scale=scale)[:2]
+    return out[0], lse[0]
+
+
+def _flash_prefix_and_chunk(q, k, v, pos0: int, scale: float, flash=_flash) -> torch.Tensor:
     """Two flash-attention calls merged by their log-sum-exp: the cached prefix (every key visible, so no
     mask; the G query heads of a KV group are stacked as rows so K/V are never repeated) and the chunk's own
-    keys (causal, top-left aligned, which is right for a square block)."""
+    keys (causal, top-left aligned, which is right for a square block). `flash`: CUDA's or the CPU's."""
     heads, t, d = q.shape
     kv_heads = k.shape[0]
     group = heads // kv_heads
     grouped_q = q.reshape(kv_heads, group * t, d)
     if t == 1:  # decode: every cached key is visible, one call with the group's heads as rows
-        out, _ = _flash(grouped_q, k, v, False, scale)
+        out, _ = flash(grouped_q, k, v, False, scale)
         return out.reshape(heads, t, d)
     if pos0 == 0:
-        o2, _ = _flash(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), True, scale)
+        o2, _ = flash(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0), True, scale)
         return o2
-    o1, lse1 = _flash(grouped_q, k[:, :pos0], v[:, :pos0], False, scale)
+    o1, lse1 = flash(grouped_q, k[:, :pos0], v[:, :pos0], False, scale)
     o1, lse1 = o1.reshape(heads, t, d), lse1.reshape(heads, t)
     chunk_k = k[:, pos0:].repeat_interleave(group, 0)
     chunk_v = v[:, pos0:].repeat_interleave(group, 0)
-    o2, lse2 = _flash(q, chunk_k, chunk_v, True, scale)
+    o2, lse2 = flash(q, chunk_k, chunk_v, True, scale)
     return merge_by_lse(o1, lse1, o2, lse2).to(q.dtype)
 
 

@@ -23,24 +23,18 @@ def test_dense_attention_matches_naive_loop(pos0, t):
     assert torch.allclose(dense_attention(q, k, v, pos0, 0.25), naive_attention(q, k, v, pos0, 0.25), atol=1e-5)
 
 
-def test_a_chunks_cached_causal_mask_gives_the_bool_masks_bits_for_every_position_and_dtype():
-    """The CPU chunk path makes its additive mask once per (position, length, dtype) and every layer reuses
-    it: the same output bits as SDPA given the boolean mask, chunk after chunk, and none kept once decoding
-    starts."""
-    from salachat.kernels import dense
-
-    torch.manual_seed(0)
-    for pos0, t, dtype in [(0, 9, torch.float32), (9, 7, torch.float32), (9, 7, torch.bfloat16), (16, 7, torch.bfloat16)]:
-        q = torch.randn(6, t, 16).to(dtype)
-        k, v = torch.randn(2, pos0 + t, 16).to(dtype), torch.randn(2, pos0 + t, 16).to(dtype)
-        allowed = torch.arange(pos0 + t)[None, :] <= torch.arange(pos0, pos0 + t)[:, None]
-        want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            q.reshape(2, 3 * t, 16)[None, :, g * t : (g + 1) * t], k[None], v[None], attn_mask=allowed, scale=0.25)
-            for g in range(3)], dim=2)[0].reshape(6, t, 16)
-        for _ in range(2):  # the second layer of the chunk reads the cached mask
-            assert torch.equal(dense_attention(q, k, v, pos0, 0.25), want), (pos0, t, dtype)
-    dense_attention(q[:, :1], k, v, pos0 + t - 1, 0.25)
-    assert dense._CAUSAL_MASK == [None, None]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pos0, t", [(0, 40), (1, 40), (300, 64), (700, 513)])
+def test_a_cpu_chunk_is_the_naive_attention_in_fp32_and_bf16(pos0, t, dtype):
+    """The CPU chunk path (the prefix without a mask and the chunk causally, merged by log-sum-exp) against the
+    naive loop, past flash attention's blocks of queries and keys."""
+    torch.manual_seed(pos0 + t)
+    q = torch.randn(6, t, 32).to(dtype)
+    k, v = torch.randn(2, pos0 + t, 32).to(dtype), torch.randn(2, pos0 + t, 32).to(dtype)
+    got = dense_attention(q, k, v, pos0, 32**-0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    want = naive_attention(q, k, v, pos0, 32**-0.5)
+    assert (got.float() - want).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.gpu
