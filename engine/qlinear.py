@@ -173,10 +173,10 @@ class QuantLinear(nn.Module):
 
     GGUF's own fp16 numbers are kept as the file has them (`gguf_numbers`: w = q · scale + offset in fp32,
     the packs' (scale, offset) from them by `pack_scale_offset`, is the file's dequantisation, for prefill's
-    dense matmul and the LM head's refined rows), and the kernel's bf16 (scale, zero = offset + 8 scale) for
-    decode. Rounding the scales to bf16 everywhere scaled whole groups of 32 weights by up to 0.4 % alike: the
-    default model's logits moved by up to 0.69 and its answer to the sample question became a copy of the
-    prompt; rounded only in decode, it answers as in fp32. (fp32 copies of the exact numbers were 20 % of the
+    dense matmul and the LM head's refined rows), and torch's kernel's bf16 (scale, zero = offset + 8 scale),
+    made when that kernel first runs (`_kernel_scales`). Rounding the scales to bf16 everywhere scaled whole
+    groups of 32 weights by up to 0.4 % alike: the default model's logits moved by up to 0.69 and its answer to
+    the sample question became a copy of the prompt; rounded only in that kernel, it answers as in fp32. (fp32 copies of the exact numbers were 20 % of the
     default model's memory; each pack's fp16 (scale, offset), 4 numbers a group of Q8_0 where the file has
     one, 5 MiB of the default model's 117.)
 
@@ -191,7 +191,7 @@ class QuantLinear(nn.Module):
         self.n_packs = len(PACK_FACTORS[qtype])
         for name, (shape, dtype) in self.buffer_shapes(in_features, out_features, qtype).items():
             buffer = arena.empty(shape, dtype) if arena is not None else torch.empty(shape, dtype=dtype)
-            self.register_buffer(name, buffer, persistent=not name.startswith("kernel"))
+            self.register_buffer(name, buffer)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @staticmethod
@@ -200,7 +200,6 @@ class QuantLinear(nn.Module):
         shapes = {"gguf_numbers": ((groups, out_features, GGUF_NUMBERS[qtype]), torch.float16)}
         for i in range(len(PACK_FACTORS[qtype])):
             shapes[f"packed{i}"] = ((out_features, in_features // 2), torch.uint8)
-            shapes[f"kernel_scales_zeros{i}"] = ((groups, out_features, 2), torch.bfloat16)
         return shapes
 
     @classmethod
@@ -239,10 +238,7 @@ class QuantLinear(nn.Module):
             self.gguf_numbers[:, at] = numbers.transpose(0, 1)
             for i, q in enumerate(codes):
                 getattr(self, f"packed{i}")[at] = packed_bytes(q, PACK_BLOCK)  # torch's own packing, checked
-                scale, offset = pack_scale_offset(numbers, self.qtype, i)
-                kernel = getattr(self, f"kernel_scales_zeros{i}")[:, at]
-                kernel[..., 0] = scale.T
-                kernel[..., 1] = (offset + 8 * scale).T
+        self.__dict__.pop("_kernel_scales_made", None)
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """W (for prefill's dense matmul), read back from the packs (`packed_bytes`' layout, PACK_BLOCK rows a
@@ -308,11 +304,23 @@ class QuantLinear(nn.Module):
             exact = exact + self.bias.float()[top]
         return y.float().scatter(-1, top, exact)
 
+    def _kernel_scales(self) -> list[torch.Tensor]:
+        """torch's int4 kernel's bf16 (scale, zero) [K/32, N, 2] per pack, made from GGUF's numbers when that
+        kernel first runs: where numba serves it never does, and the copies were 19 MiB of the default model's
+        111 (a fifth more than the file)."""
+        made = self.__dict__.get("_kernel_scales_made")
+        if made is None:
+            made = []
+            for i in range(self.n_packs):
+                scale, offset = pack_scale_offset(self.gguf_numbers, self.qtype, i)
+                made.append(torch.stack([scale, offset + 8 * scale], dim=-1).to(torch.bfloat16))
+            self.__dict__["_kernel_scales_made"] = made
+        return made
+
     def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         out = None
-        for i in range(self.n_packs):
-            y = torch._weight_int4pack_mm_for_cpu(x, getattr(self, f"packed{i}"), GROUP,
-                                                  getattr(self, f"kernel_scales_zeros{i}"))
+        for pack, scales in zip((getattr(self, f"packed{i}") for i in range(self.n_packs)), self._kernel_scales()):
+            y = torch._weight_int4pack_mm_for_cpu(x, pack, GROUP, scales)
             out = y if out is None else out + y
         return out
 
@@ -334,10 +342,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= PREFILL_ROWS:
-            # W^T by numba once it has loaded (13x faster than `dequantized`'s element-wise ops, which took
-            # longer than the matmuls themselves for a Q8_0 file), the same bits either way
-            weight_t = packed_gemv.dequantized_t(self, PREFILL_DTYPE)
+        # W^T by numba once it has loaded (13x faster than `dequantized`'s element-wise ops, which took longer
+        # than the matmuls themselves for a Q8_0 file; the same bits). Under PREFILL_ROWS rows torch's int4
+        # kernel is faster (the default model's 120 matrices for 8 rows: 13-26 against 31-39 ms), but only it
+        # needs its scales: where numba serves, a short question takes the dense path too
+        weight_t = packed_gemv.dequantized_t(self, PREFILL_DTYPE) if x2.shape[0] > 1 else None
+        if weight_t is not None or x2.shape[0] >= PREFILL_ROWS:
             y = x2.to(PREFILL_DTYPE) @ (weight_t if weight_t is not None else self.dequantized(PREFILL_DTYPE).T)
         elif x2.shape[0] == 1:
             y = self.one_row(x2)
