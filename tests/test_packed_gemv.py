@@ -290,3 +290,53 @@ def test_a_prompts_matmul_is_the_same_with_or_without_numbas_weights(monkeypatch
     fast = layer(x)
     monkeypatch.setattr(packed_gemv, "dequantized_t", lambda layer, dtype: None)
     assert torch.equal(fast, layer(x))
+
+
+def test_llvms_pages_go_back_once_the_loads_are_done_and_kernels_still_load_after(monkeypatch):
+    """When the last background load is done, the read-only pages of LLVM's library go back to the system
+    (`cpu_jit.release_compiler_pages`); the loaded kernels keep computing the same bits, and a kernel loaded
+    afterwards reads back what it needs. Off Linux nothing is done."""
+    import sys
+
+    from salachat.engine import qlinear
+    from salachat.kernels import cpu_jit
+    from salachat.kernels.packed_gemv import _buffers, numba_gemv
+
+    layer = _layer("Q4_0", 192, 96, seed=21)
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(21))
+    before = packed_gemv.matvec(layer, x)
+    assert before is not None  # loaded, through cpu_jit.submit
+
+    def load_again():  # numba's cache (or its compiler) through LLVM, outside any background load
+        numba_gemv._DEQUANT.pop(("Q4_0", qlinear.PACK_BLOCK, False), None)
+        got = torch.empty(96, 192)
+        numba_gemv.dequant_kernel("Q4_0", qlinear.PACK_BLOCK, False)(*_buffers(layer), got.data_ptr(), 96, 192)
+        return got
+
+    assert torch.equal(load_again(), layer.dequantized(torch.float32).T)
+    resident = _library_resident_kib()
+    released = cpu_jit.release_compiler_pages()  # 0 where the system cannot (not Linux, before 5.4)
+    if released and resident:
+        assert _library_resident_kib() < resident
+    assert torch.equal(packed_gemv.matvec(layer, x), before)
+    assert torch.equal(cpu_jit.submit(load_again).result(), layer.dequantized(torch.float32).T)
+    if released and resident:  # released again at the load's end
+        assert _library_resident_kib() < resident
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert cpu_jit.release_compiler_pages() == 0
+
+
+def _library_resident_kib() -> int:
+    """Resident KiB of llvmlite's library mappings in this process (0 where /proc is not there)."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return 0
+    total, inside = 0, False
+    for line in lines:
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            inside = len(fields) > 5 and fields[5].endswith("libllvmlite.so")
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
