@@ -54,7 +54,14 @@ def _grouped_sdpa(q, k, v, pos0: int, scale: float, out_dtype: torch.dtype | Non
     # in fp32: 50 MB for 512 tokens over 8K keys), read the default model's Q8_0 file at 328-348 tokens/s
     # against 374-402 over 8K tokens (2 cores, alternating in one process; 2K as fast either way): past a few
     # thousand tokens the attention is most of a reading's time
-    return _flash_prefix_and_chunk(q, k, v, pos0, scale, _flash_cpu if q.device.type == "cpu" else _flash)
+    if q.device.type == "cpu":
+        return _flash_prefix_and_chunk(q, k, v, pos0, scale, _flash_cpu)
+    # elsewhere this is an fp32 model (CUDA's flash attention takes 16 bits only): SDPA under the causal mask
+    allowed = torch.arange(length, device=q.device)[None, :] <= torch.arange(pos0, pos0 + t, device=q.device)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(kv_heads, group, t, d), k[:, None].expand(-1, group, -1, -1), v[:, None].expand(-1, group, -1, -1),
+        attn_mask=allowed, scale=scale)
+    return out.reshape(heads, t, d)
 
 
 SPLIT_MIN_KEYS = 768  # below this one flash call is as fast (2 cores, 30 layers' caches: 70 against 78 us at 512 keys)
