@@ -176,9 +176,9 @@ class QuantLinear(nn.Module):
     dense matmul and the LM head's refined rows), and torch's kernel's bf16 (scale, zero = offset + 8 scale),
     made when that kernel first runs (`_kernel_scales`). Rounding the scales to bf16 everywhere scaled whole
     groups of 32 weights by up to 0.4 % alike: the default model's logits moved by up to 0.69 and its answer to
-    the sample question became a copy of the prompt; rounded only in that kernel, it answers as in fp32. (fp32 copies of the exact numbers were 20 % of the
-    default model's memory; each pack's fp16 (scale, offset), 4 numbers a group of Q8_0 where the file has
-    one, 5 MiB of the default model's 117.)
+    the sample question became a copy of the prompt; rounded only in that kernel, it answers as in fp32. (fp32
+    copies of the exact numbers were 20 % of the default model's memory; each pack's fp16 (scale, offset), 4
+    numbers a group of Q8_0 where the file has one, 5 MiB of the default model's 117.)
 
     Built empty (from an `Arena`, or not) and filled by `load_rows`, a GGUF tensor's rows at a time: several
     tensors of one input side by side (q, k and v; gate and up) make one layer, one kernel call instead of

@@ -70,6 +70,18 @@ def prefetch_numbers(module, b, numbers, g, n_count, block, rows: int, n_numbers
                     ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
 
 
+def group_numbers(b, numbers, g, n_count, block, rows: int, n_numbers: int, part: int):
+    """GGUF's fp16 numbers ([groups, N, n_numbers]) of group g for rows part*16 .. part*16+15 of the block, as
+    fp32 vectors: (d, m) for Q4_1, (d, None) for the kinds with one number."""
+    at = b.mul(b.add(b.mul(g, n_count), b.add(b.mul(block, ir.Constant(_i64, rows)), ir.Constant(_i64, part * LANES))),
+               ir.Constant(_i64, 2 * n_numbers))
+    if n_numbers == 1:
+        return b.fpext(b.load(_address(b, numbers, at, ir.VectorType(_f16, LANES)), align=2), _vf), None
+    pair = b.load(_address(b, numbers, at, ir.VectorType(_f16, 2 * LANES)), align=2)
+    return tuple(b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(first, 2 * LANES, 2)))), _vf)
+                 for first in (0, 1))
+
+
 def _block_function(module, qtype: str, rows: int):
     """void block(i8* packs[2], i8* numbers (fp16), float* x, float* y, i64 K, i64 N, i64 block): y[block's `rows`
     rows] = the rows' weights times x."""
@@ -120,17 +132,9 @@ def _block_function(module, qtype: str, rows: int):
             codes = [_half(b, nibble, h) for nibble in (low, high) for h in range(halves)]
             acc = [b.call(fma, [b.uitofp(c, _vf), xk, a]) for c, a in zip(codes, acc)]
         accs.append(acc)
-    # GGUF's numbers for the group's rows: [groups, N, n_numbers] fp16
-    numbers_at = b.mul(b.add(b.mul(g, n_count), b.mul(block, ir.Constant(_i64, rows))), ir.Constant(_i64, 2 * n_numbers))
     x_sum_v = _broadcast(b, x_sum)
     for part in range(parts):
-        at = b.add(numbers_at, ir.Constant(_i64, part * LANES * 2 * n_numbers))
-        if n_numbers == 1:
-            d = b.fpext(b.load(_address(b, numbers, at, ir.VectorType(_f16, LANES)), align=2), _vf)
-        else:
-            pair = b.load(_address(b, numbers, at, ir.VectorType(_f16, 2 * LANES)), align=2)
-            d = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(0, 2 * LANES, 2)))), _vf)
-            m = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(1, 2 * LANES, 2)))), _vf)
+        d, m = group_numbers(b, numbers, g, n_count, block, rows, n_numbers, part)
         total = accs[0][part] if factors[0] == 1.0 else b.fmul(accs[0][part], _splat(factors[0]))
         for factor, acc in zip(factors[1:], accs[1:]):
             total = b.call(fma, [acc[part], _splat(factor), total]) if factor != 1.0 else b.fadd(total, acc[part])
@@ -295,7 +299,6 @@ def rows(pack0_at, pack1_at, numbers_at, index, out, n, kind, block_rows):
                     out[r, i] = w if p == 0 else out[r, i] + w
 
 
-
 def _dequant_function(module, qtype: str, rows: int, bf16: bool):
     """void dequant(i8* packs[2], i8* numbers (fp16), i8* out, i64 K, i64 N, i64 block, i64 g): out [K, N] (W^T,
     fp32 or bf16) at the group g's 32 inputs for the block's `rows` outputs.
@@ -310,7 +313,7 @@ def _dequant_function(module, qtype: str, rows: int, bf16: bool):
     if name in module.globals:
         return module.globals[name]
     parts, halves = rows // LANES, rows // (2 * LANES)
-    vb, vh, vw = ir.VectorType(_i8, rows // 2), ir.VectorType(_f16, LANES), ir.VectorType(ir.IntType(16), LANES)
+    vb, vw = ir.VectorType(_i8, rows // 2), ir.VectorType(ir.IntType(16), LANES)
     factors, offset = KINDS[qtype]
     n_numbers = 2 if offset is None else 1
     ptr8 = ir.PointerType(_i8)
@@ -320,16 +323,9 @@ def _dequant_function(module, qtype: str, rows: int, bf16: bool):
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
     first_row = b.mul(block, c64(rows))
-    numbers_at = b.mul(b.add(b.mul(g, n_count), first_row), c64(2 * n_numbers))
     scales, offsets, lows = [], [], []  # per 16 rows: each pack's (scale, offset); Q8_0's low pack: d, 0
     for part in range(parts):
-        at = b.add(numbers_at, c64(part * LANES * 2 * n_numbers))
-        if n_numbers == 1:
-            d = b.fpext(b.load(_address(b, numbers, at, vh), align=2), _vf)
-        else:
-            pair = b.load(_address(b, numbers, at, ir.VectorType(_f16, 2 * LANES)), align=2)
-            d = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(0, 2 * LANES, 2)))), _vf)
-            m = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(1, 2 * LANES, 2)))), _vf)
+        d, m = group_numbers(b, numbers, g, n_count, block, rows, n_numbers, part)
         scales.append(d if factors[0] == 1.0 else b.fmul(_splat(factors[0]), d))
         offsets.append(m if offset is None else b.fmul(_splat(offset), d))
         lows.append(d)

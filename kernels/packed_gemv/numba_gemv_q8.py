@@ -27,8 +27,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from salachat.kernels import cpu_jit
 
-from .numba_gemv import (GROUP, KINDS, LANES, SIGNATURE, _address, _broadcast, _f16, _f32, _i8, _i32, _i64, _splat, _vf,
-                          _vi, pointer, prefetch_numbers, prologue)
+from .numba_gemv import (GROUP, KINDS, LANES, SIGNATURE, _address, _broadcast, _f32, _i8, _i32, _i64, _splat, _vf,
+                          _vi, group_numbers, pointer, prefetch_numbers, prologue)
 
 _i16 = ir.IntType(16)
 _v16i16 = ir.VectorType(_i16, LANES)
@@ -114,15 +114,8 @@ def _block_function(module, qtype: str, rows: int):
         offset_v = _splat_int(b, b.mul(x_sum, ir.Constant(_i32, int(offset))))
     else:
         m_term = _broadcast(b, b.fmul(s, b.sitofp(x_sum, _f32)))
-    numbers_at = b.mul(b.add(b.mul(g, n_count), b.mul(block, ir.Constant(_i64, rows))), ir.Constant(_i64, 2 * n_numbers))
     for part in range(parts):
-        at = b.add(numbers_at, ir.Constant(_i64, part * LANES * 2 * n_numbers))
-        if n_numbers == 1:
-            d = b.fpext(b.load(_address(b, numbers, at, ir.VectorType(_f16, LANES)), align=2), _vf)
-        else:
-            pair = b.load(_address(b, numbers, at, ir.VectorType(_f16, 2 * LANES)), align=2)
-            d = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(0, 2 * LANES, 2)))), _vf)
-            m = b.fpext(b.shuffle_vector(pair, pair, ir.Constant(_vi, list(range(1, 2 * LANES, 2)))), _vf)
+        d, m = group_numbers(b, numbers, g, n_count, block, rows, n_numbers, part)
         total = None
         for factor, acc in zip(factors, accs):
             term = acc[part] if factor == 1.0 else b.mul(acc[part], ir.Constant(_v16i32, [int(factor)] * LANES))
